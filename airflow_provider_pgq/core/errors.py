@@ -1,0 +1,47 @@
+"""Errors of the move core: each names the object at fault and what to do next."""
+
+from __future__ import annotations
+
+
+class PgqError(Exception):
+    """Base of every error the core raises on purpose."""
+
+
+class InvalidParameter(PgqError, ValueError):
+    """A parameter value the mover cannot work with (negative bound, empty name...)."""
+
+
+class ConnectionFailed(PgqError):
+    """A database could not be reached or refused the login (password never shown)."""
+
+
+class PgqNotInstalled(PgqError):
+    """The pgq extension is missing in a database."""
+
+
+class QueueNotFound(PgqError):
+    """A named queue does not exist."""
+
+
+class QueueDisabled(PgqError):
+    """The target queue refuses inserts (queue_disable_insert)."""
+
+
+class ConsumerNotRegistered(PgqError):
+    """The mover's consumer is not registered on the source queue."""
+
+
+class PgqExtMissing(PgqError):
+    """pgq_ext is missing on the target, or older than the mover needs."""
+
+
+class PositionMismatch(PgqError):
+    """The target's mark and the source consumer's position disagree."""
+
+
+class TrackingKeyConflict(PgqError):
+    """The tracking key already belongs to another source."""
+
+
+class TickerNotRunning(PgqError):
+    """force_tick asked for a tick that no ticker produced in time."""

@@ -1,0 +1,542 @@
+"""QueueMover: the move protocol, one batch at a time, and draining with bounds.
+
+Per batch (S = source connection, T = target connection, autocommit off):
+1. S: next batch, committed in its own short transaction.
+2. T: transaction-scoped lock on the tracking key (consumer, subconsumer).
+3. T: the key's source binding and last applied tick decide: apply (mark is none or
+   the batch's prev tick), skip (mark is its cur tick), or stop (anything else).
+4. Events streamed from S into the target queue's current event table.
+5. T: mark := cur tick; commit T.
+6. S: finish batch; commit S.
+A crash anywhere leaves either batch+mark on the target or neither: both retry safely.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg2
+from psycopg2.extensions import connection as Connection
+
+from airflow_provider_pgq.core import faults, pgq, pgq_ext, ticking, transfer
+from airflow_provider_pgq.core.errors import (
+    ConsumerNotRegistered,
+    InvalidParameter,
+    PgqError,
+    PositionMismatch,
+    QueueDisabled,
+    QueueNotFound,
+    TrackingKeyConflict,
+)
+
+log = logging.getLogger(__name__)
+
+COPY_PATH = "copy"
+CHUNK_PATH = "insert_event_chunk"
+
+
+@dataclass(frozen=True)
+class MoverOptions:
+    """What to move where, under which tracking key."""
+
+    source_queue: str
+    target_queue: str
+    consumer: str
+    subconsumer: str = ""
+    register_consumer: bool = False
+    install_pgq_ext: bool = False
+    keep_event_id: bool = False
+    min_batch_events: int | None = None
+    min_batch_interval: dt.timedelta | None = None
+    chunk_size: int = 5000
+
+    def __post_init__(self) -> None:
+        for name in ("source_queue", "target_queue", "consumer"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidParameter(f"{name} must be a non-empty string, got {value!r}")
+        if not isinstance(self.subconsumer, str):
+            raise InvalidParameter(f"subconsumer must be a string, got {self.subconsumer!r}")
+        if self.min_batch_events is not None and self.min_batch_events < 1:
+            raise InvalidParameter(f"min_batch_events must be >= 1, got {self.min_batch_events}")
+        if self.min_batch_interval is not None and self.min_batch_interval <= dt.timedelta(0):
+            raise InvalidParameter(f"min_batch_interval must be positive, got {self.min_batch_interval}")
+        if self.chunk_size < 1:
+            raise InvalidParameter(f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def key(self) -> str:
+        return f"consumer {self.consumer!r}" + (
+            f" subconsumer {self.subconsumer!r}" if self.subconsumer else ""
+        )
+
+
+@dataclass(frozen=True)
+class DrainBounds:
+    """When a drain stops besides running out of batches. None: no bound."""
+
+    max_batches: int | None = None
+    max_events: int | None = None
+    max_runtime: float | None = None
+    stop_at: dt.datetime | None = None
+    force_tick: bool = False
+    run_ticker: bool = False
+    tick_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batches", "max_events", "max_runtime"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InvalidParameter(f"{name} must be positive or None, got {value!r}")
+        if self.tick_timeout <= 0:
+            raise InvalidParameter(f"tick_timeout must be positive, got {self.tick_timeout!r}")
+        if self.stop_at is not None and self.stop_at.tzinfo is None:
+            raise InvalidParameter("stop_at must be timezone-aware")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    batch_id: int
+    prev_tick_id: int
+    cur_tick_id: int
+    outcome: str  # "moved", "skipped" (already applied), "stale" (finished by another mover)
+    events: int
+    seconds: float
+
+
+@dataclass
+class MoveReport:
+    """What one drain did; JSON-serialisable through to_dict()."""
+
+    source_queue: str
+    target_queue: str
+    consumer: str
+    subconsumer: str
+    batches: int = 0
+    skipped: int = 0
+    stale: int = 0
+    events: int = 0
+    first_tick: int | None = None
+    last_tick: int | None = None
+    seconds: float = 0.0
+    stop_reason: str = ""
+    write_path: str = ""
+    lag_seconds: float | None = None
+    pending_events: int | None = None
+    batch_results: list[BatchResult] = field(default_factory=list, repr=False)
+
+    def add(self, result: BatchResult) -> None:
+        self.batch_results.append(result)
+        if result.outcome == "moved":
+            self.batches += 1
+            self.events += result.events
+        elif result.outcome == "skipped":
+            self.skipped += 1
+        else:
+            self.stale += 1
+        if result.outcome != "stale":
+            if self.first_tick is None:
+                self.first_tick = result.prev_tick_id
+            self.last_tick = result.cur_tick_id
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["batch_results"]
+        return out
+
+
+def _quietly(action: Callable[[], Any]) -> None:
+    try:
+        action()
+    except (psycopg2.Error, OSError):
+        pass
+
+
+class QueueMover:
+    """Moves a source queue's batches into a target queue, exactly once.
+
+    Owns no connections: the caller opens and closes them (the operator through
+    PgqHook, the CLI from its ini file, tests directly).
+    """
+
+    def __init__(
+        self,
+        source: Connection,
+        target: Connection,
+        options: MoverOptions,
+        fault: faults.FaultHook | None = None,
+        on_batch: Callable[[BatchResult], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.options = options
+        self._fault = fault or faults.from_environment()
+        self._on_batch = on_batch
+        self._prepared = False
+        self._source_identity: tuple[str, str] = ("", "")
+        self.write_path = ""
+
+    # -- checks ---------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Checks both sides once, before any batch is taken; writes nothing but
+        pgq_ext (when install_pgq_ext) and the registration (when register_consumer)."""
+        o = self.options
+        try:
+            pgq.require_pgq(self.source, "source")
+            pgq.require_queue(self.source, o.source_queue, "source")
+            pgq.require_pgq(self.target, "target")
+            pgq.require_queue(self.target, o.target_queue, "target")
+            if pgq.get_queue_info(self.target, o.target_queue).disable_insert:
+                raise QueueDisabled(
+                    f"target queue {o.target_queue!r} has inserts disabled: enable it with"
+                    f" update pgq.queue set queue_disable_insert = false"
+                    f" where queue_name = '{o.target_queue}'"
+                )
+            self.target.rollback()
+            pgq_ext.require(self.target, install_if_missing=o.install_pgq_ext)
+            self.target.rollback()
+            self._ensure_registered()
+            self._source_identity = self._identify_source()
+            self.write_path = self._choose_write_path()
+            self.source.rollback()
+            self.target.rollback()
+        except BaseException:
+            _quietly(self.source.rollback)
+            _quietly(self.target.rollback)
+            raise
+        self._prepared = True
+        log.info(
+            "moving %s -> %s as %s, writing through %s",
+            o.source_queue, o.target_queue, o.key, self.write_path,
+        )
+
+    def _ensure_registered(self) -> None:
+        o = self.options
+        if pgq.is_registered(self.source, o.source_queue, o.consumer):
+            return
+        if not o.register_consumer:
+            raise ConsumerNotRegistered(
+                f"consumer {o.consumer!r} is not registered on source queue {o.source_queue!r}:"
+                " pass register_consumer=True (operator), --register (CLI), or run"
+                f" select pgq.register_consumer('{o.source_queue}', '{o.consumer}')"
+            )
+        pgq.register_consumer(self.source, o.source_queue, o.consumer)
+        self.source.commit()
+        log.info("registered consumer %r on source queue %r", o.consumer, o.source_queue)
+
+    def _identify_source(self) -> tuple[str, str]:
+        with self.source.cursor() as cur:
+            cur.execute(
+                "select (select system_identifier::text from pg_control_system()),"
+                " current_database()"
+            )
+            row = cur.fetchone()
+        assert row is not None
+        return str(row[0]), str(row[1])
+
+    def _choose_write_path(self) -> str:
+        """COPY into the event table when the role may, else the pgq_writer-safe chunks."""
+        with self.target.cursor() as cur:
+            cur.execute(
+                "select has_table_privilege(q.queue_data_pfx || '_' || q.queue_cur_table, 'INSERT')"
+                " and has_sequence_privilege(q.queue_event_seq, 'USAGE')"
+                " and has_function_privilege('pgq.current_event_table(text)', 'EXECUTE'),"
+                " has_function_privilege('pgq_ext.insert_event_chunk(text, text[], text[],"
+                " text[], text[], text[], text[], timestamptz[], bigint[])', 'EXECUTE'),"
+                " current_user"
+                " from pgq.queue q where q.queue_name = %s",
+                (self.options.target_queue,),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        can_copy, can_chunk, user = row
+        if can_copy:
+            return COPY_PATH
+        if can_chunk:
+            return CHUNK_PATH
+        raise PgqError(
+            f"role {user!r} may neither write the event tables of target queue"
+            f" {self.options.target_queue!r} nor call pgq_ext.insert_event_chunk:"
+            " grant it pgq_writer (or pgq_admin for the faster COPY path)"
+        )
+
+    # -- one batch --------------------------------------------------------------
+
+    def next_batch(self) -> pgq.BatchInfo | None:
+        """Step 1, committed on its own: a rolled back allocation would come back
+        later under another batch id."""
+        o = self.options
+        try:
+            batch: pgq.BatchInfo | None
+            if o.min_batch_events is not None or o.min_batch_interval is not None:
+                batch = pgq.next_batch_custom(
+                    self.source, o.source_queue, o.consumer,
+                    min_count=o.min_batch_events, min_interval=o.min_batch_interval,
+                )
+                if batch is None:  # below the thresholds: take what is left as it is
+                    batch = pgq.next_batch_info(self.source, o.source_queue, o.consumer)
+            else:
+                batch = pgq.next_batch_info(self.source, o.source_queue, o.consumer)
+            self.source.commit()
+        except psycopg2.Error as exc:
+            _quietly(self.source.rollback)
+            if "Not subscriber to queue" in str(exc):
+                raise ConsumerNotRegistered(
+                    f"consumer {o.consumer!r} is not registered on source queue"
+                    f" {o.source_queue!r} (any more): register it, or rewind it to the"
+                    " target's mark with rewind()/--rewind"
+                ) from exc
+            raise
+        return batch
+
+    def apply_batch(self, batch: pgq.BatchInfo) -> BatchResult:
+        """Steps 2-6 for a batch taken with next_batch()."""
+        if not self._prepared:
+            self.prepare()
+        started = time.monotonic()
+        self._hit(faults.AFTER_NEXT_BATCH)
+        try:
+            outcome, events = self._apply_on_target(batch)
+            if outcome != "stale":
+                self._finish_on_source(batch)
+        except BaseException:
+            _quietly(self.target.rollback)
+            _quietly(self.source.rollback)
+            raise
+        result = BatchResult(
+            batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, outcome, events,
+            time.monotonic() - started,
+        )
+        if self._on_batch is not None:
+            self._on_batch(result)
+        return result
+
+    def _apply_on_target(self, batch: pgq.BatchInfo) -> tuple[str, int]:
+        o = self.options
+        t = self.target
+        pgq_ext.lock_key(t, o.consumer, o.subconsumer)
+        system_id, database = self._source_identity
+        other = pgq_ext.bind_source(t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
+        if other is not None:
+            raise TrackingKeyConflict(
+                f"tracking key {o.key} on the target already belongs to source {other}, not"
+                f" {system_id}/{database}/{o.source_queue}: give each source its own consumer"
+                " name or subconsumer, or reset() the key if the old source is gone for good"
+            )
+        mark = pgq_ext.get_last_tick(t, o.consumer, o.subconsumer)
+        if mark == batch.cur_tick_id:
+            t.rollback()
+            log.warning(
+                "batch %s (ticks %s..%s) is already applied on the target: finishing it only",
+                batch.batch_id, batch.prev_tick_id, batch.cur_tick_id,
+            )
+            return "skipped", 0
+        if mark is not None and mark != batch.prev_tick_id:
+            if not self._batch_still_active(batch):
+                t.rollback()
+                log.warning(
+                    "batch %s was finished by another mover on %s meanwhile: nothing to do",
+                    batch.batch_id, o.key,
+                )
+                return "stale", 0
+            raise PositionMismatch(
+                f"position lost for {o.key} on queues {o.source_queue!r} -> {o.target_queue!r}:"
+                f" the target's last applied tick is {mark}, but the source offers a batch of"
+                f" ticks {batch.prev_tick_id}..{batch.cur_tick_id}. Rewind the source consumer"
+                f" to tick {mark} (rewind(), --rewind, rewind=True) if the target is right, or"
+                " reset the target's mark (reset(), --reset) to accept the source's position"
+                " and skip what lies between"
+            )
+        events = self._transfer(batch, self._current_event_table())
+        pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id)
+        self._hit(faults.BEFORE_TARGET_COMMIT)
+        t.commit()
+        self._hit(faults.AFTER_TARGET_COMMIT)
+        return "moved", events
+
+    def _batch_still_active(self, batch: pgq.BatchInfo) -> bool:
+        try:
+            return pgq.batch_is_active(self.source, batch.batch_id)
+        finally:
+            self.source.rollback()
+
+    def _current_event_table(self) -> str:
+        try:
+            return pgq.current_event_table(self.target, self.options.target_queue)
+        except psycopg2.Error as exc:
+            text = str(exc)
+            q = self.options.target_queue
+            if "Writing to queue disabled" in text:
+                raise QueueDisabled(f"target queue {q!r} has inserts disabled") from exc
+            if "Event queue not found" in text:
+                raise QueueNotFound(f"target queue {q!r} does not exist (any more)") from exc
+            raise
+
+    def _transfer(self, batch: pgq.BatchInfo, table: str) -> int:
+        o = self.options
+        batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
+
+        def mid_stream() -> None:
+            self._hit(faults.MID_STREAM)
+
+        if self.write_path == COPY_PATH:
+            events = transfer.copy_stream(
+                self.source, self.target, batch_sql, table, o.keep_event_id,
+                mid_stream if self._fault else None,
+            )
+        else:
+            events = transfer.insert_chunks(
+                self.source, self.target, batch_sql, o.target_queue, o.keep_event_id,
+                o.chunk_size, mid_stream if self._fault else None,
+            )
+        if o.keep_event_id and events:
+            ticking.advance_event_seq_past(
+                self.target, o.target_queue, pgq.batch_max_event_id(self.source, batch_sql)
+            )
+        # The source's read transaction ends here, before the target commits: a slow
+        # target never keeps a source transaction open (it would hold back rotation).
+        self.source.rollback()
+        return events
+
+    def _finish_on_source(self, batch: pgq.BatchInfo) -> None:
+        finished = pgq.finish_batch(self.source, batch.batch_id)
+        self._hit(faults.BEFORE_SOURCE_COMMIT)
+        self.source.commit()
+        if not finished:
+            log.warning(
+                "finish_batch(%s) on queue %r found the batch no longer active: another mover"
+                " on %s or a re-registration got in between (the target is consistent)",
+                batch.batch_id, self.options.source_queue, self.options.key,
+            )
+
+    def _hit(self, point: str) -> None:
+        if self._fault is not None:
+            self._fault(point)
+
+    # -- many batches ---------------------------------------------------------
+
+    def drain(self, bounds: DrainBounds | None = None) -> MoveReport:
+        """Moves batches until none is left or a bound is hit; returns the report."""
+        bounds = bounds or DrainBounds()
+        o = self.options
+        started = time.monotonic()
+        report = MoveReport(o.source_queue, o.target_queue, o.consumer, o.subconsumer)
+        self.prepare()
+        report.write_path = self.write_path
+        if bounds.force_tick:
+            tick = ticking.force_tick_and_wait(
+                self.source, o.source_queue, run_ticker=bounds.run_ticker,
+                timeout=bounds.tick_timeout,
+            )
+            log.info("cut tick %s on source queue %r", tick, o.source_queue)
+        while True:
+            reason = self._bound_reached(bounds, report, started)
+            if reason:
+                break
+            batch = self.next_batch()
+            if batch is None:
+                reason = "drained"
+                break
+            if bounds.stop_at is not None and batch.cur_tick_time > bounds.stop_at:
+                reason = "interval_end"
+                log.info(
+                    "batch %s ends at %s, after %s: left for a later run",
+                    batch.batch_id, batch.cur_tick_time, bounds.stop_at,
+                )
+                break
+            report.add(self.apply_batch(batch))
+        report.stop_reason = reason
+        report.seconds = round(time.monotonic() - started, 6)
+        self._fill_lag(report)
+        return report
+
+    @staticmethod
+    def _bound_reached(bounds: DrainBounds, report: MoveReport, started: float) -> str:
+        if bounds.max_batches is not None and len(report.batch_results) >= bounds.max_batches:
+            return "max_batches"
+        if bounds.max_events is not None and report.events >= bounds.max_events:
+            return "max_events"
+        if bounds.max_runtime is not None and time.monotonic() - started >= bounds.max_runtime:
+            return "max_runtime"
+        return ""
+
+    def _fill_lag(self, report: MoveReport) -> None:
+        try:
+            info = pgq.get_consumer_info(self.source, self.options.source_queue, self.options.consumer)
+        finally:
+            self.source.rollback()
+        if info is not None:
+            report.lag_seconds = info.lag.total_seconds() if info.lag is not None else None
+            report.pending_events = info.pending_events
+
+    # -- repositioning ----------------------------------------------------------
+
+    def rewind(self) -> int:
+        """Re-registers the source consumer at the target's mark; returns that tick."""
+        o = self.options
+        mark = pgq_ext.get_last_tick(self.target, o.consumer, o.subconsumer)
+        self.target.rollback()
+        if mark is None:
+            raise PositionMismatch(
+                f"cannot rewind {o.key}: the target holds no mark for it (nothing to rewind to);"
+                " the next run applies from the source consumer's position"
+            )
+        try:
+            pgq.register_consumer_at(self.source, o.source_queue, o.consumer, mark)
+            self.source.commit()
+        except psycopg2.Error as exc:
+            _quietly(self.source.rollback)
+            if "tick not found" in str(exc):
+                raise PositionMismatch(
+                    f"cannot rewind consumer {o.consumer!r} on {o.source_queue!r} to tick {mark}:"
+                    " the tick was rotated away on the source; reset() the target's mark to"
+                    " continue from the source's position (the events between are not moved)"
+                ) from exc
+            raise
+        log.info("rewound consumer %r on %r to tick %s", o.consumer, o.source_queue, mark)
+        return mark
+
+    def reset(self) -> int | None:
+        """Forgets the target's mark and source binding for the key; returns the old mark."""
+        o = self.options
+        try:
+            pgq_ext.lock_key(self.target, o.consumer, o.subconsumer)
+            mark = pgq_ext.get_last_tick(self.target, o.consumer, o.subconsumer)
+            pgq_ext.set_last_tick(self.target, o.consumer, o.subconsumer, None)
+            pgq_ext.unbind_source(self.target, o.consumer, o.subconsumer)
+            self.target.commit()
+        except BaseException:
+            _quietly(self.target.rollback)
+            raise
+        log.info("reset the target's mark for %s (was %s)", o.key, mark)
+        return mark
+
+    def status(self) -> dict[str, Any]:
+        """Queue, consumer, lag and the target's mark, for --status and dashboards."""
+        o = self.options
+        try:
+            info = pgq.get_consumer_info(self.source, o.source_queue, o.consumer)
+            queue = pgq.get_queue_info(self.source, o.source_queue)
+            mark = pgq_ext.get_last_tick(self.target, o.consumer, o.subconsumer)
+        finally:
+            _quietly(self.source.rollback)
+            _quietly(self.target.rollback)
+        return {
+            "source_queue": o.source_queue,
+            "target_queue": o.target_queue,
+            "consumer": o.consumer,
+            "subconsumer": o.subconsumer,
+            "registered": info is not None,
+            "last_tick": info.last_tick if info else None,
+            "current_batch": info.current_batch if info else None,
+            "lag_seconds": info.lag.total_seconds() if info and info.lag is not None else None,
+            "pending_events": info.pending_events if info else None,
+            "source_last_tick": queue.last_tick_id,
+            "target_mark": mark,
+        }

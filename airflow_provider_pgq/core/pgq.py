@@ -1,0 +1,270 @@
+"""Typed calls of the PgQ 3.x SQL API.
+
+Every function runs in the caller's transaction and never commits: the mover
+decides where transactions end, because that is what the protocol is about.
+Queue and consumer names always travel as bound parameters.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg2 import sql
+from psycopg2.extensions import connection as Connection
+
+from airflow_provider_pgq.core.errors import PgqNotInstalled, QueueNotFound
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    batch_id: int
+    prev_tick_id: int
+    cur_tick_id: int
+    prev_tick_time: dt.datetime
+    cur_tick_time: dt.datetime
+    prev_tick_event_seq: int | None
+    cur_tick_event_seq: int | None
+
+
+@dataclass(frozen=True)
+class QueueInfo:
+    queue_name: str
+    external_ticker: bool
+    ticker_paused: bool
+    ticker_max_count: int
+    ticker_max_lag: dt.timedelta
+    ticker_idle_period: dt.timedelta
+    ticker_lag: dt.timedelta | None
+    ev_new: int | None
+    last_tick_id: int | None
+    disable_insert: bool
+
+
+@dataclass(frozen=True)
+class ConsumerInfo:
+    queue_name: str
+    consumer_name: str
+    lag: dt.timedelta | None
+    last_seen: dt.timedelta | None
+    last_tick: int | None
+    current_batch: int | None
+    next_tick: int | None
+    pending_events: int | None
+
+
+def _one(conn: Connection, query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+    return tuple(row) if row is not None else None
+
+
+def _value(conn: Connection, query: str, params: tuple[Any, ...] = ()) -> Any:
+    row = _one(conn, query, params)
+    return row[0] if row else None
+
+
+def version(conn: Connection) -> str | None:
+    """PgQ's version, or None where the pgq schema is absent."""
+    if _value(conn, "select to_regproc('pgq.version')") is None:
+        return None
+    return str(_value(conn, "select pgq.version()"))
+
+
+def require_pgq(conn: Connection, side: str) -> str:
+    ver = version(conn)
+    if ver is None:
+        db = _value(conn, "select current_database()")
+        raise PgqNotInstalled(
+            f"the pgq extension is not installed in the {side} database {db!r}: "
+            "run 'create extension pgq' there (Debian package postgresql-<major>-pgq3)"
+        )
+    return ver
+
+
+def queue_exists(conn: Connection, queue: str) -> bool:
+    return _one(conn, "select 1 from pgq.queue where queue_name = %s", (queue,)) is not None
+
+
+def require_queue(conn: Connection, queue: str, side: str) -> None:
+    if not queue_exists(conn, queue):
+        db = _value(conn, "select current_database()")
+        raise QueueNotFound(
+            f"{side} queue {queue!r} does not exist in database {db!r}: "
+            f"create it with select pgq.create_queue('{queue}')"
+        )
+
+
+def create_queue(conn: Connection, queue: str) -> bool:
+    """True when the queue was created, False when it existed."""
+    return bool(_value(conn, "select pgq.create_queue(%s)", (queue,)))
+
+
+def drop_queue(conn: Connection, queue: str, force: bool = False) -> None:
+    _value(conn, "select pgq.drop_queue(%s, %s)", (queue, force))
+
+
+def register_consumer(conn: Connection, queue: str, consumer: str) -> bool:
+    """True when newly registered, False when it already was."""
+    return bool(_value(conn, "select pgq.register_consumer(%s, %s)", (queue, consumer)))
+
+
+def register_consumer_at(conn: Connection, queue: str, consumer: str, tick_id: int) -> bool:
+    """Registers, or moves an existing registration, to tick_id; drops any active batch."""
+    return bool(
+        _value(conn, "select pgq.register_consumer_at(%s, %s, %s)", (queue, consumer, tick_id))
+    )
+
+
+def unregister_consumer(conn: Connection, queue: str, consumer: str) -> None:
+    _value(conn, "select pgq.unregister_consumer(%s, %s)", (queue, consumer))
+
+
+def is_registered(conn: Connection, queue: str, consumer: str) -> bool:
+    return (
+        _one(
+            conn,
+            "select 1 from pgq.subscription s"
+            " join pgq.queue q on q.queue_id = s.sub_queue"
+            " join pgq.consumer c on c.co_id = s.sub_consumer"
+            " where q.queue_name = %s and c.co_name = %s",
+            (queue, consumer),
+        )
+        is not None
+    )
+
+
+def _batch(row: tuple[Any, ...] | None) -> BatchInfo | None:
+    if row is None or row[0] is None:
+        return None
+    batch_id, cur_tick, prev_tick, cur_time, prev_time, cur_seq, prev_seq = row
+    return BatchInfo(batch_id, prev_tick, cur_tick, prev_time, cur_time, prev_seq, cur_seq)
+
+
+_BATCH_COLUMNS = (
+    "batch_id, cur_tick_id, prev_tick_id, cur_tick_time, prev_tick_time,"
+    " cur_tick_event_seq, prev_tick_event_seq"
+)
+
+
+def next_batch_info(conn: Connection, queue: str, consumer: str) -> BatchInfo | None:
+    """The consumer's active batch, or a new one; None when no tick is ahead."""
+    return _batch(
+        _one(conn, f"select {_BATCH_COLUMNS} from pgq.next_batch_info(%s, %s)", (queue, consumer))
+    )
+
+
+def next_batch_custom(
+    conn: Connection,
+    queue: str,
+    consumer: str,
+    min_lag: dt.timedelta | None = None,
+    min_count: int | None = None,
+    min_interval: dt.timedelta | None = None,
+) -> BatchInfo | None:
+    """Like next_batch_info, but coalesces ticks until min_count events or min_interval."""
+    return _batch(
+        _one(
+            conn,
+            f"select {_BATCH_COLUMNS} from pgq.next_batch_custom(%s, %s, %s, %s, %s)",
+            (queue, consumer, min_lag, min_count, min_interval),
+        )
+    )
+
+
+def batch_is_active(conn: Connection, batch_id: int) -> bool:
+    """Whether batch_id is still some consumer's open batch."""
+    return _one(conn, "select 1 from pgq.subscription where sub_batch = %s", (batch_id,)) is not None
+
+
+def batch_event_sql(conn: Connection, batch_id: int) -> str:
+    """The SELECT that yields exactly the batch's events, retry-queue events included."""
+    return str(_value(conn, "select pgq.batch_event_sql(%s)", (batch_id,)))
+
+
+def batch_max_event_id(conn: Connection, batch_sql: str) -> int:
+    """Largest ev_id among a batch's events (batch_sql from batch_event_sql)."""
+    query = sql.SQL("select max(ev_id) from ({}) b").format(sql.SQL(batch_sql))
+    return int(_value(conn, query.as_string(conn)) or 0)
+
+
+def finish_batch(conn: Connection, batch_id: int) -> bool:
+    """False when the batch was not active any more (someone else finished it)."""
+    return bool(_value(conn, "select pgq.finish_batch(%s)", (batch_id,)))
+
+
+def force_tick(conn: Connection, queue: str) -> int | None:
+    """Marks the queue so the next ticker pass ticks; returns the newest tick id now."""
+    return _value(conn, "select pgq.force_tick(%s)", (queue,))  # type: ignore[no-any-return]
+
+
+def ticker(conn: Connection, queue: str) -> int | None:
+    """One ticker pass on the queue; the new tick id, or None when it saw no reason to tick.
+
+    Never call this where pgqd runs, nor twice at once: see core.ticking.
+    """
+    return _value(conn, "select pgq.ticker(%s)", (queue,))  # type: ignore[no-any-return]
+
+
+def last_tick_id(conn: Connection, queue: str) -> int | None:
+    return _value(  # type: ignore[no-any-return]
+        conn,
+        "select max(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
+        " where q.queue_name = %s",
+        (queue,),
+    )
+
+
+def current_event_table(conn: Connection, queue: str) -> str:
+    """Schema-qualified name of the table taking the queue's inserts in this transaction."""
+    return str(_value(conn, "select pgq.current_event_table(%s)", (queue,)))
+
+
+def get_queue_info(conn: Connection, queue: str) -> QueueInfo:
+    row = _one(
+        conn,
+        "select i.queue_name, i.queue_external_ticker, i.queue_ticker_paused,"
+        " i.queue_ticker_max_count, i.queue_ticker_max_lag, i.queue_ticker_idle_period,"
+        " i.ticker_lag, i.ev_new, i.last_tick_id, q.queue_disable_insert"
+        " from pgq.get_queue_info(%s) i join pgq.queue q on q.queue_name = i.queue_name",
+        (queue,),
+    )
+    if row is None:
+        raise QueueNotFound(f"queue {queue!r} does not exist")
+    return QueueInfo(*row)
+
+
+def get_consumer_info(conn: Connection, queue: str, consumer: str) -> ConsumerInfo | None:
+    row = _one(
+        conn,
+        "select queue_name, consumer_name, lag, last_seen, last_tick, current_batch,"
+        " next_tick, pending_events from pgq.get_consumer_info(%s, %s)",
+        (queue, consumer),
+    )
+    return ConsumerInfo(*row) if row else None
+
+
+def set_queue_config(conn: Connection, queue: str, name: str, value: str) -> None:
+    """name without the 'queue_' prefix: ticker_max_count, rotation_period, ..."""
+    _value(conn, "select pgq.set_queue_config(%s, %s, %s)", (queue, name, value))
+
+
+def insert_event(
+    conn: Connection,
+    queue: str,
+    ev_type: str | None,
+    ev_data: str | None,
+    extra1: str | None = None,
+    extra2: str | None = None,
+    extra3: str | None = None,
+    extra4: str | None = None,
+) -> int:
+    return int(
+        _value(
+            conn,
+            "select pgq.insert_event(%s, %s, %s, %s, %s, %s, %s)",
+            (queue, ev_type, ev_data, extra1, extra2, extra3, extra4),
+        )
+    )

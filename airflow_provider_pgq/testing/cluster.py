@@ -1,0 +1,146 @@
+"""A throwaway PostgreSQL cluster with PgQ, for the tests, the demo and the benchmarks.
+
+initdb in a temporary folder, a private port on 127.0.0.1 and a private socket
+folder, run as an unprivileged OS user when we are root (PostgreSQL refuses root),
+removed again by stop(). Password login over TCP, trust over the socket.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+SUPERUSER = "pgq_test_admin"
+
+
+def find_bindir() -> Path:
+    """PG_BINDIR, else the newest /usr/lib/postgresql/N/bin whose N has PgQ installed."""
+    if os.environ.get("PG_BINDIR"):
+        return Path(os.environ["PG_BINDIR"])
+    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[4]), reverse=True):
+        major = bindir.split("/")[4]
+        if Path(f"/usr/share/postgresql/{major}/extension/pgq.control").exists():
+            return Path(bindir)
+    raise RuntimeError(
+        "no PostgreSQL with the PgQ extension found: install postgresql-<major>-pgq3"
+        " (the README's test command does), or set PG_BINDIR"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThrowawayCluster:
+    def __init__(self, os_user: str = "postgres") -> None:
+        self.bindir = find_bindir()
+        self.os_user = os_user if os.geteuid() == 0 else None
+        self.password = secrets.token_urlsafe(12)
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="pgq-cluster-"))
+        self.datadir = self.root / "data"
+        self.sockdir = self.root / "sock"
+        self.logfile = self.root / "server.log"
+
+    # -- process control ------------------------------------------------------
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            user=self.os_user, check=check, capture_output=True, text=True,
+            cwd=str(self.root),
+        )
+
+    def start(self) -> ThrowawayCluster:
+        self.sockdir.mkdir()
+        pwfile = self.root / "pw"
+        pwfile.write_text(self.password + "\n")
+        if self.os_user:
+            entry = pwd.getpwnam(self.os_user)
+            for path in (self.root, self.sockdir, pwfile):
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self._run(
+            "initdb", "-D", str(self.datadir), "-U", SUPERUSER, f"--pwfile={pwfile}",
+            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8",
+        )
+        pwfile.unlink()
+        with open(self.datadir / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.sockdir}'\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "max_connections = 200\nshared_buffers = 256MB\n"
+                "max_wal_size = 4GB\n"
+            )
+        self.pg_ctl("start")
+        return self
+
+    def pg_ctl(self, action: str, mode: str = "fast") -> None:
+        args = ["pg_ctl", "-D", str(self.datadir), "-l", str(self.logfile), "-w", "-t", "60"]
+        if action in ("stop", "restart"):
+            args += ["-m", mode]
+        self._run(*args, action)
+
+    def stop(self) -> None:
+        if self.datadir.exists():
+            self._run("pg_ctl", "-D", str(self.datadir), "-m", "immediate", "-w", "stop", check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- access -----------------------------------------------------------------
+
+    def dsn(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
+        pw = self.password if password is None and user == SUPERUSER else password
+        parts = [f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}"]
+        if pw:
+            parts.append(f"password={pw}")
+        return " ".join(parts)
+
+    def uri(self, dbname: str, user: str = SUPERUSER, password: str | None = None) -> str:
+        from urllib.parse import quote
+
+        pw = self.password if password is None and user == SUPERUSER else password
+        cred = quote(user, safe="") + (":" + quote(pw, safe="") if pw else "")
+        return f"postgresql://{cred}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
+
+    def execute(self, dbname: str, query: Any, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Runs one statement in autocommit and returns its rows (if any)."""
+        conn = psycopg2.connect(self.dsn(dbname))
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(query, params)
+                return list(cur.fetchall()) if cur.description else []
+        finally:
+            conn.close()
+
+    def create_database(self, name: str, template: str = "template1") -> None:
+        self.execute(
+            "postgres",
+            sql.SQL("create database {} template {}").format(sql.Identifier(name), sql.Identifier(template)),
+        )
+
+    def drop_database(self, name: str) -> None:
+        self.execute("postgres", sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(name)))
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, poll: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return bool(predicate())

@@ -1,0 +1,96 @@
+"""Fixtures: one throwaway PostgreSQL with PgQ per test session (or PGQ_TEST_DSN),
+fresh databases per test cloned from a template that has the pgq extension."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from urllib.parse import urlparse
+
+import pytest
+from psycopg2.extensions import parse_dsn
+
+from airflow_provider_pgq.core import pgq_ext
+from airflow_provider_pgq.core.connect import connect
+from airflow_provider_pgq.testing.cluster import ThrowawayCluster
+from tests.helpers import Server, create_queue
+
+
+class _ExistingServer(ThrowawayCluster):
+    """PGQ_TEST_DSN: a superuser DSN on a running server that has PgQ installed."""
+
+    def __init__(self, dsn: str) -> None:  # noqa: D107 - no cluster of our own
+        parts = parse_dsn(dsn) if "://" not in dsn else _uri_parts(dsn)
+        self.port = int(parts.get("port", 5432))
+        self.password = parts.get("password", "")
+        self._host = parts.get("host", "127.0.0.1")
+        self._user = parts.get("user", "postgres")
+
+    def dsn(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> str:
+        user = user or self._user
+        pw = self.password if password is None and user == self._user else password
+        return f"host={self._host} port={self.port} dbname={dbname} user={user}" + (
+            f" password={pw}" if pw else ""
+        )
+
+    def stop(self) -> None:
+        pass
+
+
+def _uri_parts(uri: str) -> dict[str, str]:
+    u = urlparse(uri)
+    return {"host": u.hostname or "127.0.0.1", "port": str(u.port or 5432), "user": u.username or "postgres",
+            "password": u.password or ""}
+
+
+TEMPLATE = "pgq_test_template"
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[ThrowawayCluster]:
+    existing = os.environ.get("PGQ_TEST_DSN")
+    c: ThrowawayCluster = _ExistingServer(existing) if existing else ThrowawayCluster().start()
+    try:
+        c.drop_database(TEMPLATE)
+        c.create_database(TEMPLATE)
+        c.execute(TEMPLATE, "create extension if not exists pgq")
+        yield c
+    finally:
+        c.drop_database(TEMPLATE)
+        c.stop()
+
+
+@pytest.fixture
+def make_db(cluster: ThrowawayCluster) -> Iterator[Callable[..., Server]]:
+    """make_db(queue=None, pgq=True, ext=False) -> Server: a fresh database."""
+    made: list[str] = []
+
+    def make(queue: str | None = None, pgq: bool = True, ext: bool = False) -> Server:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        cluster.create_database(name, TEMPLATE if pgq else "template0")
+        made.append(name)
+        server = Server(cluster, name)
+        if queue:
+            create_queue(server, queue)
+        if ext:
+            conn = connect(server.dsn)
+            try:
+                pgq_ext.install(conn)
+            finally:
+                conn.close()
+        return server
+
+    yield make
+    for name in made:
+        cluster.drop_database(name)
+
+
+@pytest.fixture
+def source(make_db: Callable[..., Server]) -> Server:
+    return make_db(queue="src_q")
+
+
+@pytest.fixture
+def target(make_db: Callable[..., Server]) -> Server:
+    return make_db(queue="dst_q", ext=True)
