@@ -8,4 +8,25 @@ __version__ = "0.1.0"
 
 
 def get_provider_info() -> dict[str, Any]:
-    return {"package-name": "airflow-provider-pgq", "name": "PgQ", "description": "PgQ queue mover", "versions": [__version__]}
+    """What Airflow's ProvidersManager reads through the apache_airflow_provider entry point."""
+    return {
+        "package-name": "airflow-provider-pgq",
+        "name": "PgQ",
+        "description": "Move PgQ events between PostgreSQL databases exactly once.",
+        "versions": [__version__],
+        "integrations": [
+            {"integration-name": "PgQ", "external-doc-url": "https://github.com/pgq/pgq", "tags": ["software"]}
+        ],
+        "hooks": [{"integration-name": "PgQ", "python-modules": ["airflow_provider_pgq.hooks.pgq"]}],
+        "operators": [
+            {"integration-name": "PgQ", "python-modules": ["airflow_provider_pgq.operators.queue_mover"]}
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_provider_pgq.hooks.pgq.PgqHook",
+                "hook-name": "PgQ",
+                "connection-type": "pgq",
+                "ui-field-behaviour": {"relabeling": {"schema": "Database"}, "hidden-fields": []},
+            }
+        ],
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -14,7 +15,7 @@ from psycopg2.extensions import parse_dsn
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster
-from tests.helpers import Server, create_queue
+from tests.helpers import Pgqd, Server, create_queue
 
 
 class _ExistingServer(ThrowawayCluster):
@@ -94,3 +95,11 @@ def source(make_db: Callable[..., Server]) -> Server:
 @pytest.fixture
 def target(make_db: Callable[..., Server]) -> Server:
     return make_db(queue="dst_q", ext=True)
+
+
+@pytest.fixture
+def pgqd(cluster: ThrowawayCluster, tmp_path: Path) -> Iterator[Pgqd]:
+    """A real pgqd; pgqd.watch(server, ...) makes it tick those databases."""
+    daemon = Pgqd(cluster, tmp_path)
+    yield daemon
+    daemon.stop()

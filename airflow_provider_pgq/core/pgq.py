@@ -246,6 +246,16 @@ def get_consumer_info(conn: Connection, queue: str, consumer: str) -> ConsumerIn
     return ConsumerInfo(*row) if row else None
 
 
+def count_queue_events(conn: Connection, queue: str) -> int:
+    """Rows in all of the queue's event tables (for reports; a full count)."""
+    pfx = _value(conn, "select queue_data_pfx from pgq.queue where queue_name = %s", (queue,))
+    if pfx is None:
+        raise QueueNotFound(f"queue {queue!r} does not exist")
+    schema, _, table = str(pfx).partition(".")
+    query = sql.SQL("select count(*) from {}").format(sql.Identifier(schema, table))
+    return int(_value(conn, query.as_string(conn)))
+
+
 def set_queue_config(conn: Connection, queue: str, name: str, value: str) -> None:
     """name without the 'queue_' prefix: ticker_max_count, rotation_period, ..."""
     _value(conn, "select pgq.set_queue_config(%s, %s, %s)", (queue, name, value))

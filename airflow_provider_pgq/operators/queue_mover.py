@@ -1,0 +1,178 @@
+"""PgqQueueMoverOperator: one DAG run drains a source queue into a target queue."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import Asset, BaseOperator, Context
+
+from airflow_provider_pgq.core.mover import BatchResult, DrainBounds, MoverOptions, QueueMover
+from airflow_provider_pgq.hooks.pgq import PgqHook
+
+try:
+    from airflow.sdk.observability.stats import Stats
+except ImportError:  # pragma: no cover - older Airflow 3 releases
+    from airflow.stats import Stats  # type: ignore[no-redef]
+
+
+def target_asset(target_conn_id: str, target_queue: str) -> Asset:
+    """The Asset a mover updates: downstream DAGs can be scheduled on it."""
+    return Asset(f"pgq://{target_conn_id}/{target_queue}")
+
+
+def _seconds(value: float | dt.timedelta | None) -> float | None:
+    return value.total_seconds() if isinstance(value, dt.timedelta) else value
+
+
+class PgqQueueMoverOperator(BaseOperator):
+    """Moves every available batch of a source PgQ queue into a target queue, exactly once.
+
+    Each batch lands in one target transaction together with its mark in the
+    target's ``pgq_ext``; only then is it finished on the source. That is what
+    makes Airflow's re-executions safe:
+
+    * a **retry** after a crash finds batches that reached the target already marked,
+      skips them and finishes them on the source; the others are applied once;
+    * a **cleared** task runs again and moves whatever is pending now: nothing
+      already moved is moved twice;
+    * a **backfill** of old intervals with ``stop_at_interval_end=True`` moves only
+      batches whose end tick is not later than each run's ``data_interval_end``;
+      batches moved by later runs are not moved again.
+
+    :param source_conn_id: connection to the database holding the source queue.
+    :param target_conn_id: connection to the database holding the target queue and pgq_ext.
+    :param source_queue: queue to read (templated).
+    :param target_queue: queue to write (templated).
+    :param consumer_name: PgQ consumer on the source, and the tracking key on the
+        target (templated). Default ``<dag_id>.<task_id>``, as the classic tool used
+        its job name.
+    :param subconsumer: second part of the tracking key (templated), default ``''``;
+        give each source its own when several sources feed one target.
+    :param max_batches: stop after this many batches (None: no bound).
+    :param max_events: stop once this many events are moved (checked between batches).
+    :param max_runtime: stop taking new batches after this many seconds (or a timedelta).
+    :param force_tick: first make the source cut a tick, so that everything committed
+        before the run is drained (needs a ticker: pgqd, or ``run_ticker``).
+    :param run_ticker: let the task itself run ``pgq.ticker`` for the source queue.
+        Off by default: never turn it on where pgqd runs (PgQ forbids two tickers at
+        once). Needs pgq_admin on the source.
+    :param tick_timeout: seconds to wait for the tick asked for by ``force_tick``.
+    :param stop_at_interval_end: only move batches whose end tick is not later than
+        the run's ``data_interval_end`` (repeatable runs and backfills).
+    :param register_consumer: register the consumer on the source when missing.
+    :param install_pgq_ext: install or upgrade pgq_ext on the target when missing.
+    :param min_batch_events: coalesce ticks into batches of at least this many events.
+    :param min_batch_interval: coalesce ticks into batches spanning at least this long.
+    :param keep_event_id: give target events the source's ``ev_id`` (the target queue
+        must have no other producer).
+    :param outlet_asset: declare ``pgq://<target_conn_id>/<target_queue>`` as outlet.
+    :return: the MoveReport as a dict (XCom).
+    """
+
+    template_fields: Sequence[str] = (
+        "source_conn_id", "target_conn_id", "source_queue", "target_queue",
+        "consumer_name", "subconsumer",
+    )
+    ui_color = "#c8e6c9"
+
+    def __init__(
+        self,
+        *,
+        source_conn_id: str,
+        target_conn_id: str,
+        source_queue: str,
+        target_queue: str,
+        consumer_name: str | None = None,
+        subconsumer: str = "",
+        max_batches: int | None = None,
+        max_events: int | None = None,
+        max_runtime: float | dt.timedelta | None = None,
+        force_tick: bool = False,
+        run_ticker: bool = False,
+        tick_timeout: float = 30.0,
+        stop_at_interval_end: bool = False,
+        register_consumer: bool = False,
+        install_pgq_ext: bool = False,
+        min_batch_events: int | None = None,
+        min_batch_interval: float | dt.timedelta | None = None,
+        keep_event_id: bool = False,
+        outlet_asset: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if outlet_asset:
+            kwargs["outlets"] = [*kwargs.get("outlets", []), target_asset(target_conn_id, target_queue)]
+        super().__init__(**kwargs)
+        self.source_conn_id = source_conn_id
+        self.target_conn_id = target_conn_id
+        self.source_queue = source_queue
+        self.target_queue = target_queue
+        self.consumer_name = consumer_name
+        self.subconsumer = subconsumer
+        self.max_runtime = _seconds(max_runtime)
+        interval = _seconds(min_batch_interval)
+        self.min_batch_interval = dt.timedelta(seconds=interval) if interval is not None else None
+        # Validated now, so a bad value fails at DAG parse time, not in the middle of a run.
+        self.bounds = DrainBounds(
+            max_batches=max_batches, max_events=max_events, max_runtime=self.max_runtime,
+            force_tick=force_tick, run_ticker=run_ticker, tick_timeout=tick_timeout,
+        )
+        self.stop_at_interval_end = stop_at_interval_end
+        self.register_consumer = register_consumer
+        self.install_pgq_ext = install_pgq_ext
+        self.min_batch_events = min_batch_events
+        self.keep_event_id = keep_event_id
+
+    def mover_options(self) -> MoverOptions:
+        return MoverOptions(
+            source_queue=self.source_queue,
+            target_queue=self.target_queue,
+            consumer=self.consumer_name or f"{self.dag_id}.{self.task_id}",
+            subconsumer=self.subconsumer or "",
+            register_consumer=self.register_consumer,
+            install_pgq_ext=self.install_pgq_ext,
+            keep_event_id=self.keep_event_id,
+            min_batch_events=self.min_batch_events,
+            min_batch_interval=self.min_batch_interval,
+        )
+
+    def _bounds(self, context: Context) -> DrainBounds:
+        if not self.stop_at_interval_end:
+            return self.bounds
+        end = context.get("data_interval_end")
+        if end is None:
+            self.log.warning("stop_at_interval_end is set but this run has no data interval: no bound")
+            return self.bounds
+        return DrainBounds(**{**self.bounds.__dict__, "stop_at": end})
+
+    def _log_batch(self, result: BatchResult) -> None:
+        self.log.info(
+            "batch %s ticks %s..%s: %s, %d events, %.3fs",
+            result.batch_id, result.prev_tick_id, result.cur_tick_id, result.outcome,
+            result.events, result.seconds,
+        )
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        options = self.mover_options()
+        app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
+        source_hook = PgqHook(self.source_conn_id, application_name=app)
+        target_hook = PgqHook(self.target_conn_id, application_name=app)
+        bounds = self._bounds(context)
+        with source_hook.psycopg2_connection() as source, target_hook.psycopg2_connection() as target:
+            mover = QueueMover(source, target, options, on_batch=self._log_batch)
+            report = mover.drain(bounds)
+        self.log.info(
+            "moved %d events in %d batches (%d already applied, skipped) from %r to %r as %s"
+            " in %.2fs; stopped: %s; lag left %s s, ~%s events pending",
+            report.events, report.batches, report.skipped, options.source_queue,
+            options.target_queue, options.key, report.seconds, report.stop_reason,
+            report.lag_seconds, report.pending_events,
+        )
+        tags = {"source_queue": options.source_queue, "target_queue": options.target_queue,
+                "consumer": options.consumer}
+        Stats.incr("pgq.mover.events", report.events, tags=tags)
+        Stats.incr("pgq.mover.batches", report.batches, tags=tags)
+        if report.lag_seconds is not None:
+            Stats.gauge("pgq.mover.lag_seconds", report.lag_seconds, tags=tags)
+        return report.to_dict()
