@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import Asset, BaseOperator, Context
+from psycopg2.extensions import connection as Psycopg2Connection
 
 from airflow_provider_pgq.core.mover import BatchResult, DrainBounds, MoverOptions, QueueMover
 from airflow_provider_pgq.hooks.pgq import PgqHook
@@ -153,6 +154,13 @@ class PgqQueueMoverOperator(BaseOperator):
             result.events, result.seconds,
         )
 
+    def make_mover(
+        self, source: Psycopg2Connection, target: Psycopg2Connection, options: MoverOptions,
+        context: Context,
+    ) -> QueueMover:
+        """The core mover for this run; a subclass may wrap it (the tests inject faults here)."""
+        return QueueMover(source, target, options, on_batch=self._log_batch)
+
     def execute(self, context: Context) -> dict[str, Any]:
         options = self.mover_options()
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
@@ -160,8 +168,7 @@ class PgqQueueMoverOperator(BaseOperator):
         target_hook = PgqHook(self.target_conn_id, application_name=app)
         bounds = self._bounds(context)
         with source_hook.psycopg2_connection() as source, target_hook.psycopg2_connection() as target:
-            mover = QueueMover(source, target, options, on_batch=self._log_batch)
-            report = mover.drain(bounds)
+            report = self.make_mover(source, target, options, context).drain(bounds)
         self.log.info(
             "moved %d events in %d batches (%d already applied, skipped) from %r to %r as %s"
             " in %.2fs; stopped: %s; lag left %s s, ~%s events pending",

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import time
+from collections import Counter
+from pathlib import Path
+
 from tests.airflow.conftest import DagRunner
-from tests.helpers import produce, queue_events, simple_events
+from tests.helpers import produce, queue_events, register, simple_events, tick
+
+TEST_DAGS = Path(__file__).parent / "dags"
 
 
 def test_oltp_to_batch_runs_end_to_end(make_db, run_dag: DagRunner, pgqd):
@@ -20,3 +27,109 @@ def test_oltp_to_batch_runs_end_to_end(make_db, run_dag: DagRunner, pgqd):
     report = result["xcom"]["move_eventlog[-1]"]
     assert report["events"] == 500
     assert queue_events(batch, "eventlog") == queue_events(oltp, "eventlog")
+
+
+def _conns(**servers) -> dict[str, str]:
+    return {k: v.uri() for k, v in servers.items()}
+
+
+def test_partition_consolidation_three_partitions_one_down(make_db, run_dag: DagRunner, pgqd):
+    parts = [make_db(queue="events") for _ in range(3)]
+    central = make_db(queue="events_all")
+    pgqd.watch(*parts)
+    conns = {f"pgq_part_{i}": p.uri() for i, p in enumerate(parts)}
+    conns["pgq_central"] = central.uri()
+    first = run_dag("example_pgq_partition_consolidation", conns)  # registers the consumers
+    assert first["state"] == "success", first["log"][-3000:]
+    for i, p in enumerate(parts):
+        produce(p, "events", simple_events(200 + i, prefix=f"p{i}"))
+    result = run_dag("example_pgq_partition_consolidation", conns, logical_date="2026-06-01T12:15:00+00:00")
+    assert result["state"] == "success", result["log"][-3000:]
+    expected: Counter = Counter()
+    for p in parts:
+        expected += queue_events(p, "events")
+    assert queue_events(central, "events_all") == expected
+    assert sum(expected.values()) == 603
+    summary = result["xcom"]["report_central[-1]"]
+    assert summary == {"partitions_moved": 3, "events_moved": 603, "central_events": 603}
+
+    # partition 1 goes down: only its own mapped task fails, the others still move
+    for i, p in enumerate(parts):
+        produce(p, "events", simple_events(10, start=1000, prefix=f"q{i}"))
+    conns["pgq_part_1"] = "postgresql://nobody:secret@127.0.0.1:1/none"
+    down = run_dag("example_pgq_partition_consolidation", conns, logical_date="2026-06-01T12:30:00+00:00")
+    tasks = down["tasks"]
+    assert tasks["move_partition[1]"] == "failed"
+    assert tasks["move_partition[0]"] == "success" and tasks["move_partition[2]"] == "success"
+    assert tasks["report_central[-1]"] == "success"
+    assert "secret" not in down["log"]
+    arrived = expected + queue_events(parts[0], "events") + queue_events(parts[2], "events")
+    arrived -= expected  # partitions 0 and 2 in full, partition 1 as before
+    arrived += _with_prefix(expected, "p1")
+    assert queue_events(central, "events_all") == arrived
+
+
+def _with_prefix(events: Counter, prefix: str) -> Counter:
+    return Counter({e: n for e, n in events.items() if e[0] == f"{prefix}.type"})
+
+
+def test_backfill_moves_each_interval_once(make_db, run_dag: DagRunner):
+    src, dst = make_db(queue="events"), make_db(queue="events")
+    register(src, "events", "events_backfill_mover")
+    produce(src, "events", simple_events(300, prefix="early"))
+    tick(src, "events")
+    time.sleep(1.2)
+    middle = dt.datetime.now(dt.timezone.utc)
+    time.sleep(1.2)
+    produce(src, "events", simple_events(200, prefix="late"))
+    tick(src, "events")
+    conns = _conns(pgq_source=src, pgq_target=dst)
+    early = _with_prefix(queue_events(src, "events"), "early")
+
+    first = run_dag("example_pgq_backfill", conns, logical_date=middle.isoformat())
+    assert first["state"] == "success", first["log"][-3000:]
+    assert first["xcom"]["move_interval[-1]"]["stop_reason"] == "interval_end"
+    assert queue_events(dst, "events") == early
+
+    again = run_dag("example_pgq_backfill", conns, logical_date=middle.isoformat())
+    assert again["xcom"]["move_interval[-1]"]["events"] == 0
+    assert queue_events(dst, "events") == early
+
+    later = dt.datetime.now(dt.timezone.utc).isoformat()
+    second = run_dag("example_pgq_backfill", conns, logical_date=later)
+    assert second["xcom"]["move_interval[-1]"]["events"] == 200
+    old = run_dag("example_pgq_backfill", conns, logical_date=middle.isoformat())
+    assert old["state"] == "success" and old["xcom"]["move_interval[-1]"]["events"] == 0
+    assert queue_events(dst, "events") == queue_events(src, "events")
+
+
+def test_retry_after_injected_failure_moves_each_event_once(make_db, run_dag: DagRunner):
+    src, dst = make_db(queue="src_q"), make_db(queue="dst_q", ext=True)
+    register(src, "src_q", "retry_mover")
+    for i in range(4):
+        produce(src, "src_q", simple_events(50, start=i * 50))
+        tick(src, "src_q")
+    result = run_dag("pgq_test_retry", _conns(pgq_src=src, pgq_dst=dst), dags_folder=TEST_DAGS)
+    assert result["state"] == "success", result["log"][-3000:]
+    assert "injected at after_target_commit" in result["log"]
+    report = result["xcom"]["move[-1]"]
+    # the second batch reached the target before the crash: the retry finishes it only
+    assert report["skipped"] == 1 and report["batches"] == 2 and report["events"] == 100
+    assert queue_events(dst, "dst_q") == queue_events(src, "src_q")
+
+
+def test_templated_fields_render_and_xcom_has_the_report(make_db, run_dag: DagRunner):
+    src, dst = make_db(queue="src_q"), make_db(queue="dst_q", ext=True)
+    register(src, "src_q", "mover_x")
+    produce(src, "src_q", simple_events(5))
+    tick(src, "src_q")
+    result = run_dag("pgq_test_templated", _conns(pgq_src=src, pgq_dst=dst), dags_folder=TEST_DAGS)
+    assert result["state"] == "success", result["log"][-3000:]
+    report = result["xcom"]["move[-1]"]
+    assert report["source_queue"] == "src_q" and report["target_queue"] == "dst_q"
+    assert report["consumer"] == "mover_x" and report["subconsumer"] == "pgq_test_templated"
+    for key in ("batches", "skipped", "events", "first_tick", "last_tick", "seconds", "lag_seconds",
+                "pending_events", "stop_reason", "write_path"):
+        assert key in report
+    assert report["events"] == 5
+    assert dst.execute("select subconsumer_id from pgq_ext.tracking_source") == [("pgq_test_templated",)]

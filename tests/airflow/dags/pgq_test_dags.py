@@ -1,0 +1,65 @@
+"""DAGs the tests need beyond the examples: an injected failure on the first try,
+and templated parameters."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from airflow.sdk import DAG, Context
+
+from airflow_provider_pgq.core import faults
+from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
+from airflow_provider_pgq.operators.queue_mover import PgqQueueMoverOperator
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+class FailFirstTryMover(PgqQueueMoverOperator):
+    """Dies at a fault point during the second batch of its first try."""
+
+    fault_point = faults.AFTER_TARGET_COMMIT
+
+    def make_mover(self, source: Any, target: Any, options: MoverOptions, context: Context) -> QueueMover:
+        hits = {"n": 0}
+
+        def fault(point: str) -> None:
+            if point == self.fault_point and context["ti"].try_number == 1:
+                hits["n"] += 1
+                if hits["n"] == 2:
+                    raise InjectedFault(f"injected at {point}")
+
+        return QueueMover(source, target, options, fault=fault, on_batch=self._log_batch)
+
+
+START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+with DAG("pgq_test_retry", schedule=None, start_date=START, catchup=False) as retry_dag:
+    FailFirstTryMover(
+        task_id="move",
+        source_conn_id="pgq_src",
+        target_conn_id="pgq_dst",
+        source_queue="src_q",
+        target_queue="dst_q",
+        consumer_name="retry_mover",
+        retries=1,
+        retry_delay=dt.timedelta(seconds=1),
+        max_batches=1000,
+    )
+
+with DAG(
+    "pgq_test_templated", schedule=None, start_date=START, catchup=False,
+    params={"source_queue": "src_q", "target_queue": "dst_q", "suffix": "x"},
+) as templated_dag:
+    PgqQueueMoverOperator(
+        task_id="move",
+        source_conn_id="{{ 'pgq_' + 'src' }}",
+        target_conn_id="pgq_dst",
+        source_queue="{{ params.source_queue }}",
+        target_queue="{{ params.target_queue }}",
+        consumer_name="mover_{{ params.suffix }}",
+        subconsumer="{{ dag.dag_id }}",
+        register_consumer=True,
+    )
