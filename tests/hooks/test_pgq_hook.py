@@ -1,0 +1,84 @@
+"""PgqHook against real databases, with connections defined as Airflow defines them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+
+import pytest
+
+from airflow_provider_pgq import get_provider_info
+from airflow_provider_pgq.core.errors import ConnectionFailed
+from airflow_provider_pgq.hooks.pgq import PgqHook
+from tests.helpers import produce, register, simple_events, tick
+
+
+@pytest.fixture
+def conn_env(monkeypatch):
+    def define(conn_id: str, uri: str) -> None:
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", uri)
+
+    return define
+
+
+def test_hook_builds_psycopg2_connections_with_extras(source, conn_env):
+    conn_env("pgq_src", source.uri() + "?sslmode=disable&connect_timeout=5")
+    hook = PgqHook("pgq_src", application_name="hook-test")
+    with hook.psycopg2_connection() as conn:
+        assert conn.autocommit is False
+        with conn.cursor() as cur:
+            cur.execute("select current_database(), current_setting('application_name')")
+            assert cur.fetchone() == (source.dbname, "hook-test")
+        assert conn.get_dsn_parameters()["sslmode"] == "disable"
+
+
+def test_hook_queue_operations(source, conn_env):
+    conn_env("pgq_src", source.uri())
+    hook = PgqHook("pgq_src")
+    assert hook.create_queue("other_q") is True
+    assert hook.create_queue("other_q") is False
+    assert hook.register_consumer("src_q", "c1") is True
+    assert hook.register_consumer("src_q", "c1") is False
+    produce(source, "src_q", simple_events(7))
+    tick(source, "src_q")
+    lag = hook.get_lag("src_q", "c1")
+    assert lag["registered"] is True and lag["pending_events"] >= 7 and lag["lag_seconds"] >= 0
+    assert hook.get_lag("src_q", "nobody") == {"registered": False, "lag_seconds": None, "pending_events": None}
+    assert hook.count_events("src_q") == 7
+    assert hook.get_queue_info("src_q").queue_name == "src_q"
+
+
+def test_hook_installs_pgq_ext(make_db, conn_env):
+    db = make_db(queue="q")
+    conn_env("pgq_t", db.uri())
+    PgqHook("pgq_t").install_pgq_ext()
+    assert db.execute("select pgq_ext.version()")[0][0]
+
+
+def test_wrong_password_never_shows_the_password(source, conn_env):
+    conn_env("pgq_bad", source.uri(user="pgq_test_admin", password="Sw0rdfish-9931"))
+    with pytest.raises(ConnectionFailed) as err:
+        PgqHook("pgq_bad").get_conn()
+    assert "Sw0rdfish-9931" not in str(err.value)
+    assert "password authentication failed" in str(err.value)
+
+
+def test_provider_info_is_found_through_the_entry_point():
+    found = [ep for ep in entry_points(group="apache_airflow_provider") if ep.value.startswith("airflow_provider_pgq")]
+    assert len(found) == 1
+    info = found[0].load()()
+    assert info == get_provider_info()
+    assert info["package-name"] == "airflow-provider-pgq"
+    assert info["connection-types"][0]["hook-class-name"] == "airflow_provider_pgq.hooks.pgq.PgqHook"
+
+
+def test_airflow_lists_the_provider_and_its_hook(airflow_home):
+    env = {"AIRFLOW_HOME": str(airflow_home), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "airflow", "providers", "list", "-o", "json"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert any(p["package_name"] == "airflow-provider-pgq" for p in json.loads(out))
+    hooks = subprocess.run([sys.executable, "-m", "airflow", "providers", "hooks", "-o", "json"],
+                           env=env, capture_output=True, text=True, check=True).stdout
+    assert any(h.get("connection_type") == "pgq" for h in json.loads(hooks))
