@@ -15,7 +15,8 @@ from psycopg2.extensions import parse_dsn
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster
-from tests.helpers import Pgqd, Server, create_queue
+from airflow_provider_pgq.testing.pgqd import Pgqd
+from tests.helpers import Server, create_queue
 
 
 class _ExistingServer(ThrowawayCluster):
@@ -99,7 +100,7 @@ def target(make_db: Callable[..., Server]) -> Server:
 
 @pytest.fixture
 def pgqd(cluster: ThrowawayCluster, tmp_path: Path) -> Iterator[Pgqd]:
-    """A real pgqd; pgqd.watch(server, ...) makes it tick those databases."""
+    """A real pgqd; pgqd.watch(dbname, ...) makes it tick those databases."""
     daemon = Pgqd(cluster, tmp_path)
     yield daemon
     daemon.stop()

@@ -134,36 +134,3 @@ def mark_of(target: Server, consumer: str, subconsumer: str = "") -> int | None:
     rows = target.execute("select pgq_ext.get_last_tick(%s, %s)", (consumer, subconsumer))
     return rows[0][0]
 
-
-class Pgqd:
-    """The real pgqd ticker daemon, ticking just the databases it is told to watch."""
-
-    def __init__(self, cluster: ThrowawayCluster, workdir: Any) -> None:
-        self.cluster = cluster
-        self.workdir = workdir
-        self.databases: list[str] = []
-        self.proc: Any = None
-
-    def watch(self, *servers: Server) -> None:
-        self.databases += [s.dbname for s in servers]
-        self.stop()
-        ini = self.workdir / "pgqd.ini"
-        base = self.cluster.dsn("postgres").replace(" dbname=postgres", "")
-        ini.write_text(
-            "[pgqd]\n"
-            f"logfile = {self.workdir / 'pgqd.log'}\n"
-            f"pidfile = {self.workdir / 'pgqd.pid'}\n"
-            f"base_connstr = {base}\n"
-            "initial_database = postgres\n"
-            f"database_list = {','.join(self.databases)}\n"
-            "check_period = 1\nticker_period = 0.2\nretry_period = 1\nmaint_period = 60\n"
-        )
-        import subprocess
-
-        self.proc = subprocess.Popen(["pgqd", str(ini)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None

@@ -16,7 +16,7 @@ TEST_DAGS = Path(__file__).parent / "dags"
 def test_oltp_to_batch_runs_end_to_end(make_db, run_dag: DagRunner, pgqd):
     oltp = make_db(queue="eventlog")
     batch = make_db(queue="eventlog")
-    pgqd.watch(oltp)
+    pgqd.watch(oltp.dbname)
     result = run_dag("example_pgq_oltp_to_batch", {"pgq_oltp": oltp.uri(), "pgq_batch": batch.uri()})
     assert result["state"] == "success", result["log"][-3000:]
     # first run registers the consumer: events before that are not its business
@@ -36,7 +36,7 @@ def _conns(**servers) -> dict[str, str]:
 def test_partition_consolidation_three_partitions_one_down(make_db, run_dag: DagRunner, pgqd):
     parts = [make_db(queue="events") for _ in range(3)]
     central = make_db(queue="events_all")
-    pgqd.watch(*parts)
+    pgqd.watch(*(p.dbname for p in parts))
     conns = {f"pgq_part_{i}": p.uri() for i, p in enumerate(parts)}
     conns["pgq_central"] = central.uri()
     first = run_dag("example_pgq_partition_consolidation", conns)  # registers the consumers
