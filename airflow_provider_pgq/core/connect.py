@@ -42,7 +42,7 @@ def connect(dsn: str, application_name: str = "pgq-queue-mover", **extra: str) -
         raise ConnectionFailed(f"bad connection string: {redact(str(exc).strip())}") from None
     password = extra.get("password", password)
     try:
-        conn = psycopg2.connect(dsn, application_name=application_name, **extra)
+        conn: Connection = psycopg2.connect(dsn, None, None, application_name=application_name, **extra)
     except psycopg2.Error as exc:
         message = redact(str(exc).strip(), password)
         raise ConnectionFailed(f"cannot connect to {describe(dsn)}: {message}") from None

@@ -194,9 +194,8 @@ class QueueMover:
             pgq.require_queue(self.target, o.target_queue, "target")
             if pgq.get_queue_info(self.target, o.target_queue).disable_insert:
                 raise QueueDisabled(
-                    f"target queue {o.target_queue!r} has inserts disabled: enable it with"
-                    f" update pgq.queue set queue_disable_insert = false"
-                    f" where queue_name = '{o.target_queue}'"
+                    f"target queue {o.target_queue!r} has inserts disabled: set"
+                    " pgq.queue.queue_disable_insert back to false for it, then retry"
                 )
             self.target.rollback()
             pgq_ext.require(self.target, install_if_missing=o.install_pgq_ext)

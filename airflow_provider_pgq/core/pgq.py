@@ -143,16 +143,20 @@ def _batch(row: tuple[Any, ...] | None) -> BatchInfo | None:
     return BatchInfo(batch_id, prev_tick, cur_tick, prev_time, cur_time, prev_seq, cur_seq)
 
 
-_BATCH_COLUMNS = (
-    "batch_id, cur_tick_id, prev_tick_id, cur_tick_time, prev_tick_time,"
-    " cur_tick_event_seq, prev_tick_event_seq"
+_NEXT_BATCH_INFO = (
+    "select batch_id, cur_tick_id, prev_tick_id, cur_tick_time, prev_tick_time,"
+    " cur_tick_event_seq, prev_tick_event_seq from pgq.next_batch_info(%s, %s)"
+)
+_NEXT_BATCH_CUSTOM = (
+    "select batch_id, cur_tick_id, prev_tick_id, cur_tick_time, prev_tick_time,"
+    " cur_tick_event_seq, prev_tick_event_seq from pgq.next_batch_custom(%s, %s, %s, %s, %s)"
 )
 
 
 def next_batch_info(conn: Connection, queue: str, consumer: str) -> BatchInfo | None:
     """The consumer's active batch, or a new one; None when no tick is ahead."""
     return _batch(
-        _one(conn, f"select {_BATCH_COLUMNS} from pgq.next_batch_info(%s, %s)", (queue, consumer))
+        _one(conn, _NEXT_BATCH_INFO, (queue, consumer))
     )
 
 
@@ -168,7 +172,7 @@ def next_batch_custom(
     return _batch(
         _one(
             conn,
-            f"select {_BATCH_COLUMNS} from pgq.next_batch_custom(%s, %s, %s, %s, %s)",
+            _NEXT_BATCH_CUSTOM,
             (queue, consumer, min_lag, min_count, min_interval),
         )
     )

@@ -18,7 +18,7 @@ _INSTALL_LOCK = "airflow_provider_pgq:pgq_ext install"
 
 
 def _sql(name: str) -> str:
-    return files("airflow_provider_pgq.core").joinpath("sql", name).read_text(encoding="utf-8")
+    return files("airflow_provider_pgq.core").joinpath("sql").joinpath(name).read_text(encoding="utf-8")
 
 
 def installed_as_extension(conn: Connection) -> bool:

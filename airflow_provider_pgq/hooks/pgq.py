@@ -36,7 +36,7 @@ class PgqHook(PostgresHook):
     def conn_id(self) -> str:
         return str(getattr(self, self.conn_name_attr))
 
-    def get_conn(self) -> Psycopg2Connection:  # type: ignore[override]
+    def get_conn(self) -> Psycopg2Connection:
         """A new psycopg2 connection, autocommit off; the caller closes it."""
         c = self.connection
         args: dict[str, str] = {}

@@ -15,7 +15,7 @@ from airflow_provider_pgq.hooks.pgq import PgqHook
 try:
     from airflow.sdk.observability.stats import Stats
 except ImportError:  # pragma: no cover - older Airflow 3 releases
-    from airflow.stats import Stats  # type: ignore[no-redef]
+    from airflow.stats import Stats
 
 
 def target_asset(target_conn_id: str, target_queue: str) -> Asset:

@@ -12,7 +12,7 @@ import pytest
 from airflow_provider_pgq import get_provider_info
 from airflow_provider_pgq.core.errors import ConnectionFailed
 from airflow_provider_pgq.hooks.pgq import PgqHook
-from tests.helpers import produce, register, simple_events, tick
+from tests.helpers import produce, simple_events, tick
 
 
 @pytest.fixture
