@@ -278,8 +278,15 @@ class QueueMover:
                     self.source, o.source_queue, o.consumer,
                     min_count=o.min_batch_events, min_interval=o.min_batch_interval,
                 )
-                if batch is None:  # below the thresholds: take what is left as it is
-                    batch = pgq.next_batch_info(self.source, o.source_queue, o.consumer)
+                if batch is None:
+                    # What is pending is below the thresholds: take all of it as one batch
+                    # (a threshold of exactly the remainder selects the newest tick).
+                    remainder = pgq.events_up_to_last_tick(self.source, o.source_queue, o.consumer)
+                    batch = (
+                        pgq.next_batch_custom(self.source, o.source_queue, o.consumer, min_count=remainder)
+                        if remainder > 0
+                        else pgq.next_batch_info(self.source, o.source_queue, o.consumer)
+                    )
             else:
                 batch = pgq.next_batch_info(self.source, o.source_queue, o.consumer)
             self.source.commit()

@@ -178,6 +178,24 @@ def next_batch_custom(
     )
 
 
+def events_up_to_last_tick(conn: Connection, queue: str, consumer: str) -> int:
+    """Event-sequence distance from the consumer's last tick to the queue's newest
+    tick: what a batch up to the newest tick holds (force_tick inflates it)."""
+    return int(
+        _value(
+            conn,
+            "select coalesce(max(t.tick_event_seq) - min(l.tick_event_seq), 0)"
+            " from pgq.queue q"
+            " join pgq.consumer c on c.co_name = %s"
+            " join pgq.subscription s on s.sub_queue = q.queue_id and s.sub_consumer = c.co_id"
+            " join pgq.tick l on l.tick_queue = q.queue_id and l.tick_id = s.sub_last_tick"
+            " join pgq.tick t on t.tick_queue = q.queue_id and t.tick_id > s.sub_last_tick"
+            " where q.queue_name = %s",
+            (consumer, queue),
+        )
+    )
+
+
 def batch_is_active(conn: Connection, batch_id: int) -> bool:
     """Whether batch_id is still some consumer's open batch."""
     return _one(conn, "select 1 from pgq.subscription where sub_batch = %s", (batch_id,)) is not None
