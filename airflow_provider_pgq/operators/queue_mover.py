@@ -69,12 +69,16 @@ class PgqQueueMoverOperator(BaseOperator):
     :param keep_event_id: give target events the source's ``ev_id`` (the target queue
         must have no other producer).
     :param outlet_asset: declare ``pgq://<target_conn_id>/<target_queue>`` as outlet.
+    :param reposition: ``"rewind"`` (move the source consumer back to the target's
+        mark) or ``"reset"`` (forget the target's mark) before draining, to recover
+        from a position mismatch; templated, so a manual run can pass it, e.g.
+        ``"{{ params.reposition }}"``. Empty or None: nothing.
     :return: the MoveReport as a dict (XCom).
     """
 
     template_fields: Sequence[str] = (
         "source_conn_id", "target_conn_id", "source_queue", "target_queue",
-        "consumer_name", "subconsumer",
+        "consumer_name", "subconsumer", "reposition",
     )
     ui_color = "#c8e6c9"
 
@@ -100,6 +104,7 @@ class PgqQueueMoverOperator(BaseOperator):
         min_batch_interval: float | dt.timedelta | None = None,
         keep_event_id: bool = False,
         outlet_asset: bool = False,
+        reposition: str | None = None,
         **kwargs: Any,
     ) -> None:
         if outlet_asset:
@@ -124,6 +129,7 @@ class PgqQueueMoverOperator(BaseOperator):
         self.install_pgq_ext = install_pgq_ext
         self.min_batch_events = min_batch_events
         self.keep_event_id = keep_event_id
+        self.reposition = reposition
 
     def mover_options(self) -> MoverOptions:
         return MoverOptions(
@@ -161,6 +167,17 @@ class PgqQueueMoverOperator(BaseOperator):
         """The core mover for this run; a subclass may wrap it (the tests inject faults here)."""
         return QueueMover(source, target, options, on_batch=self._log_batch)
 
+    def _reposition(self, mover: QueueMover) -> None:
+        what = (self.reposition or "").strip().lower()
+        if what in ("", "none"):
+            return
+        if what == "rewind":
+            self.log.warning("rewinding %s to the target's mark at tick %s", mover.options.key, mover.rewind())
+        elif what == "reset":
+            self.log.warning("reset the target's mark of %s (was tick %s)", mover.options.key, mover.reset())
+        else:
+            raise ValueError(f"reposition must be 'rewind', 'reset' or empty, got {self.reposition!r}")
+
     def execute(self, context: Context) -> dict[str, Any]:
         options = self.mover_options()
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
@@ -168,7 +185,9 @@ class PgqQueueMoverOperator(BaseOperator):
         target_hook = PgqHook(self.target_conn_id, application_name=app)
         bounds = self._bounds(context)
         with source_hook.psycopg2_connection() as source, target_hook.psycopg2_connection() as target:
-            report = self.make_mover(source, target, options, context).drain(bounds)
+            mover = self.make_mover(source, target, options, context)
+            self._reposition(mover)
+            report = mover.drain(bounds)
         self.log.info(
             "moved %d events in %d batches (%d already applied, skipped) from %r to %r as %s"
             " in %.2fs; stopped: %s; lag left %s s, ~%s events pending",

@@ -26,7 +26,8 @@ def main() -> int:
         return 3
     dag = bag.get_dag(dag_id)
     assert dag is not None, f"{dag_id} not found"
-    run = dag.test(logical_date=dt.datetime.fromisoformat(logical))
+    conf = json.loads(os.environ.get("PGQ_TEST_RUN_CONF", "{}"))
+    run = dag.test(logical_date=dt.datetime.fromisoformat(logical), run_conf=conf or None)
     with create_session() as session:
         tis = run.get_task_instances(session=session)
         states = {f"{ti.task_id}[{ti.map_index}]": str(ti.state) for ti in tis}

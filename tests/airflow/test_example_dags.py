@@ -27,6 +27,11 @@ def test_oltp_to_batch_runs_end_to_end(make_db, run_dag: DagRunner, pgqd):
     report = result["xcom"]["move_eventlog[-1]"]
     assert report["events"] == 500
     assert queue_events(batch, "eventlog") == queue_events(oltp, "eventlog")
+    # the same run once more (a clear): nothing new, nothing twice
+    result = run_dag("example_pgq_oltp_to_batch", {"pgq_oltp": oltp.uri(), "pgq_batch": batch.uri()},
+                     logical_date="2026-06-01T13:00:00+00:00")
+    assert result["state"] == "success" and result["xcom"]["move_eventlog[-1]"]["events"] == 0
+    assert queue_events(batch, "eventlog") == queue_events(oltp, "eventlog")
 
 
 def _conns(**servers) -> dict[str, str]:
@@ -133,3 +138,26 @@ def test_templated_fields_render_and_xcom_has_the_report(make_db, run_dag: DagRu
         assert key in report
     assert report["events"] == 5
     assert dst.execute("select subconsumer_id from pgq_ext.tracking_source") == [("pgq_test_templated",)]
+
+
+def test_position_mismatch_fails_the_run_and_rewind_flag_recovers(make_db, run_dag: DagRunner):
+    src, dst = make_db(queue="src_q"), make_db(queue="dst_q", ext=True)
+    conns = _conns(pgq_src=src, pgq_dst=dst)
+    register(src, "src_q", "mover")
+    produce(src, "src_q", simple_events(10, prefix="a"))
+    tick(src, "src_q")
+    assert run_dag("pgq_test_reposition", conns, dags_folder=TEST_DAGS)["state"] == "success"
+    produce(src, "src_q", simple_events(10, prefix="b"))
+    tick(src, "src_q")
+    src.execute("select pgq.unregister_consumer('src_q', 'mover')")
+    register(src, "src_q", "mover")  # re-registered: the b events are behind it now
+    produce(src, "src_q", simple_events(10, prefix="c"))
+    tick(src, "src_q")
+    failed = run_dag("pgq_test_reposition", conns, dags_folder=TEST_DAGS)
+    assert failed["state"] == "failed"
+    assert "position lost" in failed["log"] and "Rewind" in failed["log"]
+    assert queue_events(dst, "dst_q") == _with_prefix(queue_events(src, "src_q"), "a")
+    fixed = run_dag("pgq_test_reposition", conns, dags_folder=TEST_DAGS, env={"PGQ_TEST_RUN_CONF": '{"reposition": "rewind"}'})
+    assert fixed["state"] == "success", fixed["log"][-3000:]
+    assert fixed["xcom"]["move[-1]"]["events"] == 20
+    assert queue_events(dst, "dst_q") == queue_events(src, "src_q")

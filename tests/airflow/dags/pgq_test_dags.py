@@ -63,3 +63,16 @@ with DAG(
         subconsumer="{{ dag.dag_id }}",
         register_consumer=True,
     )
+
+with DAG(
+    "pgq_test_reposition", schedule=None, start_date=START, catchup=False, params={"reposition": ""},
+) as reposition_dag:
+    PgqQueueMoverOperator(
+        task_id="move",
+        source_conn_id="pgq_src",
+        target_conn_id="pgq_dst",
+        source_queue="src_q",
+        target_queue="dst_q",
+        consumer_name="mover",
+        reposition="{{ params.reposition }}",
+    )
