@@ -157,7 +157,8 @@ def test_position_mismatch_fails_the_run_and_rewind_flag_recovers(make_db, run_d
     assert failed["state"] == "failed"
     assert "position lost" in failed["log"] and "Rewind" in failed["log"]
     assert queue_events(dst, "dst_q") == _with_prefix(queue_events(src, "src_q"), "a")
-    fixed = run_dag("pgq_test_reposition", conns, dags_folder=TEST_DAGS, env={"PGQ_TEST_RUN_CONF": '{"reposition": "rewind"}'})
+    rewind = {"PGQ_TEST_RUN_CONF": '{"reposition": "rewind"}'}
+    fixed = run_dag("pgq_test_reposition", conns, dags_folder=TEST_DAGS, env=rewind)
     assert fixed["state"] == "success", fixed["log"][-3000:]
     assert fixed["xcom"]["move[-1]"]["events"] == 20
     assert queue_events(dst, "dst_q") == queue_events(src, "src_q")
