@@ -13,7 +13,7 @@ from psycopg2 import sql
 
 from airflow_provider_pgq.core import pgq
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.core.mover import DrainBounds, MoverOptions, MoveReport, QueueMover
+from airflow_provider_pgq.core.mover import DrainBounds, MoveReport, MoverOptions, QueueMover
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 
 #: (ev_type, ev_data, extra1, extra2, extra3, extra4, ev_time)
@@ -43,6 +43,7 @@ class Server:
 
 def create_queue(server: Server, queue: str) -> None:
     server.execute("select pgq.create_queue(%s)", (queue,))
+    server.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
 
 
 def produce(server: Server, queue: str, events: Iterable[Sequence[Any]]) -> int:
@@ -80,11 +81,16 @@ def tick(server: Server, queue: str) -> int:
     """Makes a new tick on the queue now (what pgqd would do)."""
     conn = server.connect()
     try:
-        before = pgq.force_tick(conn, queue)
-        conn.commit()
+        # Test queues tick on any new event (ticker_max_count 1), so the tick's event
+        # sequence stays true; force_tick (which inflates it) only when there is none.
         new = pgq.ticker(conn, queue)
         conn.commit()
-        assert new is not None and (before is None or new > before), (before, new)
+        if new is None:
+            before = pgq.force_tick(conn, queue)
+            conn.commit()
+            new = pgq.ticker(conn, queue)
+            conn.commit()
+            assert new is not None and (before is None or new > before), (before, new)
         return new
     finally:
         conn.close()
@@ -134,3 +140,137 @@ def mark_of(target: Server, consumer: str, subconsumer: str = "") -> int | None:
     rows = target.execute("select pgq_ext.get_last_tick(%s, %s)", (consumer, subconsumer))
     return rows[0][0]
 
+
+# -- added for the core suite (tests/core) ---------------------------------------
+
+
+def produce_fast(server: Server, queue: str, events: Iterable[Sequence[Any]], page_size: int = 2000) -> int:
+    """Like produce(), one transaction, but many rows per statement: 20k events in well
+    under a second, so big-volume tests stay fast."""
+    from psycopg2.extras import execute_values
+
+    conn = server.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select pgq.current_event_table(%s)", (queue,))
+            table = cur.fetchone()[0]  # type: ignore[index]
+            schema, name = table.split(".")
+            insert = sql.SQL(
+                "insert into {} (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time)"
+                " values %s"
+            ).format(sql.Identifier(schema, name))
+            rows = [tuple(e[:6]) + ((e[6] if len(e) > 6 else None),) for e in events]
+            execute_values(
+                cur, insert.as_string(conn), rows, page_size=page_size,
+                template="(%s, %s, %s, %s, %s, %s, coalesce(%s, now()))",
+            )
+        conn.commit()
+    finally:
+        conn.close()
+    return len(rows)
+
+
+def tick_plain(server: Server, queue: str) -> int:
+    """One pgq.ticker() pass without force_tick, which would inflate the event sequence
+    by thousands; with ticker_max_count 1 it ticks whenever new events exist. Asserts
+    that a tick was made and returns it."""
+    conn = server.connect()
+    try:
+        new = pgq.ticker(conn, queue)
+        conn.commit()
+    finally:
+        conn.close()
+    assert new is not None, f"pgq.ticker({queue!r}) made no tick"
+    return int(new)
+
+
+def tick_time(server: Server, queue: str, tick_id: int) -> dt.datetime:
+    rows = server.execute(
+        "select t.tick_time from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
+        " where q.queue_name = %s and t.tick_id = %s",
+        (queue, tick_id),
+    )
+    return rows[0][0]  # type: ignore[no-any-return]
+
+
+def is_registered(server: Server, queue: str, consumer: str) -> bool:
+    return bool(
+        server.execute(
+            "select 1 from pgq.get_consumer_info() where queue_name = %s and consumer_name = %s",
+            (queue, consumer),
+        )
+    )
+
+
+def has_pgq_ext(server: Server) -> bool:
+    return bool(server.execute("select to_regnamespace('pgq_ext') is not null")[0][0])
+
+
+_CHILD_ENV = "PGQ_TEST_MOVER_CHILD"
+
+
+def spawn_mover(
+    source: Server,
+    target: Server,
+    consumer: str = "mover",
+    fault: str | None = None,
+    **options: Any,
+) -> Any:
+    """Starts a drain in a child process (subprocess.Popen, stdout piped); fault sets
+    PGQ_MOVER_FAULT so the child dies with os._exit at that point. Read the outcome
+    with wait_mover(). The DSNs travel in the child's environment, never on argv."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from airflow_provider_pgq.core import faults
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env.pop(faults.ENV_VAR, None)
+    if fault:
+        env[faults.ENV_VAR] = fault
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    env[_CHILD_ENV] = json.dumps(
+        {"source": source.dsn, "target": target.dsn, "consumer": consumer, "options": options}
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", "from tests.helpers import mover_child_main; mover_child_main()"],
+        cwd=str(root), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_mover(proc: Any, timeout: float = 120.0) -> tuple[int, dict[str, Any] | None, str]:
+    """(exit code, the child's report as a dict or None, its stderr)."""
+    import json
+
+    out, err = proc.communicate(timeout=timeout)
+    report = json.loads(out) if proc.returncode == 0 and out.strip() else None
+    return int(proc.returncode), report, err
+
+
+def mover_child_main() -> None:
+    """Body of spawn_mover's child: one drain, the report as JSON on stdout."""
+    import json
+    import os
+    from dataclasses import asdict
+
+    spec = json.loads(os.environ[_CHILD_ENV])
+    opts = dict(spec["options"])
+    options = MoverOptions(
+        source_queue=opts.pop("source_queue", "src_q"),
+        target_queue=opts.pop("target_queue", "dst_q"),
+        consumer=spec["consumer"],
+        **opts,
+    )
+    s, t = connect(spec["source"]), connect(spec["target"])
+    try:
+        report = QueueMover(s, t, options).drain()
+    finally:
+        s.close()
+        t.close()
+    out = report.to_dict()
+    out["batch_results"] = [asdict(r) for r in report.batch_results]
+    print(json.dumps(out, default=str))

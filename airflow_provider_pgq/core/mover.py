@@ -272,6 +272,16 @@ class QueueMover:
         later under another batch id."""
         o = self.options
         try:
+            # PgQ's next_batch_* read the subscription without locking it: two movers of
+            # one consumer calling at once could each allocate a batch for the same
+            # ticks, the later overwriting the earlier, whose holder then fails with
+            # "batch not found". Serialized per consumer, the second sees the first's
+            # batch and gets the same one back.
+            with self.source.cursor() as cur:
+                cur.execute(
+                    "select pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                    (f"airflow_provider_pgq:next_batch:{o.source_queue}\x01{o.consumer}",),
+                )
             batch: pgq.BatchInfo | None
             if o.min_batch_events is not None or o.min_batch_interval is not None:
                 batch = pgq.next_batch_custom(
