@@ -1,0 +1,318 @@
+"""The classic skytools queue_mover ini file, read and validated.
+
+One section (the first one unless a name is given), configparser's %-interpolation,
+and the keys the classic tool knew, so an existing queue_mover config runs as is.
+Like skytools, ``job_name`` defaults to the config file's name without extension,
+and ``%(job_name)s``, ``%(service_name)s`` (the section), ``%(host_name)s``,
+``%(config_dir)s`` and ``%(config_file)s`` can be used in values.
+
+Errors are one line and name the file, the section and the key. A connection string
+is never repeated in a message: it may hold a password.
+"""
+
+from __future__ import annotations
+
+import configparser
+import datetime as dt
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from airflow_provider_pgq.core.errors import InvalidParameter, PgqError
+from airflow_provider_pgq.core.mover import DrainBounds, MoverOptions
+
+#: Keys the move needs; without them there is nothing to do.
+REQUIRED_KEYS = ("src_db", "dst_db", "pgq_queue_name", "dst_queue_name")
+
+#: Keys this program reads (required, classic optional, and our extras).
+KNOWN_KEYS = frozenset(
+    REQUIRED_KEYS
+    + (
+        "job_name", "pgq_consumer_id", "pidfile", "logfile", "loop_delay", "connection_lifetime",
+        "exception_sleep", "subconsumer", "max_batches", "max_events", "max_runtime",
+        "min_batch_events", "min_batch_interval", "force_tick", "run_ticker", "keep_event_id",
+        "register_consumer", "install_pgq_ext",
+    )
+)
+
+#: Classic skytools keys that have no meaning here: accepted, noted in the log, ignored.
+IGNORED_CLASSIC_KEYS = frozenset(
+    (
+        "use_skylog", "skylog_locations", "log_size", "log_count", "logfmt_file", "logfmt_console",
+        "logdatefmt_file", "logdatefmt_console", "logfmt_file_verbose", "logfmt_console_verbose",
+        "logdatefmt_file_verbose", "logdatefmt_console_verbose", "exception_quiet",
+        "exception_grace", "exception_reset", "pgq_lazy_fetch",
+    )
+)
+
+#: Values every section can refer to, as skytools provided them.
+BUILTIN_KEYS = frozenset(("job_name", "service_name", "host_name", "config_dir", "config_file"))
+
+#: Keys whose values are never shown in messages.
+SECRET_KEYS = frozenset(("src_db", "dst_db"))
+
+#: skytools' default for connection_lifetime: reconnect every 20 minutes.
+DEFAULT_CONNECTION_LIFETIME = 1200.0
+DEFAULT_LOOP_DELAY = 1.0
+
+T = TypeVar("T")
+
+
+class ConfigError(PgqError):
+    """The config file cannot be used: unreadable, no such section, a key missing or bad."""
+
+
+@dataclass(frozen=True)
+class MoverConfig:
+    """A validated queue_mover config section; paths are absolute."""
+
+    path: Path
+    section: str
+    job_name: str
+    src_db: str = field(repr=False)
+    dst_db: str = field(repr=False)
+    pgq_queue_name: str
+    dst_queue_name: str
+    pgq_consumer_id: str
+    subconsumer: str = ""
+    pidfile: Path | None = None
+    logfile: Path | None = None
+    loop_delay: float = DEFAULT_LOOP_DELAY
+    connection_lifetime: float = DEFAULT_CONNECTION_LIFETIME
+    exception_sleep: float | None = None
+    max_batches: int | None = None
+    max_events: int | None = None
+    max_runtime: float | None = None
+    min_batch_events: int | None = None
+    min_batch_interval: float | None = None
+    force_tick: bool = False
+    run_ticker: bool = False
+    keep_event_id: bool = False
+    register_consumer: bool = False
+    install_pgq_ext: bool = False
+    #: Keys nobody reads (probably typos): the caller logs a warning for each.
+    unknown_keys: tuple[str, ...] = ()
+    #: Classic keys that mean nothing here: the caller logs a note for each.
+    ignored_keys: tuple[str, ...] = ()
+
+    @property
+    def retry_delay(self) -> float:
+        """Seconds to wait after a database error before trying again."""
+        return self.exception_sleep if self.exception_sleep is not None else self.loop_delay
+
+    def options(self) -> MoverOptions:
+        return MoverOptions(
+            source_queue=self.pgq_queue_name,
+            target_queue=self.dst_queue_name,
+            consumer=self.pgq_consumer_id,
+            subconsumer=self.subconsumer,
+            register_consumer=self.register_consumer,
+            install_pgq_ext=self.install_pgq_ext,
+            keep_event_id=self.keep_event_id,
+            min_batch_events=self.min_batch_events,
+            min_batch_interval=(
+                dt.timedelta(seconds=self.min_batch_interval)
+                if self.min_batch_interval is not None
+                else None
+            ),
+        )
+
+    def bounds(self) -> DrainBounds:
+        return DrainBounds(
+            max_batches=self.max_batches,
+            max_events=self.max_events,
+            max_runtime=self.max_runtime,
+            force_tick=self.force_tick,
+            run_ticker=self.run_ticker,
+        )
+
+
+class _Reader:
+    """Typed access to one section, every failure a ConfigError naming file/section/key."""
+
+    def __init__(self, parser: configparser.ConfigParser, path: Path, section: str) -> None:
+        self.parser = parser
+        self.path = path
+        self.section = section
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.path}: section [{self.section}], key {key!r}: {problem}")
+
+    def has(self, key: str) -> bool:
+        return self.parser.has_option(self.section, key)
+
+    def text(self, key: str) -> str:
+        try:
+            return self.parser.get(self.section, key).strip()
+        except configparser.InterpolationMissingOptionError as exc:
+            raise self.error(key, f"refers to %({exc.reference})s, which is not set") from None
+        except configparser.InterpolationError:
+            raise self.error(
+                key, "bad %-reference (write %(name)s to use another key, %% for a literal %)"
+            ) from None
+
+    def required(self, key: str) -> str:
+        if not self.has(key):
+            raise self.error(key, "is missing (required)")
+        value = self.text(key)
+        if not value:
+            raise self.error(key, "is empty (required)")
+        return value
+
+    def optional(self, key: str, convert: Callable[[str], T], what: str) -> T | None:
+        if not self.has(key):
+            return None
+        raw = self.text(key)
+        if raw == "":
+            return None
+        try:
+            return convert(raw)
+        except ValueError:
+            shown = "<hidden>" if key in SECRET_KEYS else repr(raw)
+            raise self.error(key, f"{shown} is not {what}") from None
+
+    def seconds(self, key: str, default: float | None, allow_zero: bool = False) -> float | None:
+        value = self.optional(key, float, "a number of seconds")
+        if value is None:
+            return default
+        if value != value or value in (float("inf"), float("-inf")):
+            raise self.error(key, f"{value!r} is not a finite number of seconds")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise self.error(key, f"must be {'>= 0' if allow_zero else '> 0'} seconds, got {value:g}")
+        return value
+
+    def count(self, key: str) -> int | None:
+        value = self.optional(key, int, "a whole number")
+        if value is not None and value < 1:
+            raise self.error(key, f"must be >= 1, got {value}")
+        return value
+
+    def boolean(self, key: str) -> bool:
+        if not self.has(key):
+            return False
+        try:
+            return self.parser.getboolean(self.section, key)
+        except ValueError:
+            raise self.error(
+                key, f"{self.text(key)!r} is not a boolean (use true/false, yes/no, on/off, 1/0)"
+            ) from None
+        except configparser.InterpolationError:
+            raise self.error(key, "bad %-reference") from None
+
+    def path_value(self, key: str, base_dir: Path) -> Path | None:
+        """A file name: ~ expanded, relative to base_dir (the current directory, as classic)."""
+        value = self.text(key) if self.has(key) else ""
+        if value in ("", "-"):
+            return None
+        return Path(base_dir, os.path.expanduser(value))
+
+
+def _parse(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(interpolation=configparser.BasicInterpolation())
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle, source=str(path))
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: cannot read config file: it is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read config file: not UTF-8 text ({exc.reason})") from None
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(
+            f"{path}: line {exc.lineno}: a section header such as [queue_mover] must come first"
+        ) from None
+    except configparser.DuplicateSectionError as exc:
+        raise ConfigError(f"{path}: line {exc.lineno}: section [{exc.section}] appears twice") from None
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError(
+            f"{path}: line {exc.lineno}: section [{exc.section}], key {exc.option!r} appears twice"
+        ) from None
+    except configparser.ParsingError as exc:
+        # The offending lines are not shown: they may hold a password.
+        lines = ", ".join(str(lineno) for lineno, _ in exc.errors)
+        raise ConfigError(f"{path}: cannot parse line(s) {lines}: expected 'key = value'") from None
+    return parser
+
+
+def load_config(
+    path: str | os.PathLike[str], section: str | None = None, base_dir: str | os.PathLike[str] | None = None
+) -> MoverConfig:
+    """Reads and validates a queue_mover config; raises ConfigError.
+
+    section: the section to use (default: the first one). base_dir: what relative
+    pidfile/logfile paths are relative to (default: the current directory).
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    file = Path(base, os.path.expanduser(os.fspath(path)))
+    parser = _parse(file)
+    sections = parser.sections()
+    if section is None:
+        if not sections:
+            raise ConfigError(f"{file}: no section found: put the settings under a header like [queue_mover]")
+        section = sections[0]
+    elif not parser.has_section(section):
+        have = ", ".join(f"[{s}]" for s in sections) or "none"
+        raise ConfigError(f"{file}: section [{section}] not found (sections: {have})")
+
+    own_keys = set(parser.options(section))
+    builtins = {
+        "job_name": file.stem,
+        "service_name": section,
+        "host_name": socket.gethostname(),
+        "config_dir": str(file.parent),
+        "config_file": str(file),
+    }
+    for key, value in builtins.items():
+        if not parser.has_option(section, key):
+            parser.set(section, key, value.replace("%", "%%"))
+
+    r = _Reader(parser, file, section)
+    job_name = r.required("job_name")
+    consumer = r.text("pgq_consumer_id") if r.has("pgq_consumer_id") else job_name
+    if not consumer:
+        raise r.error("pgq_consumer_id", "is empty (leave it out to use job_name)")
+
+    values = {key: r.required(key) for key in REQUIRED_KEYS}
+    loop_delay = r.seconds("loop_delay", DEFAULT_LOOP_DELAY)
+    lifetime = r.seconds("connection_lifetime", DEFAULT_CONNECTION_LIFETIME)
+    assert loop_delay is not None and lifetime is not None
+    config = MoverConfig(
+        path=file,
+        section=section,
+        job_name=job_name,
+        src_db=values["src_db"],
+        dst_db=values["dst_db"],
+        pgq_queue_name=values["pgq_queue_name"],
+        dst_queue_name=values["dst_queue_name"],
+        pgq_consumer_id=consumer,
+        subconsumer=r.text("subconsumer") if r.has("subconsumer") else "",
+        pidfile=r.path_value("pidfile", base),
+        logfile=r.path_value("logfile", base),
+        loop_delay=loop_delay,
+        connection_lifetime=lifetime,
+        exception_sleep=r.seconds("exception_sleep", None, allow_zero=True),
+        max_batches=r.count("max_batches"),
+        max_events=r.count("max_events"),
+        max_runtime=r.seconds("max_runtime", None),
+        min_batch_events=r.count("min_batch_events"),
+        min_batch_interval=r.seconds("min_batch_interval", None),
+        force_tick=r.boolean("force_tick"),
+        run_ticker=r.boolean("run_ticker"),
+        keep_event_id=r.boolean("keep_event_id"),
+        register_consumer=r.boolean("register_consumer"),
+        install_pgq_ext=r.boolean("install_pgq_ext"),
+        unknown_keys=tuple(sorted(own_keys - KNOWN_KEYS - IGNORED_CLASSIC_KEYS - BUILTIN_KEYS)),
+        ignored_keys=tuple(sorted(own_keys & IGNORED_CLASSIC_KEYS)),
+    )
+    if config.run_ticker and not config.force_tick:
+        raise r.error("run_ticker", "only has a meaning together with force_tick = true")
+    try:  # the core's own checks, reported against the file
+        config.options()
+        config.bounds()
+    except InvalidParameter as exc:
+        raise ConfigError(f"{file}: section [{section}]: {exc}") from None
+    return config
