@@ -4,11 +4,17 @@ Two paths, same result:
 - ``copy_stream``: the source's ``COPY (batch) TO STDOUT`` piped straight into the
   target's ``COPY <current event table> FROM STDIN``, binary format. No Python
   object per event, memory bounded by the pipe buffers whatever the batch size.
-- ``insert_chunks``: for a target role holding only ``pgq_writer``; events travel
-  in chunks as arrays through ``pgq_ext.insert_event_chunk`` (one statement a chunk).
+- ``insert_chunks``: for a target role holding only ``pgq_writer``; events reach the
+  event table through ``pgq_ext.insert_event_chunk`` (arrays, one call a chunk).
+  Where the role may create temporary tables (PostgreSQL grants that to PUBLIC by
+  default), the batch is first streamed by binary COPY into a temporary table and the
+  chunks are cut and aggregated server-side; otherwise the source aggregates each
+  chunk into array literals and Python hands them on as opaque strings. Either way
+  there is no Python object per event.
 
 Neither copies ``ev_txid``: the target's default (``txid_current()``) is what puts
-the rows into the target's next batch. ``ev_time`` is always sent.
+the rows into the target's next batch. ``ev_time`` is always sent. Both keep the
+batch's ``ev_id`` order, so target consumers see the events in the source's order.
 """
 
 from __future__ import annotations
@@ -24,24 +30,46 @@ from psycopg2.extensions import connection as Connection
 #: Columns carried over, in COPY order; ev_id is appended when ids are kept.
 EVENT_COLUMNS = ("ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_extra3", "ev_extra4", "ev_time")
 
-_PIPE_BUFFER = 1 << 20
-_COPY_CHUNK = 1 << 18
+#: The source side hands rows on in blocks of this size: small enough that the target
+#: starts inserting while the source still sends, large enough to keep syscalls rare.
+_WRITE_BUFFER = 1 << 16
+#: Most bytes the target side passes to one PQputCopyData.
+_READ_CHUNK = 1 << 18
+#: Kernel pipe buffer asked for (Linux allows up to 1 MiB unprivileged); best effort.
+_PIPE_SIZE = 1 << 20
+
+#: Session-local staging table of the pgq_writer path (temporary, emptied at commit).
+STAGING_TABLE = "pgq_mover_rows"
 
 
 def _columns(keep_event_id: bool) -> list[str]:
     return list(EVENT_COLUMNS) + (["ev_id"] if keep_event_id else [])
 
 
+def _column_list(keep_event_id: bool) -> sql.Composed:
+    return sql.SQL(", ").join(sql.Identifier(c) for c in _columns(keep_event_id))
+
+
 def _batch_select(batch_sql: str, keep_event_id: bool) -> sql.Composed:
     # batch_sql is PgQ's own text for this batch (pgq.batch_event_sql), not user input.
-    cols = sql.SQL(", ").join(sql.Identifier(c) for c in _columns(keep_event_id))
-    return sql.SQL("select {} from ({}) b").format(cols, sql.SQL(batch_sql))
+    # It ends in "order by 1" (ev_id); a subquery in FROM keeps that order.
+    return sql.SQL("select {} from ({}) b").format(_column_list(keep_event_id), sql.SQL(batch_sql))
 
 
 def split_table_name(qualified: str) -> sql.Identifier:
     """'pgq.event_2_1' (as pgq.current_event_table answers) as a quoted identifier."""
     schema, _, table = qualified.partition(".")
     return sql.Identifier(schema, table) if table else sql.Identifier(schema)
+
+
+def _widen_pipe(fd: int) -> None:
+    """Fewer wake-ups between the two threads; the default 64 KiB pipe works too."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), _PIPE_SIZE)
+    except (ImportError, OSError):
+        pass
 
 
 class _OnceAfterFirstRead:
@@ -62,6 +90,68 @@ class _OnceAfterFirstRead:
         return self._stream.readline(size)
 
 
+def _pipe_copy(
+    source: Connection,
+    target: Connection,
+    copy_out: sql.Composable,
+    copy_in: sql.Composable,
+    mid_stream: Callable[[], None] | None,
+) -> int:
+    """Runs copy_out on the source and copy_in on the target at the same time, joined
+    by an OS pipe: the source's rows are never Python objects, only bytes in flight.
+
+    The source's COPY runs in a helper thread (psycopg2 releases the GIL while it
+    waits on the network), the target's in the caller's thread. A source that breaks
+    off mid-stream makes the target see a clean end of data, so its failure is
+    re-raised here: the caller must never commit what the target received.
+    """
+    out_text = copy_out.as_string(source)
+    in_text = copy_in.as_string(target)
+
+    read_fd, write_fd = os.pipe()
+    _widen_pipe(write_fd)
+    # Unbuffered read end: read(n) answers with what the pipe holds now instead of
+    # waiting for n bytes, so the target never idles while a block is in flight.
+    reader = os.fdopen(read_fd, "rb", buffering=0)
+    writer = os.fdopen(write_fd, "wb", buffering=_WRITE_BUFFER)
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with source.cursor() as cur:
+                cur.copy_expert(out_text, writer)
+        except BaseException as exc:  # handed to the consumer side below
+            failure.append(exc)
+        finally:
+            try:
+                writer.close()
+            except OSError:
+                pass  # the reader is gone already: the target side has failed
+
+    producer = threading.Thread(target=produce, name="pgq-copy-out", daemon=True)
+    producer.start()
+    stream: Any = _OnceAfterFirstRead(reader, mid_stream) if mid_stream else reader
+    try:
+        with target.cursor() as cur:
+            cur.copy_expert(in_text, stream, size=_READ_CHUNK)
+            rows = cur.rowcount
+    except BaseException:
+        reader.close()
+        producer.join()
+        if failure:
+            # A source that died mid-row makes the target fail on a truncated row:
+            # the source's error is the cause worth reporting (the target's is chained).
+            raise failure[0]  # noqa: B904 - the target error stays as __context__
+        raise
+    reader.close()
+    producer.join()
+    if failure:
+        # The target saw a clean end of stream, but the source broke off: the rows in
+        # the target's open transaction are incomplete and must never be committed.
+        raise failure[0]
+    return int(rows)
+
+
 def copy_stream(
     source: Connection,
     target: Connection,
@@ -78,44 +168,9 @@ def copy_stream(
         _batch_select(batch_sql, keep_event_id)
     )
     copy_in = sql.SQL("copy {} ({}) from stdin (format binary)").format(
-        split_table_name(target_table),
-        sql.SQL(", ").join(sql.Identifier(c) for c in _columns(keep_event_id)),
+        split_table_name(target_table), _column_list(keep_event_id)
     )
-    out_text = copy_out.as_string(source)
-    in_text = copy_in.as_string(target)
-
-    read_fd, write_fd = os.pipe()
-    reader = os.fdopen(read_fd, "rb", buffering=_PIPE_BUFFER)
-    writer = os.fdopen(write_fd, "wb", buffering=_PIPE_BUFFER)
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with source.cursor() as cur:
-                cur.copy_expert(out_text, writer, size=_COPY_CHUNK)
-        except BaseException as exc:  # handed to the consumer side below
-            failure.append(exc)
-        finally:
-            try:
-                writer.close()
-            except OSError:
-                pass  # the reader is gone already: the target side has failed
-
-    producer = threading.Thread(target=produce, name="pgq-copy-out", daemon=True)
-    producer.start()
-    stream: Any = _OnceAfterFirstRead(reader, mid_stream) if mid_stream else reader
-    try:
-        with target.cursor() as cur:
-            cur.copy_expert(in_text, stream, size=_COPY_CHUNK)
-            rows = cur.rowcount
-    finally:
-        reader.close()
-        producer.join()
-    if failure:
-        # The target saw a clean end of stream, but the source broke off: the rows in
-        # the target's open transaction are incomplete and must never be committed.
-        raise failure[0]
-    return int(rows)
+    return _pipe_copy(source, target, copy_out, copy_in, mid_stream)
 
 
 def insert_chunks(
@@ -127,24 +182,122 @@ def insert_chunks(
     chunk_size: int = 5000,
     mid_stream: Callable[[], None] | None = None,
 ) -> int:
-    """Reads the batch through a server-side cursor and inserts it chunk by chunk."""
-    written = 0
-    cast = sql.SQL(
-        "select pgq_ext.insert_event_chunk(%s, %s::text[], %s::text[], %s::text[], %s::text[],"
-        " %s::text[], %s::text[], %s::timestamptz[], %s::bigint[])"
+    """Writes the batch through pgq_ext.insert_event_chunk, chunk_size events a call.
+
+    For roles that may not write event tables. Runs in the callers' open transactions
+    and commits neither; returns the number of rows written.
+    """
+    with target.cursor() as cur:
+        cur.execute(
+            "select to_regclass(%s) is not null,"
+            " has_database_privilege(current_database(), 'TEMPORARY')",
+            (f"pg_temp.{STAGING_TABLE}",),
+        )
+        row = cur.fetchone()
+    staged, may_stage = (bool(row[0]), bool(row[1])) if row else (False, False)
+    if staged or may_stage:
+        return _insert_staged(
+            source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream, staged
+        )
+    return _insert_source_arrays(
+        source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream
     )
-    with source.cursor(name="pgq_mover_batch") as src, target.cursor() as dst:
-        src.itersize = chunk_size
-        src.execute(_batch_select(batch_sql, keep_event_id))
-        while True:
-            rows = src.fetchmany(chunk_size)
-            if not rows:
-                break
-            columns = [list(c) for c in zip(*rows)]
-            ids = columns[7] if keep_event_id else None
-            dst.execute(cast, (target_queue, *columns[:7], ids))
-            row = dst.fetchone()
-            written += int(row[0]) if row else 0
+
+
+def _insert_staged(
+    source: Connection,
+    target: Connection,
+    batch_sql: str,
+    target_queue: str,
+    keep_event_id: bool,
+    chunk_size: int,
+    mid_stream: Callable[[], None] | None,
+    exists: bool,
+) -> int:
+    """COPY into a temporary table, then one insert_event_chunk call per ord range."""
+    staging = sql.Identifier("pg_temp", STAGING_TABLE)
+    with target.cursor() as cur:
+        if exists:
+            # Empty at every commit by itself; this clears what an earlier call in the
+            # same transaction may have left.
+            cur.execute(sql.SQL("delete from {}").format(staging))
+        else:
+            # ord keeps the batch's order; rows vanish at commit (or with a rollback).
+            cur.execute(
+                sql.SQL(
+                    "create temporary table {} (ord bigint generated always as identity primary key,"
+                    " ev_type text, ev_data text, ev_extra1 text, ev_extra2 text, ev_extra3 text,"
+                    " ev_extra4 text, ev_time timestamptz, ev_id bigint) on commit delete rows"
+                ).format(sql.Identifier(STAGING_TABLE))
+            )
+    copy_out = sql.SQL("copy ({}) to stdout (format binary)").format(
+        _batch_select(batch_sql, keep_event_id)
+    )
+    copy_in = sql.SQL("copy {} ({}) from stdin (format binary)").format(
+        staging, _column_list(keep_event_id)
+    )
+    staged = _pipe_copy(source, target, copy_out, copy_in, mid_stream)
+    if staged == 0:
+        return 0
+    aggregates = sql.SQL(", ").join(sql.SQL("array_agg({})").format(sql.Identifier(c)) for c in EVENT_COLUMNS)
+    ids = sql.SQL("array_agg(ev_id)") if keep_event_id else sql.SQL("null::bigint[]")
+    # The aggregates read a subquery sorted by ord (an index range scan): PostgreSQL
+    # feeds them in that order, and unnest in the function inserts in array order.
+    insert = sql.SQL(
+        "select pgq_ext.insert_event_chunk(%s, {}, {}) from"
+        " (select * from {} where ord >= %s and ord < %s order by ord) c"
+    ).format(aggregates, ids, staging)
+    written = 0
+    with target.cursor() as cur:
+        cur.execute(sql.SQL("select min(ord), max(ord) from {}").format(staging))
+        bounds = cur.fetchone()
+        assert bounds is not None
+        low, high = int(bounds[0]), int(bounds[1])
+        for start in range(low, high + 1, chunk_size):
+            cur.execute(insert, (target_queue, start, start + chunk_size))
+            result = cur.fetchone()
+            written += int(result[0]) if result and result[0] is not None else 0
+    return written
+
+
+def _insert_source_arrays(
+    source: Connection,
+    target: Connection,
+    batch_sql: str,
+    target_queue: str,
+    keep_event_id: bool,
+    chunk_size: int,
+    mid_stream: Callable[[], None] | None,
+) -> int:
+    """For roles without TEMPORARY: the source renders each chunk as array literals
+    (one row per chunk), which travel through Python as opaque strings."""
+    columns = _columns(keep_event_id)
+    aggregates = sql.SQL(", ").join(
+        sql.SQL("array_agg({} order by n)::text").format(sql.Identifier(c)) for c in columns
+    )
+    chunks = sql.SQL(
+        "select {} from (select {}, row_number() over (order by ev_id) - 1 as n from ({}) b) r"
+        " group by n / {size} order by n / {size}"
+    ).format(
+        aggregates, _column_list(True), sql.SQL(batch_sql), size=sql.Literal(int(chunk_size))
+    )
+    ids = sql.SQL("%s::bigint[]") if keep_event_id else sql.SQL("null::bigint[]")
+    insert = sql.SQL(
+        "select pgq_ext.insert_event_chunk(%s, %s::text[], %s::text[], %s::text[], %s::text[],"
+        " %s::text[], %s::text[], %s::timestamptz[], {})"
+    ).format(ids)
+    with source.cursor() as cur:
+        # ISO times carry their offset and parse the same whatever the target's
+        # DateStyle and TimeZone; reverts with the source transaction.
+        cur.execute("set local datestyle = 'ISO, YMD'")
+    written = 0
+    with source.cursor(name="pgq_mover_chunks") as src, target.cursor() as dst:
+        src.itersize = 1  # one row is a whole chunk: never hold two
+        src.execute(chunks)
+        for chunk in src:
+            dst.execute(insert, (target_queue, *chunk))
+            result = dst.fetchone()
+            written += int(result[0]) if result and result[0] is not None else 0
             if mid_stream is not None:
                 hook, mid_stream = mid_stream, None
                 hook()
