@@ -272,6 +272,17 @@ def test_daemon_moves_reloads_survives_disconnects_and_stops(
     assert wait_until(lambda: "loop_delay 0.2 -> 0.7" in logfile.read_text(), WAIT)
     assert wait_until(lambda: "sleeping 0.7s (loop_delay)" in logfile.read_text(), WAIT)
 
+    # a broken config on reload is refused; the running config stays
+    write_ini(ini, {**keys, "loop_delay": "soon"})
+    assert run_cli("-r", ini).returncode == 2  # -r itself reads the file first
+    os.kill(pid, signal.SIGHUP)
+    assert wait_until(lambda: "reload failed, keeping the running config" in logfile.read_text(), WAIT)
+    write_ini(ini, {**keys, "loop_delay": 0.7})
+
+    # --status sees it running
+    status = run_cli("--status", ini)
+    assert status.returncode == 0 and f"yes, pid {pid}" in status.stdout
+
     # its connections are killed (as by a target restart): it reconnects and goes on
     assert wait_until(lambda: terminate_backends(target, job) > 0, WAIT)
     terminate_backends(source, job)
@@ -405,6 +416,20 @@ def test_stale_pidfile_is_replaced(source: Server, target: Server, tmp_path: Pat
     assert run_cli("-k", ini).returncode == 0
     assert wait_until(lambda: not pid_alive(pid), WAIT)
     assert not pidfile.exists()
+
+
+def test_daemon_start_checks_before_going_to_the_background(
+    source: Server, target: Server, tmp_path: Path, daemons: list[Path]
+) -> None:
+    """A daemon that could not work fails on the terminal (exit 1), leaving no pidfile."""
+    pidfile = tmp_path / "m.pid"
+    daemons.append(pidfile)
+    keys = base_keys(source, target, "early_mover", pidfile=pidfile, logfile=tmp_path / "m.log")
+    proc = run_cli("-d", write_ini(tmp_path / "m.ini", keys))  # consumer not registered
+    assert proc.returncode == 1
+    assert "not registered" in one_error_line(proc)
+    assert not pidfile.exists()
+    assert "not registered" in (tmp_path / "m.log").read_text()
 
 
 def test_foreground_run_takes_the_pidfile_and_stops_on_sigint(
