@@ -200,9 +200,12 @@ class QueueMover:
             self.target.rollback()
             pgq_ext.require(self.target, install_if_missing=o.install_pgq_ext)
             self.target.rollback()
+            # Every check before the registration: a run that fails here must not leave
+            # a consumer behind that holds back the source's event-table rotation.
+            self.write_path = self._choose_write_path()
+            self.target.rollback()
             self._ensure_registered()
             self._source_identity = self._identify_source()
-            self.write_path = self._choose_write_path()
             self.source.rollback()
             self.target.rollback()
         except BaseException:

@@ -138,9 +138,11 @@ def _pipe_copy(
     except BaseException:
         reader.close()
         producer.join()
-        if failure:
+        if failure and not isinstance(failure[0], OSError):
             # A source that died mid-row makes the target fail on a truncated row:
             # the source's error is the cause worth reporting (the target's is chained).
+            # An OSError (broken pipe) is only the echo of the target failing first and
+            # closing the pipe: then the target's error is the one to report.
             raise failure[0]  # noqa: B904 - the target error stays as __context__
         raise
     reader.close()

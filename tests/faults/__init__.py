@@ -1,0 +1,1 @@
+"""Fault injection: mover processes killed, cut off and raced while events flow."""

@@ -1,0 +1,759 @@
+"""Fault storm: a producer and a ticker keep the source queue busy while mover
+processes are started and disrupted, again and again; afterwards one clean mover
+drains, and source and target are compared event by event.
+
+Disruptions (chosen at random from a seed; every kind once first, in a shuffled
+order, so that even a short storm covers all of them):
+- kill_at_point      PGQ_MOVER_FAULT=<point>:<n>: os._exit(77) between two protocol steps
+- sigkill            SIGKILL after a random delay, wherever the mover is
+- sigterm            SIGTERM while a batch is held open at a random point (default
+                     action, or raised as SystemExit as Airflow's task runner does)
+- terminate_source   pg_terminate_backend of the mover's source backend mid-stream
+- terminate_target   pg_terminate_backend of the mover's target backend mid-stream
+- restart_target     fast restart of the target server while a batch is open
+- race               two or three movers on the same tracking key at once
+- statement_timeout  the target session runs with a statement_timeout of a few ms
+
+Each mover process logs in, at random, as the superuser or as least-privilege
+roles (pgq_reader on the source; pgq_writer on the target, which takes the
+pgq_ext.insert_event_chunk path instead of COPY), so both write paths are
+disrupted. The source and the target live in different clusters: restarting the
+target leaves the producer and the ticker alone.
+
+After every disruption, with no mover running, two invariants are checked: the
+target's mark is either the consumer's last finished tick or the end tick of its
+open batch (batch+mark or neither), and no payload is in the target twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue as queue_mod
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+from airflow_provider_pgq.core import faults, pgq, pgq_ext, ticking
+from airflow_provider_pgq.core.connect import connect
+from airflow_provider_pgq.core.mover import DrainBounds, MoverOptions, QueueMover
+from airflow_provider_pgq.testing.cluster import ThrowawayCluster
+from tests.faults import mover_child
+
+ROOT = Path(__file__).resolve().parents[2]
+
+KINDS = (
+    "kill_at_point",
+    "sigkill",
+    "sigterm",
+    "terminate_source",
+    "terminate_target",
+    "restart_target",
+    "race",
+    "statement_timeout",
+)
+#: How often each kind is drawn after the first round (restarts are the slowest).
+WEIGHTS = {
+    "kill_at_point": 5,
+    "sigkill": 3,
+    "sigterm": 2,
+    "terminate_source": 2,
+    "terminate_target": 2,
+    "restart_target": 1,
+    "race": 2,
+    "statement_timeout": 2,
+}
+
+#: A burst this big (events x bytes) outgrows the copy pipe and the socket buffers,
+#: so the source's COPY is still sending while the paused target waits.
+BIG_BURST_EVENTS = 3000
+BIG_BURST_PAD = 2000
+
+
+@dataclass(frozen=True)
+class Database:
+    """One database in a cluster; dsn() as the superuser unless a login is given."""
+
+    cluster: ThrowawayCluster
+    dbname: str
+
+    def dsn(self, user: str | None = None, password: str | None = None) -> str:
+        if user is None:
+            return self.cluster.dsn(self.dbname)
+        return self.cluster.dsn(self.dbname, user=user, password=password)
+
+    def execute(self, query: Any, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self.cluster.execute(self.dbname, query, params)
+
+
+@dataclass(frozen=True)
+class Login:
+    user: str
+    password: str
+
+
+# -- load: producer and ticker ------------------------------------------------
+
+
+class Producer(threading.Thread):
+    """Inserts events with unique payloads in small transactions, now and then a
+    burst; remembers every payload whose transaction committed."""
+
+    def __init__(self, source: Database, queue: str, seed: int) -> None:
+        super().__init__(name="storm-producer", daemon=True)
+        self.source = source
+        self.queue = queue
+        self.rng = random.Random(seed * 7919 + 1)
+        self.stop_event = threading.Event()
+        self.requests: queue_mod.Queue[tuple[int, int, threading.Event]] = queue_mod.Queue()
+        self.committed: list[str] = []
+        self.errors: list[str] = []
+        self.transactions = 0
+        self._txn = 0
+
+    def burst(self, events: int, pad: int, timeout: float = 60.0) -> None:
+        """Asks for one transaction of `events` events with `pad`-byte extras; waits for its commit."""
+        done = threading.Event()
+        self.requests.put((events, pad, done))
+        if not done.wait(timeout):
+            raise TimeoutError("the producer did not commit a requested burst")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=60)
+
+    def _rows(self, n: int, pad: int, kind: str) -> list[tuple[str | None, ...]]:
+        self._txn += 1
+        rows: list[tuple[str | None, ...]] = []
+        for i in range(n):
+            data = f"{kind}-{self._txn}-{i}"
+            extra1 = "x" * pad if pad else self.rng.choice([None, "", "é✓ ünïcode", "tab\there", "a'b\"c\\d"])
+            rows.append((f"storm.{kind}", data, extra1, str(i % 7) if i % 3 else None,
+                         None if i % 2 else "", self.rng.choice([None, "{\"k\": 1}"])))
+        return rows
+
+    def _insert(self, conn: psycopg2.extensions.connection, rows: list[tuple[Any, ...]]) -> None:
+        cols = [list(c) for c in zip(*rows, strict=True)]
+        with conn.cursor() as cur:
+            cur.execute(
+                "select count(pgq.insert_event(%s, t, d, e1, e2, e3, e4))"
+                " from unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+                " as u(t, d, e1, e2, e3, e4)",
+                (self.queue, *cols),
+            )
+        conn.commit()
+
+    def run(self) -> None:
+        conn: psycopg2.extensions.connection | None = None
+        while not self.stop_event.is_set():
+            try:
+                request = self.requests.get_nowait()
+            except queue_mod.Empty:
+                request = None
+            if request is not None:
+                rows = self._rows(request[0], request[1], "big")
+            elif self.rng.random() < 0.01:
+                rows = self._rows(self.rng.randint(200, 800), 0, "burst")
+            else:
+                rows = self._rows(self.rng.randint(1, 6), 0, "small")
+            try:
+                if conn is None:
+                    conn = connect(self.source.dsn(), application_name="storm-producer")
+                self._insert(conn, rows)
+                self.committed.extend(str(r[1]) for r in rows)
+                self.transactions += 1
+            except psycopg2.Error as exc:
+                self.errors.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+                self._recover(conn, rows)
+                conn = None
+            if request is not None:
+                request[2].set()
+            time.sleep(self.rng.uniform(0.004, 0.02))
+        if conn is not None:
+            conn.close()
+
+    def _recover(self, conn: psycopg2.extensions.connection | None, rows: list[tuple[Any, ...]]) -> None:
+        """After a failed transaction: did it commit? (only a lost commit reply leaves doubt)"""
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg2.Error:
+                pass
+        try:
+            found = self.source.execute(
+                sql.SQL("select count(*) from {} where ev_data = %s").format(_event_parent(self.source, self.queue)),
+                (rows[0][1],),
+            )
+            if found and found[0][0]:
+                self.committed.extend(str(r[1]) for r in rows)
+        except psycopg2.Error:
+            time.sleep(0.2)
+
+
+class Ticker(threading.Thread):
+    """pgq.ticker for the source queue every ~50 ms (the storm's own pgqd)."""
+
+    def __init__(self, source: Database, queue: str, period: float = 0.05) -> None:
+        super().__init__(name="storm-ticker", daemon=True)
+        self.source = source
+        self.queue = queue
+        self.period = period
+        self.stop_event = threading.Event()
+        self.ticks = 0
+        self.errors = 0
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=30)
+
+    def run(self) -> None:
+        conn: psycopg2.extensions.connection | None = None
+        while not self.stop_event.wait(self.period):
+            try:
+                if conn is None:
+                    conn = connect(self.source.dsn(), application_name="storm-ticker")
+                if ticking.ticker_pass(conn, self.queue) is not None:
+                    self.ticks += 1
+            except psycopg2.Error:
+                self.errors += 1
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except psycopg2.Error:
+                        pass
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+def _event_parent(db: Database, queue: str) -> sql.Identifier:
+    rows = db.execute("select queue_data_pfx from pgq.queue where queue_name = %s", (queue,))
+    schema, _, table = str(rows[0][0]).partition(".")
+    return sql.Identifier(schema, table)
+
+
+# -- children -------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    proc: subprocess.Popen[bytes]
+    app: str
+    pause_file: Path
+    out: Path
+    err: Path
+    target_role: str
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return int(self.proc.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            raise
+
+    def release(self) -> None:
+        self.pause_file.unlink(missing_ok=True)
+
+    def summary(self) -> dict[str, Any] | None:
+        lines = self.out.read_text().strip().splitlines() if self.out.exists() else []
+        return json.loads(lines[-1]) if lines else None
+
+    def error_line(self) -> str:
+        return self.error_tail(1)
+
+    def error_tail(self, n: int) -> str:
+        lines = self.err.read_text().strip().splitlines() if self.err.exists() else []
+        return "\n".join(lines[-n:])
+
+
+@dataclass
+class FaultRecord:
+    index: int
+    kind: str
+    detail: str
+    fired: bool
+    exit_codes: list[int]
+    note: str = ""
+
+
+@dataclass
+class StormResult:
+    seed: int
+    records: list[FaultRecord] = field(default_factory=list)
+    produced: int = 0
+    source_events: int = 0
+    target_events: int = 0
+    lost: int = 0
+    doubled: int = 0
+    unexpected: int = 0
+    mismatched: int = 0
+    produced_missing_in_source: int = 0
+    invariant_violations: list[str] = field(default_factory=list)
+    doubled_midway: int = 0
+    hung: list[str] = field(default_factory=list)
+    unexpected_errors: list[str] = field(default_factory=list)
+    write_paths: Counter[str] = field(default_factory=Counter)
+    mid_copy_hits: int = 0
+    race_collisions: int = 0
+    producer_errors: int = 0
+    ticks: int = 0
+    final_mark_ok: bool = False
+    seconds: float = 0.0
+
+    @property
+    def fired(self) -> int:
+        return sum(1 for r in self.records if r.fired)
+
+    def by_kind(self) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for kind in KINDS:
+            recs = [r for r in self.records if r.kind == kind]
+            out[kind] = (len(recs), sum(1 for r in recs if r.fired))
+        return out
+
+    def table(self) -> str:
+        lines = [f"fault storm, seed {self.seed}, {self.seconds:.0f} s", "",
+                 f"{'fault kind':<20}{'injected':>9}{'landed':>8}  details"]
+        for kind, (injected, fired) in self.by_kind().items():
+            details = Counter(r.detail for r in self.records if r.kind == kind and r.fired)
+            text = ", ".join(f"{d} x{n}" for d, n in sorted(details.items()))
+            lines.append(f"{kind:<20}{injected:>9}{fired:>8}  {text}")
+        lines.append(f"{'total':<20}{len(self.records):>9}{self.fired:>8}")
+        lines.append("")
+        rows = [
+            ("events produced (committed)", self.produced),
+            ("events in source queue", self.source_events),
+            ("events in target queue", self.target_events),
+            ("lost", self.lost),
+            ("doubled", self.doubled),
+            ("in target but not in source", self.unexpected),
+            ("produced but missing in source", self.produced_missing_in_source),
+            ("doubled at any check in between", self.doubled_midway),
+            ("mark/batch invariant violations", len(self.invariant_violations)),
+            ("hung movers", len(self.hung)),
+            ("unexpected mover errors", len(self.unexpected_errors)),
+            ("backend terminated while in COPY", self.mid_copy_hits),
+            ("race collisions (skipped/stale batches)", self.race_collisions),
+            ("source ticks made during the storm", self.ticks),
+        ]
+        lines += [f"{name:<42}{value:>10}" for name, value in rows]
+        lines.append(f"{'write paths of clean mover runs':<42}  " +
+                     ", ".join(f"{k} x{v}" for k, v in sorted(self.write_paths.items())))
+        return "\n".join(lines)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.lost == 0 and self.doubled == 0 and self.unexpected == 0 and self.mismatched == 0
+            and self.produced_missing_in_source == 0 and self.doubled_midway == 0
+            and not self.invariant_violations and not self.hung and not self.unexpected_errors
+            and self.final_mark_ok and self.produced > 0 and self.source_events == self.target_events
+        )
+
+
+# -- the storm ------------------------------------------------------------------
+
+
+class Storm:
+    """Set up once (queues, pgq_ext, roles, registration), then run(faults, seed)."""
+
+    def __init__(
+        self,
+        source: Database,
+        target: Database,
+        source_queue: str = "storm_src",
+        target_queue: str = "storm_dst",
+        consumer: str = "storm_mover",
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.source_queue = source_queue
+        self.target_queue = target_queue
+        self.consumer = consumer
+        self.log = log
+        tag = uuid.uuid4().hex[:8]
+        self.reader = Login(f"storm_reader_{tag}", secrets.token_urlsafe(16))
+        self.writer = Login(f"storm_writer_{tag}", secrets.token_urlsafe(16))
+        self.workdir = Path(tempfile.mkdtemp(prefix="pgq-storm-"))
+        self.children: list[Child] = []
+        self._n = 0
+
+    # setup / teardown
+
+    def setup(self) -> None:
+        s, t = self.source, self.target
+        s.execute("select pgq.create_queue(%s)", (self.source_queue,))
+        # tick whenever there is a new event: many small batches, many places to fail
+        s.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (self.source_queue,))
+        s.execute("select pgq.register_consumer(%s, %s)", (self.source_queue, self.consumer))
+        t.execute("select pgq.create_queue(%s)", (self.target_queue,))
+        conn = connect(t.dsn())
+        try:
+            pgq_ext.install(conn)
+        finally:
+            conn.close()
+        for db, login, role in ((s, self.reader, "pgq_reader"), (t, self.writer, "pgq_writer")):
+            db.execute(sql.SQL("create role {} login password %s in role {}").format(
+                sql.Identifier(login.user), sql.Identifier(role)), (login.password,))
+            db.execute(sql.SQL("grant connect on database {} to {}").format(
+                sql.Identifier(db.dbname), sql.Identifier(login.user)))
+
+    def teardown(self) -> None:
+        self._reap()
+        for db, login in ((self.source, self.reader), (self.target, self.writer)):
+            try:
+                db.execute(sql.SQL("drop owned by {}").format(sql.Identifier(login.user)))
+                db.cluster.execute("postgres", sql.SQL("drop role if exists {}").format(sql.Identifier(login.user)))
+            except psycopg2.Error as exc:
+                self.log(f"cleanup of role {login.user} failed: {exc}")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _reap(self) -> None:
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait(timeout=30)
+        self.children.clear()
+
+    # children
+
+    def spawn(
+        self,
+        rng: random.Random,
+        fault_env: str | None = None,
+        pause_at: str | None = None,
+        pause_min_events: int = 0,
+        loop_seconds: float = 0.0,
+        target_options: str = "",
+        sigterm_raises: bool = False,
+    ) -> Child:
+        self._n += 1
+        app = f"storm-{self._n}"
+        env = dict(os.environ)
+        env.pop(faults.ENV_VAR, None)
+        if fault_env:
+            env[faults.ENV_VAR] = fault_env
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        as_reader = rng.random() < 0.5
+        as_writer = rng.random() < 0.5
+        env[mover_child.ENV_SOURCE] = (
+            self.source.dsn(self.reader.user, self.reader.password) if as_reader else self.source.dsn()
+        )
+        env[mover_child.ENV_TARGET] = (
+            self.target.dsn(self.writer.user, self.writer.password) if as_writer else self.target.dsn()
+        )
+        pause_file = self.workdir / f"{app}.paused"
+        args = [
+            sys.executable, "-m", "tests.faults.mover_child",
+            "--source-queue", self.source_queue, "--target-queue", self.target_queue,
+            "--consumer", self.consumer, "--app-name", app,
+            "--chunk-size", str(rng.choice([40, 300, 5000])),
+            "--loop-seconds", f"{loop_seconds:.3f}",
+        ]
+        if pause_at:
+            args += ["--pause-at", pause_at, "--pause-file", str(pause_file),
+                     "--pause-min-events", str(pause_min_events)]
+        if target_options:
+            args += ["--target-options", target_options]
+        if sigterm_raises:
+            args.append("--sigterm-raises")
+        out, err = self.workdir / f"{app}.out", self.workdir / f"{app}.err"
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            proc = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=fo, stderr=fe)
+        child = Child(proc, app, pause_file, out, err, "pgq_writer" if as_writer else "superuser")
+        self.children.append(child)
+        return child
+
+    @staticmethod
+    def wait_paused(child: Child, timeout: float = 30.0) -> bool:
+        """True once the child holds its pause; False if it ended (or time ran out) first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if child.pause_file.exists():
+                return True
+            if child.proc.poll() is not None:
+                return False
+            time.sleep(0.005)
+        return False
+
+    def finish(self, child: Child, result: StormResult, timeout: float = 60.0) -> int:
+        """Waits for the child; a clean exit counts its write path, a hang is recorded."""
+        try:
+            code = child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            result.hung.append(f"{child.app} did not end within {timeout:g}s")
+            return -9
+        if code == 0:
+            summary = child.summary()
+            if summary and summary.get("write_path"):
+                result.write_paths[str(summary["write_path"])] += 1
+        return code
+
+    def _backend(self, db: Database, app: str) -> tuple[int, str, str] | None:
+        rows = db.cluster.execute(
+            "postgres",
+            "select pid, coalesce(state, ''), coalesce(query, '') from pg_stat_activity"
+            " where application_name = %s",
+            (app,),
+        )
+        return (int(rows[0][0]), str(rows[0][1]), str(rows[0][2])) if rows else None
+
+    # the disruptions
+
+    def inject(self, index: int, kind: str, rng: random.Random, result: StormResult,
+               producer: Producer) -> FaultRecord:
+        method = getattr(self, f"_fault_{kind}")
+        rec: FaultRecord = method(index, rng, result, producer)
+        return rec
+
+    def _fault_kill_at_point(self, i: int, rng: random.Random, result: StormResult, producer: Producer) -> FaultRecord:
+        point = rng.choice(faults.POINTS)
+        nth = rng.randint(1, 3)
+        child = self.spawn(rng, fault_env=f"{point}:{nth}", loop_seconds=4.0)
+        code = self.finish(child, result)
+        self._expect(child, code, (0, faults.FAULT_EXIT_CODE), result)
+        return FaultRecord(i, "kill_at_point", point, code == faults.FAULT_EXIT_CODE, [code], f"n={nth}")
+
+    def _fault_sigkill(self, i: int, rng: random.Random, result: StormResult, producer: Producer) -> FaultRecord:
+        if rng.random() < 0.3:
+            producer.burst(rng.randint(500, 2000), rng.choice([0, 500]))
+        child = self.spawn(rng, loop_seconds=5.0)
+        delay = rng.uniform(0.15, 1.2)
+        time.sleep(delay)
+        fired = child.proc.poll() is None
+        if fired:
+            child.proc.send_signal(signal.SIGKILL)
+        code = self.finish(child, result)
+        self._expect(child, code, (0, -signal.SIGKILL), result)
+        return FaultRecord(i, "sigkill", "after delay", fired and code == -signal.SIGKILL, [code], f"{delay:.2f}s")
+
+    def _fault_sigterm(self, i: int, rng: random.Random, result: StormResult, producer: Producer) -> FaultRecord:
+        point = rng.choice(faults.POINTS)
+        raises = rng.random() < 0.5
+        child = self.spawn(rng, pause_at=point, loop_seconds=8.0, sigterm_raises=raises)
+        fired = self.wait_paused(child)
+        if fired:
+            child.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+        child.release()
+        code = self.finish(child, result)
+        landed = fired and code in (-signal.SIGTERM, 128 + signal.SIGTERM)
+        self._expect(child, code, (0, -signal.SIGTERM, 128 + signal.SIGTERM), result)
+        detail = f"{point} ({'raised' if raises else 'default action'})"
+        return FaultRecord(i, "sigterm", detail, landed, [code])
+
+    def _terminate(self, i: int, rng: random.Random, result: StormResult, producer: Producer,
+                   side: str) -> FaultRecord:
+        big = side == "source" or rng.random() < 0.5
+        if big:
+            producer.burst(BIG_BURST_EVENTS, BIG_BURST_PAD)
+        child = self.spawn(rng, pause_at=faults.MID_STREAM, loop_seconds=10.0,
+                           pause_min_events=BIG_BURST_EVENTS if big else 0)
+        fired = False
+        state = "not reached"
+        if self.wait_paused(child):
+            db = self.source if side == "source" else self.target
+            backend = self._backend(db, f"{child.app}:{'src' if side == 'source' else 'tgt'}")
+            if backend is not None:
+                pid, st, query = backend
+                in_copy = st == "active" and query.lstrip().lower().startswith("copy")
+                state = "in COPY" if in_copy else (st or "?")
+                result.mid_copy_hits += int(in_copy)
+                fired = bool(db.cluster.execute("postgres", "select pg_terminate_backend(%s)", (pid,))[0][0])
+        child.release()
+        code = self.finish(child, result)
+        self._expect(child, code, (0, 1), result)
+        path = "chunks" if child.target_role == "pgq_writer" else "copy"
+        return FaultRecord(i, f"terminate_{side}", f"{path} path, backend {state}", fired and code == 1, [code])
+
+    def _fault_terminate_source(self, i: int, rng: random.Random, result: StormResult,
+                                producer: Producer) -> FaultRecord:
+        return self._terminate(i, rng, result, producer, "source")
+
+    def _fault_terminate_target(self, i: int, rng: random.Random, result: StormResult,
+                                producer: Producer) -> FaultRecord:
+        return self._terminate(i, rng, result, producer, "target")
+
+    def _fault_restart_target(self, i: int, rng: random.Random, result: StormResult,
+                              producer: Producer) -> FaultRecord:
+        point = rng.choice([faults.MID_STREAM, faults.BEFORE_TARGET_COMMIT,
+                            faults.AFTER_TARGET_COMMIT, faults.BEFORE_SOURCE_COMMIT])
+        child = self.spawn(rng, pause_at=point, loop_seconds=10.0)
+        fired = self.wait_paused(child)
+        if fired:
+            self.target.cluster.pg_ctl("restart", "fast")
+        child.release()
+        code = self.finish(child, result)
+        self._expect(child, code, (0, 1), result)
+        return FaultRecord(i, "restart_target", point, fired and code == 1, [code])
+
+    def _fault_race(self, i: int, rng: random.Random, result: StormResult, producer: Producer) -> FaultRecord:
+        n = rng.choice([2, 3])
+        if rng.random() < 0.5:
+            producer.burst(rng.randint(300, 1500), 0)
+        killer = rng.randrange(n) if rng.random() < 0.3 else -1
+        kids = []
+        for k in range(n):
+            fault_env = f"{rng.choice(faults.POINTS)}:{rng.randint(1, 4)}" if k == killer else None
+            kids.append(self.spawn(rng, fault_env=fault_env, loop_seconds=rng.uniform(0.8, 2.0)))
+        codes = [self.finish(c, result) for c in kids]
+        collisions = 0
+        for c, code in zip(kids, codes, strict=True):
+            self._expect(c, code, (0, faults.FAULT_EXIT_CODE), result)
+            s = c.summary() if code == 0 else None
+            if s:
+                collisions += int(s["skipped"]) + int(s["stale"])
+        result.race_collisions += collisions
+        ran_together = sum(1 for code in codes if code in (0, faults.FAULT_EXIT_CODE)) >= 2
+        detail = f"{n} movers" + (" (one killed at a point)" if killer >= 0 else "")
+        return FaultRecord(i, "race", detail, ran_together, codes, f"collisions={collisions}")
+
+    def _fault_statement_timeout(self, i: int, rng: random.Random, result: StormResult,
+                                 producer: Producer) -> FaultRecord:
+        ms = rng.choice([1, 2, 5, 10, 25, 60])
+        if rng.random() < 0.5:
+            producer.burst(rng.randint(1000, 3000), rng.choice([0, 1000]))
+        child = self.spawn(rng, loop_seconds=2.0, target_options=f"-c statement_timeout={ms}")
+        code = self.finish(child, result)
+        self._expect(child, code, (0, 1), result, allowed_error="QueryCanceled")
+        return FaultRecord(i, "statement_timeout", f"{ms} ms", code == 1, [code])
+
+    def _expect(self, child: Child, code: int, allowed: tuple[int, ...], result: StormResult,
+                allowed_error: str | None = None) -> None:
+        """Exit codes outside `allowed`, and errors a disruption cannot explain, are findings."""
+        line = child.error_line()
+        if code not in allowed or (code == 1 and "Traceback" in child.error_tail(400)):
+            result.unexpected_errors.append(f"{child.app}: exit {code}:\n{child.error_tail(25)}")
+        elif code == 1 and allowed_error and allowed_error not in line and "ConnectionFailed" not in line:
+            result.unexpected_errors.append(f"{child.app}: {line}")
+        elif code == 1 and any(bad in line for bad in ("PositionMismatch", "TrackingKeyConflict")):
+            result.unexpected_errors.append(f"{child.app}: {line}")
+
+    # checks
+
+    def check_invariants(self, index: int, result: StormResult) -> None:
+        """With no mover running: batch+mark or neither, and nothing doubled so far."""
+        mark = self.target.execute("select pgq_ext.get_last_tick(%s, '')", (self.consumer,))[0][0]
+        rows = self.source.execute(
+            "select s.sub_last_tick, s.sub_next_tick, s.sub_batch from pgq.subscription s"
+            " join pgq.queue q on q.queue_id = s.sub_queue join pgq.consumer c on c.co_id = s.sub_consumer"
+            " where q.queue_name = %s and c.co_name = %s",
+            (self.source_queue, self.consumer),
+        )
+        last, nxt, batch = rows[0]
+        if not (mark is None or mark == last or (batch is not None and mark == nxt)):
+            result.invariant_violations.append(
+                f"after fault {index}: target mark {mark}, source last tick {last}, open batch {batch} to {nxt}"
+            )
+        dup = self.target.execute(
+            sql.SQL("select count(*) - count(distinct ev_data) from {}").format(
+                _event_parent(self.target, self.target_queue))
+        )[0][0]
+        result.doubled_midway = max(result.doubled_midway, int(dup))
+
+    def _digests(self, db: Database, queue: str) -> Counter[tuple[str, str]]:
+        """Multiset of (ev_data, md5 of every carried field) over all the queue's event tables."""
+        rows = db.execute(
+            sql.SQL(
+                "select ev_data, md5(row(ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4,"
+                " ev_time at time zone 'UTC')::text) from {}"
+            ).format(_event_parent(db, queue))
+        )
+        return Counter((str(r[0]), str(r[1])) for r in rows)
+
+    def final_drain(self, result: StormResult) -> None:
+        """Tick past everything produced, then one clean mover drains to the end."""
+        s = connect(self.source.dsn(), application_name="storm-final")
+        t = connect(self.target.dsn(), application_name="storm-final")
+        try:
+            options = MoverOptions(self.source_queue, self.target_queue, self.consumer)
+            # an explicit no-op hook: a PGQ_MOVER_FAULT left in this environment must not fire here
+            report = QueueMover(s, t, options, fault=lambda point: None).drain(
+                DrainBounds(force_tick=True, run_ticker=True)
+            )
+            self.log(f"final drain: {report.batches} batches, {report.skipped} skipped, {report.events} events")
+            result.write_paths[report.write_path] += 1
+            last_tick = pgq.last_tick_id(s, self.source_queue)
+            info = pgq.get_consumer_info(s, self.source_queue, self.consumer)
+            s.rollback()
+            mark = pgq_ext.get_last_tick(t, self.consumer, "")
+            t.rollback()
+            result.final_mark_ok = (
+                info is not None and info.current_batch is None and info.last_tick == last_tick == mark
+            )
+            if not result.final_mark_ok:
+                self.log(f"after the final drain: source last tick {last_tick}, consumer {info}, mark {mark}")
+        finally:
+            s.close()
+            t.close()
+
+    def compare(self, result: StormResult, produced: list[str]) -> None:
+        src = self._digests(self.source, self.source_queue)
+        dst = self._digests(self.target, self.target_queue)
+        result.produced = len(produced)
+        result.source_events = sum(src.values())
+        result.target_events = sum(dst.values())
+        result.lost = sum((src - dst).values())
+        result.unexpected = sum((dst - src).values())
+        per_payload = Counter(data for data, _ in dst.elements())
+        result.doubled = sum(n - 1 for n in per_payload.values() if n > 1)
+        src_by_data = {data: digest for data, digest in src}
+        result.mismatched = sum(1 for data, digest in dst if data in src_by_data and src_by_data[data] != digest)
+        source_payloads = Counter(data for data, _ in src.elements())
+        result.produced_missing_in_source = sum(1 for p in produced if p not in source_payloads)
+        if any(n > 1 for n in source_payloads.values()):
+            result.invariant_violations.append("the producer's payloads are not unique in the source")
+
+    # the whole run
+
+    def run(self, faults_wanted: int, seed: int) -> StormResult:
+        """Injects until `faults_wanted` disruptions have landed (at most twice as many tries)."""
+        rng = random.Random(seed)
+        result = StormResult(seed)
+        started = time.monotonic()
+        producer = Producer(self.source, self.source_queue, seed)
+        ticker = Ticker(self.source, self.source_queue)
+        producer.start()
+        ticker.start()
+        schedule = list(KINDS)
+        rng.shuffle(schedule)
+        kinds, weights = zip(*WEIGHTS.items(), strict=True)
+        try:
+            time.sleep(0.3)  # some events and ticks before the first mover
+            index = 0
+            while result.fired < faults_wanted and index < 2 * faults_wanted:
+                kind = schedule[index] if index < len(schedule) else rng.choices(kinds, weights)[0]
+                rec = self.inject(index, kind, rng, result, producer)
+                result.records.append(rec)
+                self._reap()
+                self.check_invariants(index, result)
+                self.log(f"fault {index:3d} {rec.kind:<18} {'landed' if rec.fired else 'missed':<7}"
+                         f" {rec.detail} {rec.note} exit={rec.exit_codes}")
+                index += 1
+        finally:
+            producer.stop()
+            ticker.stop()
+            self._reap()
+        result.producer_errors = len(producer.errors)
+        result.ticks = ticker.ticks
+        self.final_drain(result)
+        self.compare(result, producer.committed)
+        result.seconds = time.monotonic() - started
+        return result
