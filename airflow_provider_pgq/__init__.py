@@ -19,8 +19,17 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [{"integration-name": "PgQ", "python-modules": ["airflow_provider_pgq.hooks.pgq"]}],
         "operators": [
-            {"integration-name": "PgQ", "python-modules": ["airflow_provider_pgq.operators.queue_mover"]}
+            {
+                "integration-name": "PgQ",
+                "python-modules": [
+                    "airflow_provider_pgq.operators.queue_mover",
+                    "airflow_provider_pgq.operators.admin",
+                ],
+            }
         ],
+        "sensors": [{"integration-name": "PgQ", "python-modules": ["airflow_provider_pgq.sensors.pgq"]}],
+        "triggers": [{"integration-name": "PgQ", "python-modules": ["airflow_provider_pgq.triggers.pgq"]}],
+        "queues": ["airflow_provider_pgq.queues.pgq.PgqMessageQueueProvider"],
         "connection-types": [
             {
                 "hook-class-name": "airflow_provider_pgq.hooks.pgq.PgqHook",

@@ -1,0 +1,295 @@
+"""Triggers that wait in the triggerer, not in a worker slot, until a PgQ consumer has work.
+
+Both poll the same read-only check (``core.pending``): the consumer's last tick
+against the queue's newest tick and PgQ's pending-events estimate. Neither takes a
+batch: allocating one here would leave an open batch that only the mover may finish.
+
+* ``PgqEventsTrigger``: fires once, for ``PgqQueueSensor(deferrable=True)``.
+* ``PgqQueueEventTrigger``: runs for as long as the Asset is watched and fires once
+  per newly available work, for event-driven scheduling
+  (``AssetWatcher(trigger=MessageQueueTrigger(scheme="pgq", ...))``).
+
+psycopg2 blocks, so every database call runs in a worker thread
+(``asyncio.to_thread``); the poller's connection is in autocommit mode, so no
+transaction stays open between polls (that would hold back PgQ's table rotation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import psycopg2
+from airflow.sdk import BaseHook
+from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
+from psycopg2.extensions import connection as Psycopg2Connection
+
+from airflow_provider_pgq.core import pgq
+from airflow_provider_pgq.core.errors import ConnectionFailed, PgqError, QueueNotFound
+from airflow_provider_pgq.core.pending import (
+    PendingStatus,
+    queue_statuses,
+    require_registered,
+    status_for,
+    validate_thresholds,
+)
+from airflow_provider_pgq.hooks.pgq import PgqHook
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+APPLICATION_NAME = "airflow-pgq-trigger"
+
+#: Errors after which the poller reconnects on its next poll instead of failing.
+_TRANSIENT = (psycopg2.OperationalError, psycopg2.InterfaceError, ConnectionFailed)
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What one poll saw of a queue: every consumer's status, or the problem that hid it."""
+
+    queue_name: str
+    newest_tick: int | None = None
+    statuses: dict[str, PendingStatus] = field(default_factory=dict)
+    problem: str | None = None
+
+    def status(self, consumer: str) -> PendingStatus:
+        return status_for(self.statuses, self.queue_name, consumer, self.newest_tick)
+
+
+def read_snapshot(conn: Psycopg2Connection, queue_name: str) -> QueueSnapshot:
+    """One poll, all consumers of the queue in one query (blocking; run it in a thread)."""
+    try:
+        statuses = queue_statuses(conn, queue_name)
+    except QueueNotFound as exc:
+        return QueueSnapshot(queue_name, problem=str(exc))
+    newest = next(iter(statuses.values())).newest_tick if statuses else pgq.last_tick_id(conn, queue_name)
+    return QueueSnapshot(queue_name, newest, statuses)
+
+
+class _Poller:
+    """One autocommit psycopg2 connection from an Airflow connection, reopened after failures."""
+
+    def __init__(self, conn_id: str) -> None:
+        self.conn_id = conn_id
+        self._conn: Psycopg2Connection | None = None
+
+    async def _connect(self) -> Psycopg2Connection:
+        # The async lookup: a blocking one from the event loop can deadlock the triggerer's
+        # channel to its supervisor.
+        airflow_conn = await BaseHook.aget_connection(self.conn_id)
+        hook = PgqHook(self.conn_id, connection=airflow_conn, application_name=APPLICATION_NAME)
+        conn = await asyncio.to_thread(hook.get_conn)
+        conn.autocommit = True
+        return conn
+
+    async def call(self, work: Callable[[Psycopg2Connection], T]) -> T:
+        if self._conn is None or self._conn.closed:
+            self._conn = await self._connect()
+        try:
+            return await asyncio.to_thread(work, self._conn)
+        except _TRANSIENT:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg2.Error:
+                pass
+            self._conn = None
+
+
+async def poll_snapshots(conn_id: str, queue_name: str, poll_interval: float) -> AsyncIterator[QueueSnapshot]:
+    """Yields a snapshot every poll_interval seconds, forever; survives lost connections."""
+    poller = _Poller(conn_id)
+    failures = 0
+    try:
+        while True:
+            try:
+                snapshot = await poller.call(lambda c: read_snapshot(c, queue_name))
+            except _TRANSIENT as exc:
+                failures += 1
+                # First failure and then every 20th: visible, but no log flood during an outage.
+                if failures == 1 or failures % 20 == 0:
+                    log.warning(
+                        "polling queue %r through connection %r failed (%d in a row), retrying: %s",
+                        queue_name, conn_id, failures, exc,
+                    )
+            else:
+                failures = 0
+                yield snapshot
+            await asyncio.sleep(poll_interval)
+    finally:
+        poller.close()
+
+
+def _event(payload: dict[str, Any]) -> TriggerEvent:
+    return TriggerEvent(payload)  # type: ignore[no-untyped-call]
+
+
+def _check_kwargs(pgq_conn_id: str, queue_name: str, consumer: str, min_events: int,
+                  max_lag: float | None, poll_interval: float) -> None:
+    for name, value in (("pgq_conn_id", pgq_conn_id), ("queue_name", queue_name), ("consumer", consumer)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    validate_thresholds(min_events, max_lag)
+    if poll_interval <= 0:
+        raise ValueError(f"poll_interval must be positive seconds, got {poll_interval!r}")
+
+
+class PgqEventsTrigger(BaseTrigger):
+    """Fires once when ``consumer`` on ``queue_name`` has at least ``min_events`` waiting
+    in an available batch (or any events once it lags ``max_lag`` seconds).
+
+    The event's payload is the consumer's status (``PendingStatus.to_dict()``) with
+    ``"status": "ready"``; a missing queue or an unregistered consumer ends the wait
+    with ``"status": "error"`` and a message saying what to create, since waiting
+    could never succeed. Lost connections are retried every poll.
+
+    :param pgq_conn_id: Airflow connection to the database holding the queue.
+    :param queue_name: the PgQ queue.
+    :param consumer: the registered consumer whose backlog is watched (the mover's).
+    :param min_events: estimated events that must wait; 0 fires on any available batch.
+    :param max_lag: also fire when events wait and the consumer lags this many seconds.
+    :param poll_interval: seconds between polls.
+    """
+
+    def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer: str, min_events: int = 1,
+                 max_lag: float | None = None, poll_interval: float = 5.0) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        _check_kwargs(pgq_conn_id, queue_name, consumer, min_events, max_lag, poll_interval)
+        self.pgq_conn_id = pgq_conn_id
+        self.queue_name = queue_name
+        self.consumer = consumer
+        self.min_events = min_events
+        self.max_lag = max_lag
+        self.poll_interval = float(poll_interval)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "pgq_conn_id": self.pgq_conn_id,
+                "queue_name": self.queue_name,
+                "consumer": self.consumer,
+                "min_events": self.min_events,
+                "max_lag": self.max_lag,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        async for snapshot in poll_snapshots(self.pgq_conn_id, self.queue_name, self.poll_interval):
+            if snapshot.problem is not None:
+                yield _event({"status": "error", "message": snapshot.problem})
+                return
+            status = snapshot.status(self.consumer)
+            if not status.registered:
+                yield _event({"status": "error", "message": _not_registered(status)})
+                return
+            if status.ready(self.min_events, self.max_lag):
+                self.log.info(
+                    "consumer %r on %r: %s events pending up to tick %s",
+                    self.consumer, self.queue_name, status.pending_events, status.newest_tick,
+                )
+                yield _event({"status": "ready", **status.to_dict()})
+                return
+
+
+def _not_registered(status: PendingStatus) -> str:
+    try:
+        require_registered(status)
+    except PgqError as exc:
+        return str(exc)
+    return ""  # pragma: no cover - only called for unregistered consumers
+
+
+class PgqQueueEventTrigger(BaseEventTrigger):
+    """Event-driven scheduling on a PgQ queue: fires each time new work appears for ``consumer``.
+
+    Fires when the consumer's status is ready (as in ``PgqEventsTrigger``) and the
+    queue's newest tick is newer than the tick of its previous firing: one asset event
+    per stretch of new work, however often it polls; Airflow folds asset events that
+    arrive before the DAG run starts into that run. It is level-triggered from the
+    database: after a triggerer restart (memory lost) it fires again if work is still
+    waiting, so a wake-up is never lost, at worst repeated, and a repeated run of
+    the mover finds nothing to move. A missing queue or unregistered consumer is
+    logged and waited out (a setup DAG may create them later).
+
+    Sibling watchers of the same connection, queue and poll interval share one poll in
+    the triggerer (``shared_stream_key``): one query reads every consumer of the queue.
+
+    Reached through ``MessageQueueTrigger(scheme="pgq", pgq_conn_id=..., queue_name=...,
+    consumer=...)``; parameters as in ``PgqEventsTrigger``. The payload (stored in the
+    asset event's extra) is the consumer's status with ``pgq_conn_id``.
+    """
+
+    def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer: str, min_events: int = 1,
+                 max_lag: float | None = None, poll_interval: float = 5.0) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        _check_kwargs(pgq_conn_id, queue_name, consumer, min_events, max_lag, poll_interval)
+        self.pgq_conn_id = pgq_conn_id
+        self.queue_name = queue_name
+        self.consumer = consumer
+        self.min_events = min_events
+        self.max_lag = max_lag
+        self.poll_interval = float(poll_interval)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "pgq_conn_id": self.pgq_conn_id,
+                "queue_name": self.queue_name,
+                "consumer": self.consumer,
+                "min_events": self.min_events,
+                "max_lag": self.max_lag,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    def shared_stream_key(self) -> Hashable | None:
+        return ("pgq-queue-poll", self.pgq_conn_id, self.queue_name, self.poll_interval)
+
+    @classmethod
+    async def open_shared_stream(cls, kwargs: dict[str, Any]) -> AsyncIterator[Any]:
+        """One poll loop per (connection, queue, interval), broadcast to every watcher."""
+        async for snapshot in poll_snapshots(kwargs["pgq_conn_id"], kwargs["queue_name"],
+                                             float(kwargs["poll_interval"])):
+            yield snapshot
+
+    async def filter_shared_stream(self, shared_stream: AsyncIterator[Any]) -> AsyncIterator[TriggerEvent]:
+        """This watcher's firings, from the shared snapshots."""
+        fired_tick: int | None = None
+        complaint: str | None = None
+        async for snapshot in shared_stream:
+            status = snapshot.status(self.consumer)
+            problem = snapshot.problem or (None if status.registered else _not_registered(status))
+            if problem is not None:
+                if problem != complaint:
+                    self.log.warning("waiting: %s", problem)
+                    complaint = problem
+                continue
+            complaint = None
+            if not status.ready(self.min_events, self.max_lag):
+                continue
+            if fired_tick is not None and (status.newest_tick or 0) <= fired_tick:
+                continue  # this work was announced already
+            fired_tick = status.newest_tick
+            self.log.info(
+                "consumer %r on %r: ~%s events pending up to tick %s: firing",
+                self.consumer, self.queue_name, status.pending_events, status.newest_tick,
+            )
+            yield _event({"pgq_conn_id": self.pgq_conn_id, **status.to_dict()})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        """Standalone path (tests, or a triggerer without shared streams): own poll loop."""
+        kwargs = self.serialize()[1]
+        async for event in self.filter_shared_stream(type(self).open_shared_stream(kwargs)):
+            yield event

@@ -1,0 +1,85 @@
+"""PgqQueueSensor through real Airflow (dag.test in a subprocess) against a real database."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from airflow_provider_pgq.sensors.pgq import PgqQueueSensor
+from airflow_provider_pgq.triggers.pgq import APPLICATION_NAME
+from tests.airflow.conftest import DagRunner, airflow_home, run_dag  # noqa: F401 - fixtures
+from tests.helpers import Server, produce, register, simple_events, tick_plain
+
+DAGS = Path(__file__).parent / "dags"
+
+
+@pytest.fixture
+def src(make_db) -> Server:
+    """src_q ticking on every new event; one event ticked before 'mover' registers, so
+    PgQ's pending estimate is exact from then on (it is one low on an unused queue)."""
+    db = make_db(queue="src_q")
+    db.execute("select pgq.set_queue_config('src_q', 'ticker_max_count', '1')")
+    produce(db, "src_q", simple_events(1, start=-1))
+    tick_plain(db, "src_q")
+    register(db, "src_q", "mover")
+    register(db, "src_q", "mover2")
+    return db
+
+
+def test_poke_mode(src, run_dag: DagRunner):  # noqa: F811
+    produce(src, "src_q", simple_events(4))
+    tick_plain(src, "src_q")
+    result = run_dag("pgq_test_sensor_poke", {"pgq_src": src.uri()}, dags_folder=DAGS)
+    tasks, log = result["tasks"], result["log"]
+
+    # enough events: success, the consumer's status as XCom
+    assert tasks["wait[-1]"] == "success", log[-3000:]
+    status = result["xcom"]["wait[-1]"]
+    assert status["pending_events"] == 4 and status["batch_available"] is True
+    assert status["newest_tick"] > status["last_tick"]
+
+    # below min_events: it keeps poking until its timeout
+    assert tasks["too_few[-1]"] == "failed"
+    assert "Sensor has timed out" in log
+    assert log.count("consumer 'mover2' on 'src_q': last tick") >= 2
+
+    # a consumer that is not registered fails at once, saying what to do
+    assert tasks["nobody[-1]"] == "failed"
+    assert "consumer 'nobody' is not registered on queue 'src_q'" in log
+    assert "pgq.register_consumer('src_q', 'nobody')" in log
+
+    # the sensors only looked: both consumers still have all four waiting, no batch open
+    assert src.execute("select consumer_name, current_batch, pending_events"
+                       " from pgq.get_consumer_info('src_q', null)") == [("mover", None, 4), ("mover2", None, 4)]
+
+
+def _trigger_sessions(db: Server) -> int:
+    return int(db.execute(
+        "select count(*) from pg_stat_activity where datname = %s and application_name = %s",
+        (db.dbname, APPLICATION_NAME))[0][0])
+
+
+def test_deferrable_mode_waits_in_the_trigger_then_resumes(src, run_dag: DagRunner):  # noqa: F811
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_dag, "pgq_test_sensor_deferrable", {"pgq_src": src.uri()}, dags_folder=DAGS)
+        # the task has deferred once the trigger's poll session shows up in the database
+        deadline = time.monotonic() + 240
+        while _trigger_sessions(src) == 0:
+            assert not future.done(), future.result()["log"][-3000:]
+            assert time.monotonic() < deadline, "the sensor never deferred to its trigger"
+            time.sleep(0.1)
+        produce(src, "src_q", simple_events(5))
+        tick_plain(src, "src_q")
+        result = future.result(timeout=300)
+    assert result["state"] == "success", result["log"][-3000:]
+    assert "running trigger in line" in result["log"]
+    status = result["xcom"]["wait[-1]"]
+    assert status["pending_events"] == 5 and status["consumer"] == "mover" and "status" not in status
+
+
+def test_bad_threshold_fails_at_parse_time():
+    with pytest.raises(ValueError):
+        PgqQueueSensor(task_id="x", pgq_conn_id="c", queue_name="q", consumer="m", min_events=-1)
