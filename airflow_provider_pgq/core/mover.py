@@ -212,11 +212,13 @@ class QueueMover:
             _quietly(self.source.rollback)
             _quietly(self.target.rollback)
             raise
-        self._prepared = True
-        log.info(
+        # Daemons drain in a loop: say it once, not every loop.
+        log.log(
+            logging.DEBUG if self._prepared else logging.INFO,
             "moving %s -> %s as %s, writing through %s",
             o.source_queue, o.target_queue, o.key, self.write_path,
         )
+        self._prepared = True
 
     def _ensure_registered(self) -> None:
         o = self.options
