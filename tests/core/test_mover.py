@@ -443,6 +443,31 @@ def test_second_mover_between_target_commit_and_finish_skips_the_batch(source: S
     assert consumer_position(source) == (ticks[-1], None)
 
 
+def test_batch_finished_by_another_mover_meanwhile_is_stale(source: Server, target: Server) -> None:
+    """Deterministic interleaving: mover A has taken a batch; mover B drains everything
+    (that batch included) before A gets to the target. A then finds a mark past its
+    batch and the batch no longer open: "stale", nothing written, no error."""
+    register(source, "src_q", "mover")
+    ticks, _ = rounds(source, [100, 100])
+    inner: list[MoveReport] = []
+
+    def hook(point: str) -> None:
+        if point == faults.AFTER_NEXT_BATCH and not inner:
+            with open_mover(source, target) as other:
+                inner.append(other.drain())
+
+    with open_mover(source, target, fault=hook) as mover:
+        outer = mover.drain()
+    (b,) = inner
+    assert (b.batches, b.events, b.skipped) == (2, 200, 0)
+    assert (outer.stale, outer.batches, outer.skipped, outer.events) == (1, 0, 0, 0)
+    assert [r.outcome for r in outer.batch_results] == ["stale"]
+    assert outer.first_tick is None and outer.last_tick is None
+    assert queue_events(target, "dst_q") == queue_events(source, "src_q")
+    assert sum(queue_events(target, "dst_q").values()) == 200
+    assert mark_of(target, "mover") == ticks[-1]
+
+
 def test_second_mover_waits_on_the_key_lock_then_skips(source: Server, target: Server) -> None:
     """Deterministic interleaving: while mover A holds the key lock with the batch
     written but not committed, mover B on the same batch blocks on the lock (seen in

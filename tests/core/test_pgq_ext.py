@@ -244,7 +244,9 @@ def test_mover_installs_pgq_ext_over_classic_when_asked(source: Server, make_db:
 
 
 def test_last_tick_both_forms_and_null_clears(target: Server) -> None:
-    q = lambda text: one(target, text)  # noqa: E731 - a short reader for many one-liners
+    def q(text: str) -> Any:
+        return one(target, text)
+
     assert q("select pgq_ext.get_last_tick('c')") is None
     assert q("select pgq_ext.get_last_tick('c', '')") is None
     assert q("select pgq_ext.set_last_tick('c', 10)") == 1
@@ -264,7 +266,9 @@ def test_last_tick_both_forms_and_null_clears(target: Server) -> None:
 
 
 def test_batch_done_both_forms(target: Server) -> None:
-    q = lambda text: one(target, text)  # noqa: E731
+    def q(text: str) -> Any:
+        return one(target, text)
+
     assert q("select pgq_ext.is_batch_done('c', 5)") is False
     assert q("select pgq_ext.set_batch_done('c', 5)") is True
     assert q("select pgq_ext.is_batch_done('c', 5)") is True
@@ -280,7 +284,9 @@ def test_batch_done_both_forms(target: Server) -> None:
 
 
 def test_event_done_both_forms(target: Server) -> None:
-    q = lambda text: one(target, text)  # noqa: E731
+    def q(text: str) -> Any:
+        return one(target, text)
+
     assert q("select pgq_ext.is_event_done('c', 1, 100)") is False
     assert q("select pgq_ext.set_event_done('c', 1, 100)") is True
     assert q("select pgq_ext.is_event_done('c', 1, 100)") is True
@@ -329,7 +335,9 @@ def test_api_works_for_a_role_without_table_rights(target: Server, cluster: Any)
 
 
 def test_bind_source_and_unbind(target: Server) -> None:
-    q = lambda text: one(target, text)  # noqa: E731
+    def q(text: str) -> Any:
+        return one(target, text)
+
     assert q("select pgq_ext.bind_source('m', '', 'sys1', 'db1', 'q')") is None
     assert q("select pgq_ext.bind_source('m', '', 'sys1', 'db1', 'q')") is None  # same source again
     assert q("select pgq_ext.bind_source('m', '', 'sys1', 'db2', 'q')") == "sys1/db1/q"
