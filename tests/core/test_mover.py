@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg2
 import pytest
 
 from airflow_provider_pgq.core import faults, pgq
@@ -25,6 +26,7 @@ from airflow_provider_pgq.core.errors import (
     PgqExtMissing,
     PgqNotInstalled,
     PositionMismatch,
+    QueueDisabled,
     QueueNotFound,
     TickerNotRunning,
     TrackingKeyConflict,
@@ -80,6 +82,14 @@ def open_mover(
     finally:
         s.close()
         t.close()
+
+
+def assert_idle(mover: QueueMover) -> None:
+    """No transaction left open on either side: an open source transaction would hold
+    back PgQ's table rotation, an open target one would hold the key lock."""
+    idle = psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    assert mover.source.get_transaction_status() == idle
+    assert mover.target.get_transaction_status() == idle
 
 
 def rounds(source: Server, sizes: Sequence[int], prefix: str = "r") -> tuple[list[int], list[list[Event]]]:
@@ -223,6 +233,7 @@ def test_bulk_move_keeps_every_field_and_delivers_retried_events(source: Server,
 
     with open_mover(source, target) as mover:
         report = mover.drain()
+        assert_idle(mover)
         assert queue_events(target, "dst_q") == expected
         assert report.events == sum(expected.values())
         assert report.batches == len(ticks) and report.skipped == 0 and report.stale == 0
@@ -351,8 +362,10 @@ def test_exception_at_fault_point_then_retry_is_exactly_once(source: Server, tar
         with pytest.raises(Exception) as info:
             mover.drain()
         assert any("InjectedFault" in repr(e) and point in str(e) for e in exception_chain(info.value))
+        assert_idle(mover)
         assert_state_after_fault(source, target, point, ticks, produced)
         report = mover.drain()
+        assert_idle(mover)
     assert_recovered(source, target, point, report, ticks)
 
 
@@ -672,6 +685,18 @@ def test_missing_target_queue(source: Server, make_db: MakeDb) -> None:
     assert not has_pgq_ext(target) and not is_registered(source, "src_q", "mover")
 
 
+def test_target_queue_with_inserts_disabled(source: Server, target: Server) -> None:
+    register(source, "src_q", "mover")
+    produce(source, "src_q", simple_events(5))
+    tick(source, "src_q")
+    target.execute("update pgq.queue set queue_disable_insert = true where queue_name = 'dst_q'")
+    with pytest.raises(QueueDisabled, match="'dst_q'"):
+        run_mover(source, target)
+    target_untouched(target)
+    target.execute("update pgq.queue set queue_disable_insert = false where queue_name = 'dst_q'")
+    assert run_mover(source, target).events == 5
+
+
 def test_missing_source_queue(source: Server, target: Server) -> None:
     with pytest.raises(QueueNotFound) as info:
         run_mover(source, target, source_queue="no_src_q", register_consumer=True)
@@ -914,3 +939,20 @@ def test_report_counts_pending_events_when_bounded(source: Server, target: Serve
     report = run_mover(source, target, bounds=DrainBounds(max_batches=1))
     assert report.pending_events == 20
     assert report.lag_seconds is not None and report.lag_seconds >= 0
+
+
+def test_status_shows_position_mark_and_lag(source: Server, target: Server) -> None:
+    register(source, "src_q", "mover")
+    ticks, _ = rounds(source, [10, 10])
+    with open_mover(source, target) as mover:
+        before = mover.status()
+        assert (before["registered"], before["target_mark"], before["current_batch"]) == (True, None, None)
+        assert before["source_last_tick"] == ticks[-1] and before["last_tick"] < ticks[0]
+        mover.drain()
+        after = mover.status()
+        assert_idle(mover)
+        assert mover.reset() == ticks[-1]
+        assert mover.reset() is None  # nothing left to forget
+    assert (after["last_tick"], after["target_mark"], after["source_last_tick"]) == (ticks[-1],) * 3
+    assert after["pending_events"] == 0 and after["lag_seconds"] is not None
+    assert (after["source_queue"], after["target_queue"], after["consumer"]) == ("src_q", "dst_q", "mover")
