@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO
 
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
@@ -73,17 +73,28 @@ def _widen_pipe(fd: int) -> None:
 
 
 class _OnceAfterFirstRead:
-    """Wraps the pipe's read end to call a hook once, when the stream has begun."""
+    """Wraps the pipe's read end: calls a hook once, when the stream has begun, and
+    keeps any exception raised inside read() (by the hook, or by a signal handler
+    while the read waits: SIGTERM turned into SystemExit, a task timeout).
 
-    def __init__(self, stream: IO[bytes], hook: Callable[[], None]) -> None:
+    psycopg2 turns an exception raised in read() into the server's QueryCanceled
+    ("error in .read() call"); _pipe_copy raises the kept one instead, so a signal
+    stays a signal for the caller."""
+
+    def __init__(self, stream: IO[bytes], hook: Callable[[], None] | None) -> None:
         self._stream = stream
-        self._hook: Callable[[], None] | None = hook
+        self._hook = hook
+        self.raised: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        if self._hook is not None and data:
-            hook, self._hook = self._hook, None
-            hook()
+        try:
+            data = self._stream.read(size)
+            if self._hook is not None and data:
+                hook, self._hook = self._hook, None
+                hook()
+        except BaseException as exc:
+            self.raised = exc
+            raise
         return data
 
     def readline(self, size: int = -1) -> bytes:
@@ -130,7 +141,7 @@ def _pipe_copy(
 
     producer = threading.Thread(target=produce, name="pgq-copy-out", daemon=True)
     producer.start()
-    stream: Any = _OnceAfterFirstRead(reader, mid_stream) if mid_stream else reader
+    stream = _OnceAfterFirstRead(reader, mid_stream)
     try:
         with target.cursor() as cur:
             cur.copy_expert(in_text, stream, size=_READ_CHUNK)
@@ -138,6 +149,8 @@ def _pipe_copy(
     except BaseException:
         reader.close()
         producer.join()
+        if stream.raised is not None:
+            raise stream.raised  # noqa: B904 - psycopg2's QueryCanceled stays as __context__
         if failure and not isinstance(failure[0], OSError):
             # A source that died mid-row makes the target fail on a truncated row:
             # the source's error is the cause worth reporting (the target's is chained).

@@ -282,6 +282,34 @@ class Child:
         return "\n".join(lines[-n:])
 
 
+def start_child(
+    source_dsn: str,
+    target_dsn: str,
+    args: list[str],
+    workdir: Path,
+    app: str,
+    fault_env: str | None = None,
+    target_role: str = "superuser",
+) -> Child:
+    """Starts tests.faults.mover_child: DSNs through the environment, output to files
+    in workdir, --app-name and (with --pause-at) --pause-file filled in."""
+    env = dict(os.environ)
+    env.pop(faults.ENV_VAR, None)
+    if fault_env:
+        env[faults.ENV_VAR] = fault_env
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env[mover_child.ENV_SOURCE] = source_dsn
+    env[mover_child.ENV_TARGET] = target_dsn
+    pause_file = workdir / f"{app}.paused"
+    argv = [sys.executable, "-m", "tests.faults.mover_child", "--app-name", app, *args]
+    if "--pause-at" in args:
+        argv += ["--pause-file", str(pause_file)]
+    out, err = workdir / f"{app}.out", workdir / f"{app}.err"
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        proc = subprocess.Popen(argv, cwd=str(ROOT), env=env, stdout=fo, stderr=fe)
+    return Child(proc, app, pause_file, out, err, target_role)
+
+
 @dataclass
 class FaultRecord:
     index: int
@@ -446,38 +474,23 @@ class Storm:
     ) -> Child:
         self._n += 1
         app = f"storm-{self._n}"
-        env = dict(os.environ)
-        env.pop(faults.ENV_VAR, None)
-        if fault_env:
-            env[faults.ENV_VAR] = fault_env
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         as_reader = rng.random() < 0.5
         as_writer = rng.random() < 0.5
-        env[mover_child.ENV_SOURCE] = (
-            self.source.dsn(self.reader.user, self.reader.password) if as_reader else self.source.dsn()
-        )
-        env[mover_child.ENV_TARGET] = (
-            self.target.dsn(self.writer.user, self.writer.password) if as_writer else self.target.dsn()
-        )
-        pause_file = self.workdir / f"{app}.paused"
+        source_dsn = self.source.dsn(self.reader.user, self.reader.password) if as_reader else self.source.dsn()
+        target_dsn = self.target.dsn(self.writer.user, self.writer.password) if as_writer else self.target.dsn()
         args = [
-            sys.executable, "-m", "tests.faults.mover_child",
             "--source-queue", self.source_queue, "--target-queue", self.target_queue,
-            "--consumer", self.consumer, "--app-name", app,
-            "--chunk-size", str(rng.choice([40, 300, 5000])),
+            "--consumer", self.consumer, "--chunk-size", str(rng.choice([40, 300, 5000])),
             "--loop-seconds", f"{loop_seconds:.3f}",
         ]
         if pause_at:
-            args += ["--pause-at", pause_at, "--pause-file", str(pause_file),
-                     "--pause-min-events", str(pause_min_events)]
+            args += ["--pause-at", pause_at, "--pause-min-events", str(pause_min_events)]
         if target_options:
             args += ["--target-options", target_options]
         if sigterm_raises:
             args.append("--sigterm-raises")
-        out, err = self.workdir / f"{app}.out", self.workdir / f"{app}.err"
-        with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = subprocess.Popen(args, cwd=str(ROOT), env=env, stdout=fo, stderr=fe)
-        child = Child(proc, app, pause_file, out, err, "pgq_writer" if as_writer else "superuser")
+        child = start_child(source_dsn, target_dsn, args, self.workdir, app, fault_env,
+                            "pgq_writer" if as_writer else "superuser")
         self.children.append(child)
         return child
 
