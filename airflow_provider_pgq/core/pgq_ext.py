@@ -81,7 +81,8 @@ def require(conn: Connection, install_if_missing: bool = False) -> None:
     if have is None and not classic_present(conn):
         what = "is not installed"
     else:
-        what = f"is older than this mover needs (schema {have or 'classic'} < {REQUIRED_MOVER_SCHEMA})"
+        schema = "classic" if have is None else have
+        what = f"is older than this mover needs (schema {schema} < {REQUIRED_MOVER_SCHEMA})"
     raise PgqExtMissing(
         f"pgq_ext {what} in the target database {db!r}: install it with "
         "install_pgq_ext=True (operator), --install-pgq-ext (CLI) or "
