@@ -640,9 +640,9 @@ class Storm:
 
     def _fault_statement_timeout(self, i: int, rng: random.Random, result: StormResult,
                                  producer: Producer) -> FaultRecord:
-        ms = rng.choice([1, 2, 5, 10, 25, 60])
-        if rng.random() < 0.5:
-            producer.burst(rng.randint(1000, 3000), rng.choice([0, 1000]))
+        ms = rng.choice([1, 2, 5, 10, 20])
+        # a batch big enough that some statement outlasts the timeout
+        producer.burst(rng.randint(1000, 3000), rng.choice([0, 1000]))
         child = self.spawn(rng, loop_seconds=2.0, target_options=f"-c statement_timeout={ms}")
         code = self.finish(child, result)
         self._expect(child, code, (0, 1), result, allowed_error="QueryCanceled")
@@ -752,7 +752,15 @@ class Storm:
             time.sleep(0.3)  # some events and ticks before the first mover
             index = 0
             while result.fired < faults_wanted and index < 2 * faults_wanted:
-                kind = schedule[index] if index < len(schedule) else rng.choices(kinds, weights)[0]
+                by_kind = result.by_kind()
+                # after the first round, a kind that has not landed yet goes first
+                missing = [k for k in KINDS if by_kind[k][0] and not by_kind[k][1]]
+                if index < len(schedule):
+                    kind = schedule[index]
+                elif missing:
+                    kind = missing[0]
+                else:
+                    kind = rng.choices(kinds, weights)[0]
                 rec = self.inject(index, kind, rng, result, producer)
                 result.records.append(rec)
                 self._reap()
