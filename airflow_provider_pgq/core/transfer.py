@@ -202,17 +202,26 @@ def insert_chunks(
     For roles that may not write event tables. Runs in the callers' open transactions
     and commits neither; returns the number of rows written.
     """
+    staging = f"pg_temp.{STAGING_TABLE}"
     with target.cursor() as cur:
+        # One round trip: does the staging table exist (it survives commits, not the
+        # rollback of the transaction that made it), may we make it, and the last
+        # ord it handed out (rows left by an earlier call in this transaction are
+        # at or below it; the CASE keeps the sequence lookup off a missing table).
         cur.execute(
             "select to_regclass(%s) is not null,"
-            " has_database_privilege(current_database(), 'TEMPORARY')",
-            (f"pg_temp.{STAGING_TABLE}",),
+            " has_database_privilege(current_database(), 'TEMPORARY'),"
+            " case when to_regclass(%s) is not null"
+            " then pg_sequence_last_value(pg_get_serial_sequence(%s, 'ord')) end",
+            (staging, staging, staging),
         )
         row = cur.fetchone()
-    staged, may_stage = (bool(row[0]), bool(row[1])) if row else (False, False)
-    if staged or may_stage:
+    assert row is not None
+    exists, may_create, last_ord = bool(row[0]), bool(row[1]), row[2]
+    if exists or may_create:
         return _insert_staged(
-            source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream, staged
+            source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream,
+            None if not exists else int(last_ord or 0),
         )
     return _insert_source_arrays(
         source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream
@@ -227,16 +236,13 @@ def _insert_staged(
     keep_event_id: bool,
     chunk_size: int,
     mid_stream: Callable[[], None] | None,
-    exists: bool,
+    last_ord: int | None,
 ) -> int:
-    """COPY into a temporary table, then one insert_event_chunk call per ord range."""
+    """COPY into a temporary table, then one insert_event_chunk call per chunk_size rows
+    in ord order. last_ord: the staging table's last ord so far, None: make the table."""
     staging = sql.Identifier("pg_temp", STAGING_TABLE)
-    with target.cursor() as cur:
-        if exists:
-            # Empty at every commit by itself; this clears what an earlier call in the
-            # same transaction may have left.
-            cur.execute(sql.SQL("delete from {}").format(staging))
-        else:
+    if last_ord is None:
+        with target.cursor() as cur:
             # ord keeps the batch's order; rows vanish at commit (or with a rollback).
             cur.execute(
                 sql.SQL(
@@ -245,6 +251,7 @@ def _insert_staged(
                     " ev_extra4 text, ev_time timestamptz, ev_id bigint) on commit delete rows"
                 ).format(sql.Identifier(STAGING_TABLE))
             )
+        last_ord = 0
     copy_out = sql.SQL("copy ({}) to stdout (format binary)").format(
         _batch_select(batch_sql, keep_event_id)
     )
@@ -252,26 +259,28 @@ def _insert_staged(
         staging, _column_list(keep_event_id)
     )
     staged = _pipe_copy(source, target, copy_out, copy_in, mid_stream)
-    if staged == 0:
-        return 0
     aggregates = sql.SQL(", ").join(sql.SQL("array_agg({})").format(sql.Identifier(c)) for c in EVENT_COLUMNS)
     ids = sql.SQL("array_agg(ev_id)") if keep_event_id else sql.SQL("null::bigint[]")
-    # The aggregates read a subquery sorted by ord (an index range scan): PostgreSQL
-    # feeds them in that order, and unnest in the function inserts in array order.
+    # The aggregates read a subquery sorted by ord: PostgreSQL feeds them in that
+    # order, and unnest in the function inserts in array order. One COPY in one
+    # session hands out consecutive ords, so chunk k is the range after last_ord.
     insert = sql.SQL(
-        "select pgq_ext.insert_event_chunk(%s, {}, {}) from"
-        " (select * from {} where ord >= %s and ord < %s order by ord) c"
+        "select pgq_ext.insert_event_chunk(%s, {}, {}), count(*) from"
+        " (select * from {} where ord > %s and ord <= %s order by ord) c"
     ).format(aggregates, ids, staging)
     written = 0
+    taken = 0
     with target.cursor() as cur:
-        cur.execute(sql.SQL("select min(ord), max(ord) from {}").format(staging))
-        bounds = cur.fetchone()
-        assert bounds is not None
-        low, high = int(bounds[0]), int(bounds[1])
-        for start in range(low, high + 1, chunk_size):
-            cur.execute(insert, (target_queue, start, start + chunk_size))
+        while taken < staged:
+            cur.execute(insert, (target_queue, last_ord, last_ord + chunk_size))
             result = cur.fetchone()
-            written += int(result[0]) if result and result[0] is not None else 0
+            if result is None or not result[1]:
+                raise RuntimeError(
+                    f"staging table {STAGING_TABLE} lost rows: {staged} copied, {taken} found"
+                )
+            written += int(result[0] or 0)
+            taken += int(result[1])
+            last_ord += chunk_size
     return written
 
 
