@@ -45,3 +45,7 @@ class TrackingKeyConflict(PgqError):
 
 class TickerNotRunning(PgqError):
     """force_tick asked for a tick that no ticker produced in time."""
+
+
+class KeptIdConflict(PgqError):
+    """keep_event_id, but the target queue has another writer: its ids could collide."""

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core import faults, pgq, pgq_ext, ticking, transfer
+from airflow_provider_pgq.core import faults, kept_ids, pgq, pgq_ext, ticking, transfer
 from airflow_provider_pgq.core.errors import (
     ConsumerNotRegistered,
     InvalidParameter,
@@ -200,6 +200,9 @@ class QueueMover:
             self.target.rollback()
             pgq_ext.require(self.target, install_if_missing=o.install_pgq_ext)
             self.target.rollback()
+            if o.keep_event_id:  # refused early when the target queue has another writer
+                kept_ids.check(self.target, o.consumer, o.subconsumer, o.target_queue, o.key)
+                self.target.rollback()
             # Every check before the registration: a run that fails here must not leave
             # a consumer behind that holds back the source's event-table rotation.
             self.write_path = self._choose_write_path()
@@ -406,6 +409,8 @@ class QueueMover:
         def mid_stream() -> None:
             self._hit(faults.MID_STREAM)
 
+        if o.keep_event_id:
+            kept_ids.claim(self.target, o.consumer, o.subconsumer, o.target_queue, o.key)
         if self.write_path == COPY_PATH:
             events = transfer.copy_stream(
                 self.source, self.target, batch_sql, table, o.keep_event_id,
@@ -417,8 +422,9 @@ class QueueMover:
                 o.chunk_size, mid_stream if self._fault else None,
             )
         if o.keep_event_id and events:
-            ticking.advance_event_seq_past(
-                self.target, o.target_queue, pgq.batch_max_event_id(self.source, batch_sql)
+            kept_ids.commit(
+                self.target, o.consumer, o.subconsumer, o.target_queue,
+                pgq.batch_max_event_id(self.source, batch_sql), o.key,
             )
         # The source's read transaction ends here, before the target commits: a slow
         # target never keeps a source transaction open (it would hold back rotation).

@@ -12,7 +12,7 @@ from airflow_provider_pgq.core.errors import PgqExtMissing
 log = logging.getLogger(__name__)
 
 #: What pgq_ext.mover_schema_version() must at least answer for this release.
-REQUIRED_MOVER_SCHEMA = 1
+REQUIRED_MOVER_SCHEMA = 2  # 2: kept event ids (pgq_ext.kept_event_ids, kept_ids_*)
 
 _INSTALL_LOCK = "airflow_provider_pgq:pgq_ext install"
 

@@ -87,7 +87,159 @@ revoke all on function pgq_ext.insert_event_chunk(text, text[], text[], text[], 
 grant execute on function pgq_ext.insert_event_chunk(text, text[], text[], text[], text[],
                                                      text[], text[], timestamptz[], bigint[]) to pgq_writer;
 
+-- Kept event ids (keep_event_id): the target events carry the source's ev_id. PgQ
+-- enforces no uniqueness, so such a queue must have exactly one writer: one tracking
+-- key, and no local producer. This table names that key per target queue and the
+-- value it left the queue's event-id sequence at; any other id allocation in the
+-- queue moves the sequence away from it and the next batch is refused.
+create table if not exists pgq_ext.kept_event_ids (
+    target_queue      text        primary key,
+    consumer_id       text        not null,
+    subconsumer_id    text        not null default '',
+    seq_high          bigint      not null,
+    updated_at        timestamptz not null default now()
+);
+grant select on pgq_ext.kept_event_ids to public;
+
+-- How many ids the queue's event sequence has handed out (last_value, or one less while
+-- is_called is false: a fresh sequence's first nextval must show too). NULL: no queue.
+drop function if exists pgq_ext.kept_ids_seq_position(text);
+create function pgq_ext.kept_ids_seq_position(a_queue text)
+returns bigint language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    seq_name text;
+    pos bigint;
+begin
+    select queue_event_seq into seq_name from pgq.queue where queue_name = a_queue;
+    if not found then
+        return null;
+    end if;
+    execute format('select case when is_called then last_value else last_value - 1 end from %s',
+                   pgq.quote_fqname(seq_name))
+       into pos;
+    return pos;
+end;
+$$;
+
+-- Why the key may not write the queue with kept ids now, or NULL when it may. Read-only.
+drop function if exists pgq_ext.kept_ids_refusal(text, text, text);
+create function pgq_ext.kept_ids_refusal(a_consumer text, a_subconsumer text, a_queue text)
+returns text language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    q record;
+    owner record;
+    seq_now bigint;
+    has_events boolean;
+begin
+    select queue_data_pfx into q from pgq.queue where queue_name = a_queue;
+    if not found then
+        return format('target queue %L does not exist', a_queue);
+    end if;
+    seq_now := pgq_ext.kept_ids_seq_position(a_queue);
+    select consumer_id, subconsumer_id, seq_high into owner
+      from pgq_ext.kept_event_ids where target_queue = a_queue;
+    if found then
+        if (owner.consumer_id, owner.subconsumer_id) <> (a_consumer, a_subconsumer) then
+            return format('target queue %L already receives kept event ids from tracking key'
+                          ' consumer %L subconsumer %L: two sources would collide',
+                          a_queue, owner.consumer_id, owner.subconsumer_id);
+        end if;
+        if seq_now <> owner.seq_high then
+            return format('the event id sequence of target queue %L moved from %s to %s since this'
+                          ' key last wrote: something else allocates ids there (a local producer,'
+                          ' another mover without kept ids, or pgq.force_tick on the target)',
+                          a_queue, owner.seq_high, seq_now);
+        end if;
+        return null;
+    end if;
+    execute format('select exists (select 1 from %s)', pgq.quote_fqname(q.queue_data_pfx))
+       into has_events;
+    if has_events then
+        return format('target queue %L already holds events not written with kept ids by this key:'
+                      ' their ids could collide with the source''s', a_queue);
+    end if;
+    return null;
+end;
+$$;
+
+-- Start of a kept-id batch, in the mover's target transaction: serializes kept-id
+-- writers of the queue, blocks other inserts into its current event table until
+-- commit (an insert already running is waited for, and shows in the sequence), then
+-- answers the refusal. Notes the sequence's value for kept_ids_commit.
+drop function if exists pgq_ext.kept_ids_claim(text, text, text);
+create function pgq_ext.kept_ids_claim(a_consumer text, a_subconsumer text, a_queue text)
+returns text language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    refusal text;
+begin
+    perform pg_advisory_xact_lock(hashtextextended('pgq_ext kept ids:' || a_queue, 0));
+    execute format('lock table %s in share row exclusive mode',
+                   pgq.quote_fqname(pgq.current_event_table(a_queue)));
+    refusal := pgq_ext.kept_ids_refusal(a_consumer, a_subconsumer, a_queue);
+    if refusal is null then
+        perform set_config('pgq_ext.kept_ids_seq', pgq_ext.kept_ids_seq_position(a_queue)::text, true);
+    end if;
+    return refusal;
+end;
+$$;
+
+-- End of a kept-id batch, same transaction, after its events are written: checks that
+-- no id was allocated in between, moves the sequence past a_max_id (never back) so
+-- later inserts cannot collide and the ticker sees the new events, and records the
+-- key's claim. Returns the sequence's new value. Raises when the sequence moved.
+drop function if exists pgq_ext.kept_ids_commit(text, text, text, bigint);
+create function pgq_ext.kept_ids_commit(a_consumer text, a_subconsumer text, a_queue text,
+                                        a_max_id bigint)
+returns bigint language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    claimed text := current_setting('pgq_ext.kept_ids_seq', true);
+    seq_now bigint := pgq_ext.kept_ids_seq_position(a_queue);
+begin
+    if claimed is null or claimed = '' then
+        raise exception 'kept_ids_commit(%) without kept_ids_claim in this transaction', a_queue;
+    end if;
+    if seq_now <> claimed::bigint then
+        raise exception 'the event id sequence of target queue % moved from % to % during the batch:'
+                        ' something else allocates ids there (a local producer, or pgq.force_tick'
+                        ' on the target)', a_queue, claimed, seq_now;
+    end if;
+    -- plain setval (is_called true): pgq.seq_setval leaves a fresh sequence's first id free
+    seq_now := greatest(a_max_id, seq_now);
+    perform setval((select queue_event_seq from pgq.queue where queue_name = a_queue)::regclass, seq_now);
+    insert into pgq_ext.kept_event_ids as k (target_queue, consumer_id, subconsumer_id, seq_high)
+    values (a_queue, a_consumer, a_subconsumer, seq_now)
+    on conflict (target_queue) do update
+       set seq_high = excluded.seq_high, updated_at = now()
+     where k.consumer_id = excluded.consumer_id and k.subconsumer_id = excluded.subconsumer_id;
+    if not found then
+        raise exception 'target queue % receives kept event ids from another tracking key', a_queue;
+    end if;
+    perform set_config('pgq_ext.kept_ids_seq', seq_now::text, true);
+    return seq_now;
+end;
+$$;
+
+-- Forgets which key writes kept ids into the queue (after emptying or recreating it).
+drop function if exists pgq_ext.kept_ids_release(text);
+create function pgq_ext.kept_ids_release(a_queue text)
+returns integer language sql security definer
+set search_path = pg_catalog, pg_temp as $$
+    with d as (delete from pgq_ext.kept_event_ids where target_queue = a_queue returning 1)
+    select count(*)::integer from d;
+$$;
+
+revoke all on function pgq_ext.kept_ids_claim(text, text, text) from public;
+revoke all on function pgq_ext.kept_ids_commit(text, text, text, bigint) from public;
+revoke all on function pgq_ext.kept_ids_release(text) from public;
+grant execute on function pgq_ext.kept_ids_refusal(text, text, text) to pgq_writer;
+grant execute on function pgq_ext.kept_ids_claim(text, text, text) to pgq_writer;
+grant execute on function pgq_ext.kept_ids_commit(text, text, text, bigint) to pgq_writer;
+
 -- The schema version the mover checks for. Bumped with every change of this file.
 drop function if exists pgq_ext.mover_schema_version();
 create function pgq_ext.mover_schema_version()
-returns integer language sql immutable as $$ select 1 $$;
+returns integer language sql immutable as $$ select 2 $$;
