@@ -210,3 +210,27 @@ def test_pgq_writer_role_keeps_ids_through_the_chunk_path(pair, writer_dsn):
     assert report.write_path == CHUNK_PATH != COPY_PATH and report.events == 30
     assert _ids(target, "dst_q") == _ids(source, "src_q")
     assert _seq(target, "dst_q") >= max(_ids(source, "src_q").values())
+
+
+def test_a_schema_1_target_is_upgraded_on_request(pair):
+    """Targets installed before kept-id support: refused with what to do, upgraded by
+    install_pgq_ext, marks kept."""
+    from airflow_provider_pgq.core.errors import PgqExtMissing
+
+    source, target = pair
+    run_mover(source, target)  # a mark to keep
+    mark = mark_of(target, "mover")
+    target.execute("drop function pgq_ext.kept_ids_claim(text, text, text)")
+    target.execute("drop table pgq_ext.kept_event_ids")
+    target.execute("create or replace function pgq_ext.mover_schema_version() returns integer"
+                   " language sql immutable as $$ select 1 $$")
+    produce(source, "src_q", simple_events(3, start=100))
+    tick_plain(source, "src_q")
+    with pytest.raises(PgqExtMissing, match="install_pgq_ext=True"):
+        run_mover(source, target, keep_event_id=True)
+    assert mark_of(target, "mover") == mark
+    # the queue holds the earlier (fresh-id) events: after the upgrade the rule refuses kept ids
+    with pytest.raises(KeptIdConflict, match="already holds events"):
+        run_mover(source, target, keep_event_id=True, install_pgq_ext=True)
+    assert target.execute("select pgq_ext.mover_schema_version()")[0][0] == 2
+    assert mark_of(target, "mover") == mark
