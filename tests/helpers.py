@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -15,6 +16,12 @@ from airflow_provider_pgq.core import pgq
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import DrainBounds, MoveReport, MoverOptions, QueueMover
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "dags" / "examples"
+
+#: run_dag(dag_id, conns, logical_date=..., env=..., dags_folder=...) -> outcome (see conftest)
+DagRunner = Callable[..., dict[str, Any]]
 
 #: (ev_type, ev_data, extra1, extra2, extra3, extra4, ev_time)
 Event = tuple[Any, ...]

@@ -1,5 +1,4 @@
-"""Making ticks happen: force_tick and wait, our own serialized ticker pass,
-and moving a queue's event sequence past ids written by hand."""
+"""Making ticks happen: force_tick and wait, and our own serialized ticker pass."""
 
 from __future__ import annotations
 
@@ -73,13 +72,3 @@ def force_tick_and_wait(
                 " option) where no pgqd runs"
             )
         time.sleep(poll)
-
-
-def advance_event_seq_past(conn: Connection, queue: str, max_id: int) -> None:
-    """After rows with explicit ev_id: move the queue's id sequence past max_id so
-    later local inserts cannot collide. In the caller's transaction; needs pgq_admin."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "select pgq.seq_setval(queue_event_seq, %s) from pgq.queue where queue_name = %s",
-            (max_id, queue),
-        )

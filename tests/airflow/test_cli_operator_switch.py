@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.airflow.conftest import DagRunner
 from tests.airflow.test_example_dags import TEST_DAGS
-from tests.helpers import Server, mark_of, produce, queue_events, register, simple_events, tick
+from tests.helpers import DagRunner, Server, mark_of, produce, queue_events, register, simple_events, tick
 from tests.test_cli import base_keys, run_cli, write_ini
 
 

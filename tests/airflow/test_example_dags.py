@@ -7,8 +7,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.airflow.conftest import DagRunner
-from tests.helpers import produce, queue_events, register, simple_events, tick
+from tests.helpers import DagRunner, produce, queue_events, register, simple_events, tick
 
 TEST_DAGS = Path(__file__).parent / "dags"
 

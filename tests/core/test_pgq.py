@@ -279,12 +279,3 @@ def test_force_tick_and_wait_refuses_external_ticker(source: Server) -> None:
     with connection(source) as conn:
         with pytest.raises(TickerNotRunning, match="external ticker"):
             ticking.force_tick_and_wait(conn, "src_q", run_ticker=True, timeout=10)
-
-
-def test_advance_event_seq_past(source: Server) -> None:
-    with connection(source) as conn:
-        ticking.advance_event_seq_past(conn, "src_q", 500_000)
-        conn.commit()
-        new_id = pgq.insert_event(conn, "src_q", "t", "after")
-        conn.commit()
-    assert new_id > 500_000

@@ -14,8 +14,7 @@ from airflow_provider_pgq.operators.admin import (
     PgqRegisterConsumerOperator,
     PgqTickerOperator,
 )
-from tests.airflow.conftest import DagRunner, airflow_home, run_dag  # noqa: F401 - fixtures
-from tests.helpers import Server, produce, simple_events
+from tests.helpers import DagRunner, Server, produce, simple_events
 
 
 def _status(db: Server, queue: str, consumer: str):

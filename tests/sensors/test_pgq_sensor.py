@@ -10,8 +10,7 @@ import pytest
 
 from airflow_provider_pgq.sensors.pgq import PgqQueueSensor
 from airflow_provider_pgq.triggers.pgq import APPLICATION_NAME
-from tests.airflow.conftest import DagRunner, airflow_home, run_dag  # noqa: F401 - fixtures
-from tests.helpers import Server, produce, register, simple_events, tick_plain
+from tests.helpers import DagRunner, Server, produce, register, simple_events, tick_plain
 
 DAGS = Path(__file__).parent / "dags"
 

@@ -13,8 +13,7 @@ from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTr
 from airflow.sdk._shared.module_loading import import_string
 
 from airflow_provider_pgq.triggers.pgq import PgqQueueEventTrigger
-from tests.airflow.conftest import EXAMPLES, DagRunner, airflow_home, run_dag  # noqa: F401 - fixtures
-from tests.helpers import produce, queue_events, register, simple_events, tick_plain
+from tests.helpers import EXAMPLES, DagRunner, produce, queue_events, register, simple_events, tick_plain
 
 QUIET = 0.4
 

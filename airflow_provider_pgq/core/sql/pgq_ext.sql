@@ -187,3 +187,19 @@ $$;
 drop function if exists pgq_ext.version();
 create function pgq_ext.version()
 returns text language sql immutable as $$ select '3.5.1'::text $$;
+
+-- rights ------------------------------------------------------------------
+-- Reading marks is open to all; writing them (security definer functions) only
+-- to roles that may produce into queues: otherwise any login role could move or
+-- clear a mover's position.
+
+revoke execute on function
+    pgq_ext.set_last_tick(text, text, bigint), pgq_ext.set_last_tick(text, bigint),
+    pgq_ext.set_batch_done(text, text, bigint), pgq_ext.set_batch_done(text, bigint),
+    pgq_ext.set_event_done(text, text, bigint, bigint), pgq_ext.set_event_done(text, bigint, bigint)
+  from public;
+grant execute on function
+    pgq_ext.set_last_tick(text, text, bigint), pgq_ext.set_last_tick(text, bigint),
+    pgq_ext.set_batch_done(text, text, bigint), pgq_ext.set_batch_done(text, bigint),
+    pgq_ext.set_event_done(text, text, bigint, bigint), pgq_ext.set_event_done(text, bigint, bigint)
+  to pgq_writer;

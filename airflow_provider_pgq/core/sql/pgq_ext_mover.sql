@@ -51,6 +51,11 @@ set search_path = pg_catalog, pg_temp as $$
     select count(*)::integer from d;
 $$;
 
+revoke execute on function pgq_ext.bind_source(text, text, text, text, text),
+    pgq_ext.unbind_source(text, text) from public;
+grant execute on function pgq_ext.bind_source(text, text, text, text, text),
+    pgq_ext.unbind_source(text, text) to pgq_writer;
+
 -- Writes a chunk of events into the queue's current event table with their
 -- original times, for movers whose role holds only pgq_writer (which may neither
 -- write event tables nor set ev_time through pgq.insert_event). Owned by the
