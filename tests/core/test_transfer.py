@@ -236,7 +236,8 @@ def test_chunk_path_keeps_event_ids_when_asked(
 def test_staging_leftovers_are_never_written_twice(
     cluster: ThrowawayCluster, source: Server, target: Server, make_role: Callable[[str], Role]
 ) -> None:
-    """Two calls in one target transaction: each writes its own batch once."""
+    """Two calls in one target transaction: each writes its own batch once, and the
+    transaction's planner settings are as the caller left them."""
     writer = make_role("pgq_writer")
     register(source, "src_q", "mover")
     produce(source, "src_q", nasty_events()[:10])
@@ -245,8 +246,14 @@ def test_staging_leftovers_are_never_written_twice(
     t = connect(writer.dsn(cluster, target))
     try:
         batch_sql = open_batch(s, "src_q", "mover")
+        with t.cursor() as cur:
+            cur.execute("set enable_bitmapscan = off")  # the caller's own planner setting
         first = transfer.insert_chunks(s, t, batch_sql, "dst_q", chunk_size=3)
         second = transfer.insert_chunks(s, t, batch_sql, "dst_q", chunk_size=3)
+        with t.cursor() as cur:
+            # The planner settings steered for the chunk queries are the caller's again.
+            cur.execute("select current_setting('enable_sort'), current_setting('enable_bitmapscan')")
+            assert cur.fetchone() == ("on", "off")
         t.commit()
         # The staging table empties itself at commit.
         with t.cursor() as cur:
