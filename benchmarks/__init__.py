@@ -1,0 +1,1 @@
+"""Benchmarks: figures and ratios on a throwaway cluster, never pass/fail timings."""

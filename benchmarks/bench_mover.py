@@ -1,0 +1,590 @@
+"""How close the mover comes to a plain COPY, and how much memory it needs.
+
+    python -m benchmarks.bench_mover --events 1000000 --batch-size 10000 --repeat 3
+
+Builds a throwaway PostgreSQL cluster with PgQ, loads N events of about 200 bytes
+into a source queue, ticking after every B events (so a consumer sees N/B batches),
+then measures, each on a freshly reset source consumer and a fresh target database:
+
+(a) the COPY limit: the source's event table piped by two psql processes, binary
+    COPY TO STDOUT into binary COPY FROM STDIN of the target queue's current event
+    table, in one transaction, no protocol: what no mover can beat;
+(b) the core mover, QueueMover.drain, in a child process;
+(d) the pgq_writer fallback: the same with a target role that holds only pgq_writer;
+(c) the Airflow operator PgqQueueMoverOperator through dag.test(), in a child
+    process with its own AIRFLOW_HOME (migrated first, not timed), at the end.
+
+Scenarios (a), (b), (d) run interleaved per repeat so that load from other processes
+hits them alike; the table shows medians. Rates of the movers are taken over
+QueueMover.drain (for (c): the drain time the operator returns as XCom), so process
+and Airflow start-up are not in them; the wall column has everything. Peak RSS is
+the mover process's ru_maxrss from wait4(). Every run is checked: the target must
+hold all N events with the source's content (count and checksums), else the
+benchmark stops.
+
+Not part of the test run: a figure, never a pass/fail timing. Needs about 3x the
+event volume in free disk (source, one target at a time, WAL); removes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import connection as Connection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SOURCE_DB = "bench_src"
+TARGET_DB = "bench_dst"
+TARGET_TEMPLATE = "bench_dst_tpl"
+SOURCE_QUEUE = "bench_src_q"
+TARGET_QUEUE = "bench_dst_q"
+CONSUMER = "bench_mover"
+LIMIT = "(a) COPY limit, psql | psql"
+COLUMNS = ("ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_extra3", "ev_extra4", "ev_time")
+
+#: About 200 bytes an event: type 11, data ~185 (JSON-ish, distinct per event), extra1,
+#: extra2 NULL every other event, extras 3 and 4 NULL, the event's own time.
+LOAD_SQL = """
+insert into {table} (ev_type, ev_data, ev_extra1, ev_extra2, ev_time)
+select 'bench.event',
+       '{{"id":' || i || ',"payload":"' || repeat(md5(i::text), 5) || '"}}',
+       'extra-' || (i %% 100),
+       case when i %% 2 = 0 then 'x' end,
+       timestamptz '2026-01-01 00:00:00+00' + i * interval '1 microsecond'
+  from generate_series(%s, %s) i
+"""
+
+#: Same content or not: order-independent sums over every carried field.
+CHECKSUM_SQL = """
+select count(*),
+       coalesce(sum(hashtextextended(concat_ws(chr(1), ev_type, ev_data, ev_extra1, ev_extra2,
+                                               ev_extra3, ev_extra4), 0) % 1000000007), 0),
+       coalesce(sum(extract(epoch from ev_time) * 1000000 % 1000000007), 0)
+  from {table}
+"""
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+@contextmanager
+def _session(dsn: str) -> Iterator[Connection]:
+    """An autocommit connection for set-up and checks, closed afterwards."""
+    conn = psycopg2.connect(dsn, application_name="pgq-bench")
+    conn.autocommit = True
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def _one(conn: Connection, query: Any, params: tuple[Any, ...] = ()) -> Any:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        row = cur.fetchone() if cur.description else None
+    return row[0] if row else None
+
+
+def _table(qualified: str) -> sql.Identifier:
+    schema, _, name = qualified.partition(".")
+    return sql.Identifier(schema, name)
+
+
+def _passfile_line(host: str, port: int, user: str, password: str) -> str:
+    def esc(value: str) -> str:
+        return value.replace("\\", "\\\\").replace(":", "\\:")
+
+    return f"{esc(host)}:{port}:*:{esc(user)}:{esc(password)}\n"
+
+
+def _vm_hwm_kb() -> int:
+    """This process's peak resident set (VmHWM), in KiB; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _backend_cpu(pid: int) -> float | None:
+    """CPU seconds a server backend on this machine has used (None if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class Run:
+    """One measured run of one scenario."""
+
+    events: int
+    seconds: float  # what the rate is taken over
+    wall: float  # the whole scenario: process start, Airflow, everything
+    peak_rss_kb: int | None = None
+    cpu_seconds: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+# -- the child processes ---------------------------------------------------------------
+
+
+def child_core(args: argparse.Namespace) -> int:
+    """Runs one drain and prints RESULT {json}; the parent reads our peak RSS."""
+    from airflow_provider_pgq.core.connect import connect
+    from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
+
+    source = connect(args.source_dsn, application_name="pgq-bench-mover")
+    target = connect(args.target_dsn, application_name="pgq-bench-mover")
+    pids = (source.get_backend_pid(), target.get_backend_pid())
+    cpu_before = [_backend_cpu(p) for p in pids]
+    options = MoverOptions(
+        source_queue=SOURCE_QUEUE, target_queue=TARGET_QUEUE, consumer=CONSUMER,
+        chunk_size=args.chunk_size, min_batch_events=args.min_batch_events,
+    )
+    started = time.perf_counter()
+    report = QueueMover(source, target, options).drain()
+    seconds = time.perf_counter() - started
+    cpu_after = [_backend_cpu(p) for p in pids]
+    source.close()
+    target.close()
+    backend = [
+        round(b - a, 2) if a is not None and b is not None else None
+        for a, b in zip(cpu_before, cpu_after, strict=True)
+    ]
+    print("RESULT " + json.dumps({
+        "events": report.events, "batches": report.batches, "seconds": seconds,
+        "write_path": report.write_path, "vm_hwm_kb": _vm_hwm_kb(),
+        "source_backend_cpu": backend[0], "target_backend_cpu": backend[1],
+    }))
+    return 0
+
+
+def child_airflow(args: argparse.Namespace) -> int:
+    """Runs the benchmark DAG with dag.test() and prints RESULT {json}."""
+    import datetime as dt
+
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    bag = DagBag(dag_folder=os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    if bag.import_errors:
+        print("RESULT " + json.dumps({"error": {k: str(v) for k, v in bag.import_errors.items()}}))
+        return 3
+    dag = bag.get_dag(args.dag_id)
+    if dag is None:
+        print("RESULT " + json.dumps({"error": f"DAG {args.dag_id} not found"}))
+        return 3
+    started = time.perf_counter()
+    run = dag.test(logical_date=dt.datetime.now(dt.timezone.utc))
+    wall = time.perf_counter() - started
+    with create_session() as session:
+        value = (
+            session.query(XComModel.value)
+            .filter(XComModel.dag_run_id == run.id, XComModel.key == "return_value")
+            .scalar()
+        )
+    report = value if isinstance(value, dict) else json.loads(value) if value else {}
+    print("RESULT " + json.dumps({
+        "state": str(run.state), "events": report.get("events"), "batches": report.get("batches"),
+        "seconds": report.get("seconds"), "write_path": report.get("write_path"),
+        "dag_test_seconds": wall, "vm_hwm_kb": _vm_hwm_kb(),
+    }))
+    return 0
+
+
+def run_child(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float, int, float]:
+    """Starts a child and reaps it with wait4: (its RESULT, wall s, peak RSS KiB, CPU s)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, env=env, cwd=str(ROOT), stdout=out, stderr=err, text=True)
+        # Reaped here, not by Popen, so that its own resource usage comes back with it.
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"child {argv[3:5]} failed (rc {proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}"
+        )
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT "):])
+    if "error" in result:
+        raise RuntimeError(f"child {argv[3:5]}: {result['error']}")
+    return result, wall, int(usage.ru_maxrss), usage.ru_utime + usage.ru_stime
+
+
+# -- the parent -------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from airflow_provider_pgq.testing.cluster import SUPERUSER, ThrowawayCluster
+
+        self.args = args
+        self.cluster = ThrowawayCluster()
+        self.superuser = SUPERUSER
+        self.writer = "bench_writer"
+        self.writer_password = secrets.token_urlsafe(16)
+        self.start_tick = 0
+        self.source_sums: tuple[Any, ...] = ()
+        self.airflow_home: Path | None = None
+
+    # -- set-up -------------------------------------------------------------------
+
+    def dsn(self, db: str, user: str | None = None) -> str:
+        """Without password: libpq takes it from our PGPASSFILE, so none is on a command line."""
+        return f"host=127.0.0.1 port={self.cluster.port} dbname={db} user={user or self.superuser}"
+
+    def child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AIRFLOW"))}
+        env["PGPASSFILE"] = str(self.cluster.root / "bench.pgpass")
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self) -> None:
+        self.cluster.start()
+        passfile = self.cluster.root / "bench.pgpass"
+        passfile.write_text(
+            _passfile_line("127.0.0.1", self.cluster.port, self.superuser, self.cluster.password)
+            + _passfile_line("127.0.0.1", self.cluster.port, self.writer, self.writer_password)
+        )
+        passfile.chmod(0o600)
+        os.environ["PGPASSFILE"] = str(passfile)
+        with _session(self.dsn("postgres")) as admin:
+            _one(admin, sql.SQL("create database {}").format(sql.Identifier(SOURCE_DB)))
+            _one(admin, sql.SQL("create database {}").format(sql.Identifier(TARGET_TEMPLATE)))
+        with _session(self.dsn(TARGET_TEMPLATE)) as tpl:
+            _one(tpl, "create extension pgq")
+            _one(tpl, "select pgq.create_queue(%s)", (TARGET_QUEUE,))
+            _one(
+                tpl,
+                sql.SQL("create role {} login password %s in role pgq_writer").format(
+                    sql.Identifier(self.writer)
+                ),
+                (self.writer_password,),
+            )
+        from airflow_provider_pgq.core import pgq_ext
+
+        tpl2 = psycopg2.connect(self.dsn(TARGET_TEMPLATE))
+        try:
+            pgq_ext.install(tpl2)
+        finally:
+            tpl2.close()
+        self.load()
+
+    def load(self) -> None:
+        n, b = self.args.events, self.args.batch_size
+        started = time.perf_counter()
+        with _session(self.dsn(SOURCE_DB)) as conn:
+            self._load(conn, n, b)
+        print(
+            f"loaded {n:,} events in {(n + b - 1) // b:,} batches of {b:,} in"
+            f" {time.perf_counter() - started:.1f}s", flush=True,
+        )
+
+    def _load(self, conn: Connection, n: int, b: int) -> None:
+        _one(conn, "create extension pgq")
+        _one(conn, "select pgq.create_queue(%s)", (SOURCE_QUEUE,))
+        # Tick on any new event: no force_tick, whose inflated event sequence would
+        # mislead next_batch_custom's event counts.
+        _one(conn, "select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (SOURCE_QUEUE,))
+        _one(conn, "select pgq.register_consumer(%s, %s)", (SOURCE_QUEUE, CONSUMER))
+        self.start_tick = int(_one(
+            conn, "select last_tick from pgq.get_consumer_info(%s, %s)", (SOURCE_QUEUE, CONSUMER)
+        ))
+        table = _table(str(_one(conn, "select pgq.current_event_table(%s)", (SOURCE_QUEUE,))))
+        insert = sql.SQL(LOAD_SQL).format(table=table)
+        for first in range(1, n + 1, b):
+            with conn.cursor() as cur:
+                cur.execute(insert, (first, min(n, first + b - 1)))
+            if _one(conn, "select pgq.ticker(%s)", (SOURCE_QUEUE,)) is None:
+                raise RuntimeError("pgq.ticker() made no tick after a load step")
+        pfx = str(_one(conn, "select queue_data_pfx from pgq.queue where queue_name = %s", (SOURCE_QUEUE,)))
+        self.source_sums = self.checksum(conn, pfx)
+
+    @staticmethod
+    def checksum(conn: Connection, table: str) -> tuple[Any, ...]:
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL(CHECKSUM_SQL).format(table=_table(table)))
+            row = cur.fetchone()
+        assert row is not None
+        return tuple(row)
+
+    def reset(self) -> None:
+        """Source consumer back to before the first event; an empty target database."""
+        with _session(self.dsn(SOURCE_DB)) as conn:
+            _one(conn, "select pgq.register_consumer_at(%s, %s, %s)", (SOURCE_QUEUE, CONSUMER, self.start_tick))
+        with _session(self.dsn("postgres")) as admin, admin.cursor() as cur:
+            cur.execute(sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(TARGET_DB)))
+            cur.execute("checkpoint")  # every run starts from the same WAL state
+            cur.execute(sql.SQL("create database {} template {}").format(
+                sql.Identifier(TARGET_DB), sql.Identifier(TARGET_TEMPLATE)))
+
+    def verify(self, label: str) -> None:
+        with _session(self.dsn(TARGET_DB)) as conn:
+            pfx = str(_one(conn, "select queue_data_pfx from pgq.queue where queue_name = %s", (TARGET_QUEUE,)))
+            got = self.checksum(conn, pfx)
+        if got != self.source_sums:
+            raise RuntimeError(f"{label}: target holds {got}, source {self.source_sums}: not the same events")
+
+    # -- scenarios ----------------------------------------------------------------
+
+    def copy_limit(self) -> Run:
+        """(a): psql | psql, binary, source event tables into the target's current table."""
+        self.reset()
+        with _session(self.dsn(SOURCE_DB)) as src:
+            pfx = str(_one(src, "select queue_data_pfx from pgq.queue where queue_name = %s", (SOURCE_QUEUE,)))
+            cols = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+            out_sql = sql.SQL("copy (select {} from {}) to stdout (format binary)").format(
+                cols, _table(pfx)).as_string(src)
+        with _session(self.dsn(TARGET_DB)) as dst:
+            current = str(_one(dst, "select pgq.current_event_table(%s)", (TARGET_QUEUE,)))
+            in_sql = sql.SQL("copy {} ({}) from stdin (format binary)").format(
+                _table(current), cols).as_string(dst)
+        psql = str(self.cluster.bindir / "psql")
+        env = self.child_env()
+        started = time.perf_counter()
+        out = subprocess.Popen(
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn(SOURCE_DB), "-c", out_sql],
+            stdout=subprocess.PIPE, env=env,
+        )
+        assert out.stdout is not None
+        # psql's own \timing of the COPY FROM (from its start to the commit): the two
+        # connection set-ups are not part of the limit.
+        into = subprocess.run(
+            [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn(TARGET_DB),
+             "-c", "\\timing on", "-c", in_sql],
+            stdin=out.stdout, env=env, capture_output=True, text=True,
+        )
+        out.stdout.close()
+        out.wait()
+        wall = time.perf_counter() - started
+        if out.returncode or into.returncode:
+            raise RuntimeError(f"(a) psql failed: {into.stderr[-2000:]}")
+        timed = [line for line in into.stdout.splitlines() if line.startswith("Time: ")]
+        seconds = float(timed[-1].split()[1]) / 1000 if timed else wall
+        self.verify("(a)")
+        return Run(self.args.events, seconds, wall)
+
+    def core(self, user: str | None = None, min_batch_events: int | None = None) -> Run:
+        """(b) and (d): QueueMover.drain in a child process."""
+        self.reset()
+        argv = [
+            sys.executable, "-m", "benchmarks.bench_mover", "--child", "core",
+            "--source-dsn", self.dsn(SOURCE_DB), "--target-dsn", self.dsn(TARGET_DB, user),
+            "--chunk-size", str(self.args.chunk_size),
+        ]
+        if min_batch_events:
+            argv += ["--min-batch-events", str(min_batch_events)]
+        result, wall, peak, cpu = run_child(argv, self.child_env())
+        self.verify("(d)" if user else "(b)")
+        if result["events"] != self.args.events:
+            raise RuntimeError(f"mover moved {result['events']} events, not {self.args.events}")
+        return Run(result["events"], result["seconds"], wall, peak, cpu, result)
+
+    def airflow_ready(self) -> bool:
+        """(c) needs the operator module; prepares AIRFLOW_HOME (migrated, not timed)."""
+        if not (ROOT / "airflow_provider_pgq" / "operators" / "queue_mover.py").exists():
+            return False
+        home = Path(tempfile.mkdtemp(prefix="pgq-bench-airflow-"))
+        self.airflow_home = home
+        dags = home / "dags"
+        dags.mkdir()
+        (dags / "bench_pgq_mover.py").write_text(textwrap.dedent(f"""\
+            import datetime as dt
+
+            from airflow.sdk import DAG
+
+            from airflow_provider_pgq.operators.queue_mover import PgqQueueMoverOperator
+
+            with DAG("bench_pgq_mover", schedule=None, catchup=False,
+                     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)):
+                PgqQueueMoverOperator(
+                    task_id="move", source_conn_id="bench_src", target_conn_id="bench_dst",
+                    source_queue={SOURCE_QUEUE!r}, target_queue={TARGET_QUEUE!r},
+                    consumer_name={CONSUMER!r},
+                )
+            """))
+        env = self.airflow_env()
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, cwd=str(ROOT),
+                       check=True, capture_output=True)
+        print(f"(c) airflow db migrate in {time.perf_counter() - started:.0f}s (not timed)", flush=True)
+        return True
+
+    def airflow_env(self) -> dict[str, str]:
+        assert self.airflow_home is not None
+        env = self.child_env()
+        port = self.cluster.port
+        env.update({
+            "AIRFLOW_HOME": str(self.airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self.airflow_home / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            # No password in the URI: PgqHook's libpq reads it from PGPASSFILE.
+            "AIRFLOW_CONN_BENCH_SRC": f"postgresql://{self.superuser}@127.0.0.1:{port}/{SOURCE_DB}",
+            "AIRFLOW_CONN_BENCH_DST": f"postgresql://{self.superuser}@127.0.0.1:{port}/{TARGET_DB}",
+        })
+        return env
+
+    def operator(self) -> Run:
+        """(c): the operator through dag.test() in a child process."""
+        self.reset()
+        argv = [sys.executable, "-m", "benchmarks.bench_mover", "--child", "airflow",
+                "--dag-id", "bench_pgq_mover"]
+        result, wall, peak, cpu = run_child(argv, self.airflow_env())
+        if "success" not in str(result.get("state")):
+            raise RuntimeError(f"(c) DAG run ended {result.get('state')}")
+        self.verify("(c)")
+        return Run(int(result["events"]), float(result["seconds"]), wall, peak, cpu, result)
+
+    def stop(self) -> None:
+        if self.airflow_home is not None:
+            shutil.rmtree(self.airflow_home, ignore_errors=True)
+        self.cluster.stop()
+
+
+def _median_run(runs: list[Run]) -> Run:
+    ordered = sorted(runs, key=lambda r: r.rate)
+    return ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else ordered[len(ordered) // 2 - 1]
+
+
+def report(
+    args: argparse.Namespace, results: dict[str, list[Run]], notes: list[str], load: list[float]
+) -> None:
+    limits = results[LIMIT]
+    limit = statistics.median(r.rate for r in limits)
+    print()
+    print(f"events {args.events:,}, batch size {args.batch_size:,} ({-(-args.events // args.batch_size):,}"
+          f" batches), repeat {args.repeat}, medians; {os.cpu_count()} CPUs, load average"
+          f" {min(load):.1f}..{max(load):.1f} during the runs")
+    header = f"{'scenario':<38} {'events/s':>10} {'x COPY':>7} {'rate s':>7} {'wall s':>7}" \
+             f" {'peak RSS':>9} {'CPU s':>6}  path"
+    print(header)
+    print("-" * len(header))
+    for label, runs in results.items():
+        rate = statistics.median(r.rate for r in runs)
+        # (a), (b), (d) ran interleaved: the median of the per-repeat ratios is steadier
+        # under outside load than a ratio of medians; (c) ran later, so against (a)'s median.
+        paired = label != LIMIT and len(runs) == len(limits) and not label.startswith("(c)")
+        ratio = statistics.median(r.rate / a.rate for r, a in zip(runs, limits, strict=True)) \
+            if paired else rate / limit
+        mid = _median_run(runs)
+        peak = max((r.peak_rss_kb or 0) for r in runs)
+        rss = f"{peak / 1024:.0f} MB" if peak else "-"
+        cpu = f"{mid.cpu_seconds:.1f}" if mid.cpu_seconds is not None else "-"
+        path = str(mid.detail.get("write_path", "")) + (
+            f", {mid.detail['batches']} batches" if mid.detail.get("batches") is not None else "")
+        print(f"{label:<38} {rate:>10,.0f} {ratio:>7.2f} {mid.seconds:>7.2f} {mid.wall:>7.2f}"
+              f" {rss:>9} {cpu:>6}  {path}")
+    for label, runs in results.items():
+        mid = _median_run(runs)
+        if mid.detail.get("target_backend_cpu") is not None:
+            print(f"  {label}: backend CPU source {mid.detail['source_backend_cpu']}s,"
+                  f" target {mid.detail['target_backend_cpu']}s over {mid.seconds:.2f}s")
+    for note in notes:
+        print(note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per scenario; the table shows medians")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="MoverOptions.chunk_size (events per insert_event_chunk call) for (d)")
+    parser.add_argument("--coalesce", type=int, default=None, metavar="N",
+                        help="also run the core mover with min_batch_events=N")
+    parser.add_argument("--skip", default="", help="scenario letters to leave out, e.g. 'cd'")
+    # internal: the child processes
+    parser.add_argument("--child", choices=("core", "airflow"), help=argparse.SUPPRESS)
+    parser.add_argument("--source-dsn", help=argparse.SUPPRESS)
+    parser.add_argument("--target-dsn", help=argparse.SUPPRESS)
+    parser.add_argument("--min-batch-events", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dag-id", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.chunk_size is None:
+        from airflow_provider_pgq.core.mover import MoverOptions
+
+        args.chunk_size = MoverOptions("q", "q", "c").chunk_size
+    if args.child == "core":
+        return child_core(args)
+    if args.child == "airflow":
+        return child_airflow(args)
+    if args.events < 1 or args.batch_size < 1 or args.repeat < 1:
+        parser.error("--events, --batch-size and --repeat must be positive")
+
+    bench = Bench(args)
+    results: dict[str, list[Run]] = {}
+    notes: list[str] = []
+    scenarios: list[tuple[str, Any]] = [(LIMIT, bench.copy_limit)]
+    if "b" not in args.skip:
+        scenarios.append(("(b) core mover, QueueMover.drain", bench.core))
+    if args.coalesce and "b" not in args.skip:
+        scenarios.append((f"(b') core mover, min_batch_events={args.coalesce:,}",
+                          lambda: bench.core(min_batch_events=args.coalesce)))
+    if "d" not in args.skip:
+        scenarios.append(("(d) fallback, role with pgq_writer only", lambda: bench.core(user=bench.writer)))
+    load: list[float] = [os.getloadavg()[0]]
+    try:
+        bench.start()
+        for i in range(args.repeat):
+            for label, scenario in scenarios:
+                load.append(os.getloadavg()[0])
+                run = scenario()
+                results.setdefault(label, []).append(run)
+                print(f"  run {i + 1} {label}: {run.rate:,.0f} events/s"
+                      + (f", peak RSS {run.peak_rss_kb / 1024:.0f} MB" if run.peak_rss_kb else ""), flush=True)
+        if "c" in args.skip:
+            notes.append("(c) skipped: --skip")
+        elif bench.airflow_ready():
+            for i in range(args.repeat):
+                load.append(os.getloadavg()[0])
+                run = bench.operator()
+                results.setdefault("(c) operator, dag.test()", []).append(run)
+                print(f"  run {i + 1} (c): {run.rate:,.0f} events/s (dag.test() {run.wall:.1f}s wall)",
+                      flush=True)
+            notes.append("(c) rate over the operator's drain (XCom seconds); wall includes the child's"
+                         " Airflow start-up and dag.test(); its RSS includes Airflow itself")
+        else:
+            notes.append("(c) skipped: operator missing")
+    finally:
+        bench.stop()
+    load.append(os.getloadavg()[0])
+    report(args, results, notes, load)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
