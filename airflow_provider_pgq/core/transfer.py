@@ -118,6 +118,14 @@ def _pipe_copy(
     """
     out_text = copy_out.as_string(source)
     in_text = copy_in.as_string(target)
+    # Binary COPY carries text byte for byte in each session's client encoding. Where
+    # they differ (a LATIN1 source and a UTF8 target, say) the source must send in the
+    # target's, or text arrives mangled (silently, UTF8 into LATIN1) or is refused; a
+    # character the target cannot hold then fails the batch on the source. Transaction-
+    # local: a failed batch's rollback reverts it, a good one puts it back below.
+    source_encoding, target_encoding = source.encoding, target.encoding
+    if source_encoding != target_encoding:
+        _set_client_encoding(source, target_encoding)
 
     read_fd, write_fd = os.pipe()
     _widen_pipe(write_fd)
@@ -164,7 +172,16 @@ def _pipe_copy(
         # The target saw a clean end of stream, but the source broke off: the rows in
         # the target's open transaction are incomplete and must never be committed.
         raise failure[0]
+    if source_encoding != target_encoding:
+        _set_client_encoding(source, source_encoding)
     return int(rows)
+
+
+def _set_client_encoding(conn: Connection, encoding: str) -> None:
+    """SET LOCAL client_encoding behind psycopg2's back: only for the COPY's bytes,
+    which psycopg2 never decodes; set back before any text is read again."""
+    with conn.cursor() as cur:
+        cur.execute("select set_config('client_encoding', %s, true)", (encoding,))
 
 
 def copy_stream(

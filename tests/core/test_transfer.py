@@ -22,7 +22,7 @@ import pytest
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core import faults, pgq, transfer
+from airflow_provider_pgq.core import faults, pgq, pgq_ext, transfer
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoveReport, MoverOptions, QueueMover
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster, wait_until
@@ -297,6 +297,81 @@ def test_empty_batch_writes_nothing(
         t.close()
         a.close()
     assert ordered_events(target, "dst_q") == []
+
+
+# -- databases in different encodings ------------------------------------------------
+
+LATIN1_TEXT: list[tuple[Any, ...]] = [
+    ("café", "naïve été £ ÿ ß", "Ærø", None, "", "tab\there", dt.datetime(2020, 2, 29, 12, 0, 0, 1, tzinfo=UTC)),
+    ("plain", "ascii only", None, None, None, None, dt.datetime(2020, 3, 1, tzinfo=UTC)),
+]
+
+
+@pytest.fixture
+def make_latin1_db(cluster: ThrowawayCluster) -> Iterator[Callable[..., Server]]:
+    """make_latin1_db(queue, ext=False) -> a LATIN1 database with pgq and the queue."""
+    made: list[str] = []
+
+    def make(queue: str, ext: bool = False) -> Server:
+        name = f"t_l1_{uuid.uuid4().hex[:10]}"
+        cluster.execute("postgres", sql.SQL(
+            "create database {} encoding 'LATIN1' template template0 lc_collate 'C' lc_ctype 'C'"
+        ).format(sql.Identifier(name)))
+        made.append(name)
+        server = Server(cluster, name)
+        server.execute("create extension pgq")
+        server.execute("select pgq.create_queue(%s)", (queue,))
+        server.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
+        if ext:
+            conn = server.connect()
+            try:
+                pgq_ext.install(conn)
+            finally:
+                conn.close()
+        return server
+
+    yield make
+    for name in made:
+        cluster.drop_database(name)
+
+
+@pytest.mark.parametrize("writer", [False, True], ids=["copy", "staged"])
+def test_latin1_source_into_utf8_target_keeps_every_character(
+    cluster: ThrowawayCluster,
+    target: Server,
+    make_latin1_db: Callable[..., Server],
+    make_role: Callable[[str], Role],
+    writer: bool,
+) -> None:
+    """Binary COPY sends text in the session's encoding: without realigning the two
+    sessions the target refuses the LATIN1 bytes (or, the other way round, stores them
+    mangled)."""
+    source = make_latin1_db("src_q")
+    register(source, "src_q", "mover")
+    produce(source, "src_q", LATIN1_TEXT)
+    tick(source, "src_q")
+    dsn = make_role("pgq_writer").dsn(cluster, target) if writer else target.dsn
+    report = move(source, dsn)
+    assert report.write_path == (CHUNK_PATH if writer else COPY_PATH)
+    assert ordered_events(target, "dst_q") == ordered_events(source, "src_q")
+    assert [tuple(r) for r in ordered_events(target, "dst_q")] == LATIN1_TEXT
+
+
+def test_utf8_source_into_latin1_target_converts_or_refuses(
+    source: Server, make_latin1_db: Callable[..., Server]
+) -> None:
+    """What LATIN1 can hold arrives as the same characters; a batch with a character it
+    cannot hold fails whole (on the source's side), never stored as other characters."""
+    target = make_latin1_db("dst_q", ext=True)
+    register(source, "src_q", "mover")
+    produce(source, "src_q", LATIN1_TEXT)
+    first = tick(source, "src_q")
+    produce(source, "src_q", [("check", "✓ is not LATIN1", None, None, None, None)])
+    tick(source, "src_q")
+    with pytest.raises(psycopg2.errors.UntranslatableCharacter):
+        move(source, target.dsn)
+    assert [tuple(r) for r in ordered_events(target, "dst_q")] == LATIN1_TEXT
+    assert target.execute("select pgq_ext.get_last_tick('mover', '')") == [(first,)]
 
 
 # -- failures mid-stream ---------------------------------------------------------------
