@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg2
 from psycopg2 import sql
+from psycopg2.extras import execute_values
 
 from airflow_provider_pgq.core import pgq
 from airflow_provider_pgq.core.connect import connect
@@ -53,10 +54,11 @@ def create_queue(server: Server, queue: str) -> None:
     server.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
 
 
-def produce(server: Server, queue: str, events: Iterable[Sequence[Any]]) -> int:
-    """Inserts events (type, data, e1..e4[, time]) in one transaction, times kept."""
+def produce(server: Server, queue: str, events: Iterable[Sequence[Any]], page_size: int = 2000) -> int:
+    """Inserts events (type, data, e1..e4[, time]) in one transaction, times kept
+    (now() where none is given); many rows per statement, so volume tests stay fast."""
+
     conn = server.connect()
-    n = 0
     try:
         with conn.cursor() as cur:
             cur.execute("select pgq.current_event_table(%s)", (queue,))
@@ -64,15 +66,17 @@ def produce(server: Server, queue: str, events: Iterable[Sequence[Any]]) -> int:
             schema, name = table.split(".")
             insert = sql.SQL(
                 "insert into {} (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time)"
-                " values (%s, %s, %s, %s, %s, %s, coalesce(%s, now()))"
+                " values %s"
             ).format(sql.Identifier(schema, name))
             rows = [tuple(e[:6]) + ((e[6] if len(e) > 6 else None),) for e in events]
-            cur.executemany(insert, rows)
-            n = len(rows)
+            execute_values(
+                cur, insert.as_string(conn), rows, page_size=page_size,
+                template="(%s, %s, %s, %s, %s, %s, coalesce(%s, now()))",
+            )
         conn.commit()
     finally:
         conn.close()
-    return n
+    return len(rows)
 
 
 def simple_events(n: int, start: int = 0, prefix: str = "ev") -> list[Event]:
@@ -149,32 +153,6 @@ def mark_of(target: Server, consumer: str, subconsumer: str = "") -> int | None:
 
 
 # -- added for the core suite (tests/core) ---------------------------------------
-
-
-def produce_fast(server: Server, queue: str, events: Iterable[Sequence[Any]], page_size: int = 2000) -> int:
-    """Like produce(), one transaction, but many rows per statement: 20k events in well
-    under a second, so big-volume tests stay fast."""
-    from psycopg2.extras import execute_values
-
-    conn = server.connect()
-    try:
-        with conn.cursor() as cur:
-            cur.execute("select pgq.current_event_table(%s)", (queue,))
-            table = cur.fetchone()[0]  # type: ignore[index]
-            schema, name = table.split(".")
-            insert = sql.SQL(
-                "insert into {} (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time)"
-                " values %s"
-            ).format(sql.Identifier(schema, name))
-            rows = [tuple(e[:6]) + ((e[6] if len(e) > 6 else None),) for e in events]
-            execute_values(
-                cur, insert.as_string(conn), rows, page_size=page_size,
-                template="(%s, %s, %s, %s, %s, %s, coalesce(%s, now()))",
-            )
-        conn.commit()
-    finally:
-        conn.close()
-    return len(rows)
 
 
 def tick_plain(server: Server, queue: str) -> int:

@@ -133,37 +133,18 @@ def _event(payload: dict[str, Any]) -> TriggerEvent:
     return TriggerEvent(payload)  # type: ignore[no-untyped-call]
 
 
-def _check_kwargs(pgq_conn_id: str, queue_name: str, consumer: str, min_events: int,
-                  max_lag: float | None, poll_interval: float) -> None:
-    for name, value in (("pgq_conn_id", pgq_conn_id), ("queue_name", queue_name), ("consumer", consumer)):
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    validate_thresholds(min_events, max_lag)
-    if poll_interval <= 0:
-        raise ValueError(f"poll_interval must be positive seconds, got {poll_interval!r}")
-
-
-class PgqEventsTrigger(BaseTrigger):
-    """Fires once when ``consumer`` on ``queue_name`` has at least ``min_events`` waiting
-    in an available batch (or any events once it lags ``max_lag`` seconds).
-
-    The event's payload is the consumer's status (``PendingStatus.to_dict()``) with
-    ``"status": "ready"``; a missing queue or an unregistered consumer ends the wait
-    with ``"status": "error"`` and a message saying what to create, since waiting
-    could never succeed. Lost connections are retried every poll.
-
-    :param pgq_conn_id: Airflow connection to the database holding the queue.
-    :param queue_name: the PgQ queue.
-    :param consumer: the registered consumer whose backlog is watched (the mover's).
-    :param min_events: estimated events that must wait; 0 fires on any available batch.
-    :param max_lag: also fire when events wait and the consumer lags this many seconds.
-    :param poll_interval: seconds between polls.
-    """
+class _WaitParameters:
+    """The parameters both triggers share, checked at construction and serialized."""
 
     def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer: str, min_events: int = 1,
                  max_lag: float | None = None, poll_interval: float = 5.0) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        _check_kwargs(pgq_conn_id, queue_name, consumer, min_events, max_lag, poll_interval)
+        super().__init__()
+        for name, value in (("pgq_conn_id", pgq_conn_id), ("queue_name", queue_name), ("consumer", consumer)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        validate_thresholds(min_events, max_lag)
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be positive seconds, got {poll_interval!r}")
         self.pgq_conn_id = pgq_conn_id
         self.queue_name = queue_name
         self.consumer = consumer
@@ -183,6 +164,24 @@ class PgqEventsTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
             },
         )
+
+
+class PgqEventsTrigger(_WaitParameters, BaseTrigger):
+    """Fires once when ``consumer`` on ``queue_name`` has at least ``min_events`` waiting
+    in an available batch (or any events once it lags ``max_lag`` seconds).
+
+    The event's payload is the consumer's status (``PendingStatus.to_dict()``) with
+    ``"status": "ready"``; a missing queue or an unregistered consumer ends the wait
+    with ``"status": "error"`` and a message saying what to create, since waiting
+    could never succeed. Lost connections are retried every poll.
+
+    :param pgq_conn_id: Airflow connection to the database holding the queue.
+    :param queue_name: the PgQ queue.
+    :param consumer: the registered consumer whose backlog is watched (the mover's).
+    :param min_events: estimated events that must wait; 0 fires on any available batch.
+    :param max_lag: also fire when events wait and the consumer lags this many seconds.
+    :param poll_interval: seconds between polls.
+    """
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         async for snapshot in poll_snapshots(self.pgq_conn_id, self.queue_name, self.poll_interval):
@@ -210,7 +209,7 @@ def _not_registered(status: PendingStatus) -> str:
     return ""  # pragma: no cover - only called for unregistered consumers
 
 
-class PgqQueueEventTrigger(BaseEventTrigger):
+class PgqQueueEventTrigger(_WaitParameters, BaseEventTrigger):
     """Event-driven scheduling on a PgQ queue: fires each time new work appears for ``consumer``.
 
     Fires when the consumer's status is ready (as in ``PgqEventsTrigger``) and the
@@ -229,30 +228,6 @@ class PgqQueueEventTrigger(BaseEventTrigger):
     consumer=...)``; parameters as in ``PgqEventsTrigger``. The payload (stored in the
     asset event's extra) is the consumer's status with ``pgq_conn_id``.
     """
-
-    def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer: str, min_events: int = 1,
-                 max_lag: float | None = None, poll_interval: float = 5.0) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        _check_kwargs(pgq_conn_id, queue_name, consumer, min_events, max_lag, poll_interval)
-        self.pgq_conn_id = pgq_conn_id
-        self.queue_name = queue_name
-        self.consumer = consumer
-        self.min_events = min_events
-        self.max_lag = max_lag
-        self.poll_interval = float(poll_interval)
-
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "pgq_conn_id": self.pgq_conn_id,
-                "queue_name": self.queue_name,
-                "consumer": self.consumer,
-                "min_events": self.min_events,
-                "max_lag": self.max_lag,
-                "poll_interval": self.poll_interval,
-            },
-        )
 
     def shared_stream_key(self) -> Hashable | None:
         return ("pgq-queue-poll", self.pgq_conn_id, self.queue_name, self.poll_interval)

@@ -39,7 +39,6 @@ from tests.helpers import (
     is_registered,
     mark_of,
     produce,
-    produce_fast,
     queue_events,
     register,
     run_mover,
@@ -100,7 +99,7 @@ def rounds(source: Server, sizes: Sequence[int], prefix: str = "r") -> tuple[lis
     for i, n in enumerate(sizes):
         events = simple_events(n, start=start, prefix=f"{prefix}{i}")
         start += n
-        produce_fast(source, "src_q", events)
+        produce(source, "src_q", events)
         produced.append(events)
         ticks.append(tick(source, "src_q"))
     return ticks, produced
@@ -205,7 +204,7 @@ def test_bulk_move_keeps_every_field_and_delivers_retried_events(source: Server,
     # A batch the mover never moves: taken by hand as the mover's consumer, every
     # tenth event sent to the retry queue, the batch finished.
     early = simple_events(200, prefix="early")
-    produce_fast(source, "src_q", early)
+    produce(source, "src_q", early)
     tick(source, "src_q")
     early_tick, retried = take_batch_retrying(source, "mover", lambda data: int(data.rsplit("-", 1)[1]) % 10 == 0)
     assert len(retried) == 20
@@ -216,13 +215,13 @@ def test_bulk_move_keeps_every_field_and_delivers_retried_events(source: Server,
     ticks: list[int] = []
     for i in range(4):
         chunk = simple_events(5000, start=i * 5000, prefix="bulk")
-        produce_fast(source, "src_q", chunk)
+        produce(source, "src_q", chunk)
         bulk += chunk
         ticks.append(tick(source, "src_q"))
     assert run_retry_maintenance(source) == 20
     ticks.append(tick(source, "src_q"))
     tail = simple_events(10, prefix="tail")
-    produce_fast(source, "src_q", tail)
+    produce(source, "src_q", tail)
     ticks.append(tick(source, "src_q"))
 
     expected = bag(specials, bulk, retried, tail)
