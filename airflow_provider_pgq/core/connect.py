@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 import psycopg2
+from psycopg2.extensions import ISOLATION_LEVEL_READ_COMMITTED, parse_dsn
 from psycopg2.extensions import connection as Connection
-from psycopg2.extensions import parse_dsn
 
 from airflow_provider_pgq.core.errors import ConnectionFailed
 
@@ -46,5 +46,6 @@ def connect(dsn: str, application_name: str = "pgq-queue-mover", **extra: str) -
     except psycopg2.Error as exc:
         message = redact(str(exc).strip(), password)
         raise ConnectionFailed(f"cannot connect to {describe(dsn)}: {message}") from None
-    conn.autocommit = False
+    # The protocol's "lock, then read" steps need a fresh snapshot per statement.
+    conn.set_session(isolation_level=ISOLATION_LEVEL_READ_COMMITTED, autocommit=False)
     return conn

@@ -299,7 +299,9 @@ class QueueMover:
                 if batch is None:
                     # What is pending is below the thresholds: take all of it as one batch
                     # (a threshold of exactly the remainder selects the newest tick).
-                    remainder = pgq.events_up_to_last_tick(self.source, o.source_queue, o.consumer)
+                    remainder = min(
+                        pgq.events_up_to_last_tick(self.source, o.source_queue, o.consumer), 2**31 - 1
+                    )
                     batch = (
                         pgq.next_batch_custom(self.source, o.source_queue, o.consumer, min_count=remainder)
                         if remainder > 0
@@ -377,8 +379,20 @@ class QueueMover:
                 " reset the target's mark (reset(), --reset) to accept the source's position"
                 " and skip what lies between"
             )
-        events = self._transfer(batch, self._current_event_table())
+        if o.keep_event_id:  # its lock wait comes before the event table is chosen
+            kept_ids.claim(t, o.consumer, o.subconsumer, o.target_queue, o.key)
+        batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
+        events = self._transfer(batch_sql, self._current_event_table())
         pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id)
+        if o.keep_event_id and events:
+            # Last before the commit: the setval inside cannot be rolled back.
+            kept_ids.commit(
+                t, o.consumer, o.subconsumer, o.target_queue,
+                pgq.batch_max_event_id(self.source, batch_sql), o.key,
+            )
+        # The source's read transaction ends before the target commits: a slow target
+        # never keeps a source transaction open (it would hold back rotation).
+        self.source.rollback()
         self._hit(faults.BEFORE_TARGET_COMMIT)
         t.commit()
         self._hit(faults.AFTER_TARGET_COMMIT)
@@ -391,7 +405,12 @@ class QueueMover:
             self.source.rollback()
 
     def _current_event_table(self) -> str:
+        """Read only once the target transaction has its txid: PgQ finds a batch's rows by
+        txid against the rotation's switch txids, so a table name read before a rotation
+        with a txid taken after it would put the rows where no consumer looks."""
         try:
+            with self.target.cursor() as cur:
+                cur.execute("select txid_current()")
             return pgq.current_event_table(self.target, self.options.target_queue)
         except psycopg2.Error as exc:
             text = str(exc)
@@ -402,34 +421,21 @@ class QueueMover:
                 raise QueueNotFound(f"target queue {q!r} does not exist (any more)") from exc
             raise
 
-    def _transfer(self, batch: pgq.BatchInfo, table: str) -> int:
+    def _transfer(self, batch_sql: str, table: str) -> int:
         o = self.options
-        batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
 
         def mid_stream() -> None:
             self._hit(faults.MID_STREAM)
 
-        if o.keep_event_id:
-            kept_ids.claim(self.target, o.consumer, o.subconsumer, o.target_queue, o.key)
         if self.write_path == COPY_PATH:
-            events = transfer.copy_stream(
+            return transfer.copy_stream(
                 self.source, self.target, batch_sql, table, o.keep_event_id,
                 mid_stream if self._fault else None,
             )
-        else:
-            events = transfer.insert_chunks(
-                self.source, self.target, batch_sql, o.target_queue, o.keep_event_id,
-                o.chunk_size, mid_stream if self._fault else None,
-            )
-        if o.keep_event_id and events:
-            kept_ids.commit(
-                self.target, o.consumer, o.subconsumer, o.target_queue,
-                pgq.batch_max_event_id(self.source, batch_sql), o.key,
-            )
-        # The source's read transaction ends here, before the target commits: a slow
-        # target never keeps a source transaction open (it would hold back rotation).
-        self.source.rollback()
-        return events
+        return transfer.insert_chunks(
+            self.source, self.target, batch_sql, o.target_queue, o.keep_event_id,
+            o.chunk_size, mid_stream if self._fault else None,
+        )
 
     def _finish_on_source(self, batch: pgq.BatchInfo) -> None:
         finished = pgq.finish_batch(self.source, batch.batch_id)
@@ -530,15 +536,31 @@ class QueueMover:
         return mark
 
     def reset(self) -> int | None:
-        """Forgets the target's mark and source binding for the key; returns the old mark."""
+        """Forgets the target's mark and source binding for the key; returns the old mark.
+
+        Nothing is forgotten while the mark agrees with the source consumer (its last
+        tick, or the end of its open batch): the protocol handles that state, and a
+        retried reset must not forget a batch applied but not yet finished.
+        """
         o = self.options
         try:
             pgq_ext.lock_key(self.target, o.consumer, o.subconsumer)
             mark = pgq_ext.get_last_tick(self.target, o.consumer, o.subconsumer)
+            info = pgq.get_consumer_info(self.source, o.source_queue, o.consumer)
+            system_id, database = self._identify_source()
+            self.source.rollback()
+            other = pgq_ext.bind_source(
+                self.target, o.consumer, o.subconsumer, system_id, database, o.source_queue
+            )
+            if other is None and info is not None and mark is not None and mark in (info.last_tick, info.next_tick):
+                self.target.rollback()
+                log.info("the mark %s of %s agrees with the source consumer: nothing to reset", mark, o.key)
+                return mark
             pgq_ext.set_last_tick(self.target, o.consumer, o.subconsumer, None)
             pgq_ext.unbind_source(self.target, o.consumer, o.subconsumer)
             self.target.commit()
         except BaseException:
+            _quietly(self.source.rollback)
             _quietly(self.target.rollback)
             raise
         log.info("reset the target's mark for %s (was %s)", o.key, mark)

@@ -346,7 +346,9 @@ def test_bind_source_and_unbind(target: Server) -> None:
     assert q("select pgq_ext.bind_source('m', 'other', 'sys1', 'db2', 'q')") is None  # own key
     assert q("select pgq_ext.unbind_source('m', '')") == 1
     assert q("select pgq_ext.unbind_source('m', '')") == 0
-    assert q("select pgq_ext.bind_source('m', '', 'sys1', 'db2', 'q')") is None  # free again
+    assert q("select pgq_ext.bind_source('m', '', 'sys1', 'db1', 'q')") is None  # free again
+    # one source consumer feeds one key: sys1/db2/q is fed into subconsumer 'other' already
+    assert "subconsumer 'other'" in q("select pgq_ext.bind_source('m', '', 'sys1', 'db2', 'q')")
 
 
 def test_lock_key_serializes_one_key_only(target: Server) -> None:

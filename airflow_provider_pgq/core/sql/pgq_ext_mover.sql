@@ -23,7 +23,19 @@ returns text language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
     cur record;
+    other text;
 begin
+    -- One source consumer feeds one key: two subconsumers of one consumer on one
+    -- source queue would both be handed the same batches, under different locks.
+    perform pg_advisory_xact_lock(hashtextextended('pgq_ext bind:' || a_consumer, 0));
+    select subconsumer_id into other from pgq_ext.tracking_source
+     where consumer_id = a_consumer and subconsumer_id <> a_subconsumer
+       and (source_system_id, source_database, source_queue) = (a_system_id, a_database, a_queue);
+    if found then
+        return a_system_id || '/' || a_database || '/' || a_queue
+            || ' under subconsumer ' || quote_literal(other)
+            || ' (one source consumer can feed only one tracking key)';
+    end if;
     select source_system_id, source_database, source_queue into cur
       from pgq_ext.tracking_source
      where consumer_id = a_consumer and subconsumer_id = a_subconsumer;
@@ -69,9 +81,12 @@ create function pgq_ext.insert_event_chunk(
 returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
-    tbl text := pgq.current_event_table(a_queue);
+    tbl text;
     n bigint;
 begin
+    -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
+    perform txid_current();
+    tbl := pgq.current_event_table(a_queue);
     if a_id is null then
         execute format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
                        ' ev_extra4, ev_time) select * from unnest($1, $2, $3, $4, $5, $6, $7)',
