@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def literal(value: str) -> str:
+    """value as an SQL string literal, for the statements error messages suggest
+    (text for a human to run; never executed by us)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 class PgqError(Exception):
     """Base of every error the core raises on purpose."""
 

@@ -25,21 +25,21 @@ from __future__ import annotations
 import psycopg2
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import KeptIdConflict, PgqExtMissing
+from airflow_provider_pgq.core.errors import KeptIdConflict, PgqExtMissing, literal
 
 #: pgq_ext.mover_schema_version() that has the kept-id functions.
 KEPT_IDS_SCHEMA = 2
 
 _WHAT_TO_DO = (
     " Move without keep_event_id, or give the target queue no other writer; once it is"
-    " emptied or recreated, select pgq_ext.kept_ids_release('{queue}') lets a key start afresh."
+    " emptied or recreated, select pgq_ext.kept_ids_release({queue}) lets a key start afresh."
 )
 
 
 def _conflict(queue: str, key: str, reason: str) -> KeptIdConflict:
     return KeptIdConflict(
         f"keep_event_id refused for {key} into target queue {queue!r}: {reason}."
-        + _WHAT_TO_DO.format(queue=queue)
+        + _WHAT_TO_DO.format(queue=literal(queue))
     )
 
 

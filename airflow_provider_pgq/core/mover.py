@@ -32,6 +32,7 @@ from airflow_provider_pgq.core.errors import (
     QueueDisabled,
     QueueNotFound,
     TrackingKeyConflict,
+    literal,
 )
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class QueueMover:
             raise ConsumerNotRegistered(
                 f"consumer {o.consumer!r} is not registered on source queue {o.source_queue!r}:"
                 " pass register_consumer=True (operator), --register (CLI), or run"
-                f" select pgq.register_consumer('{o.source_queue}', '{o.consumer}')"
+                f" select pgq.register_consumer({literal(o.source_queue)}, {literal(o.consumer)})"
             )
         pgq.register_consumer(self.source, o.source_queue, o.consumer)
         self.source.commit()

@@ -16,7 +16,7 @@ from typing import Any
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import pgq
-from airflow_provider_pgq.core.errors import ConsumerNotRegistered, InvalidParameter, QueueNotFound
+from airflow_provider_pgq.core.errors import ConsumerNotRegistered, InvalidParameter, QueueNotFound, literal
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _require_queue(conn: Connection, queue: str) -> None:
     if not pgq.queue_exists(conn, queue):
         raise QueueNotFound(
             f"queue {queue!r} does not exist in database {_database(conn)!r}: create it"
-            f" (PgqCreateQueueOperator, or select pgq.create_queue('{queue}'))"
+            f" (PgqCreateQueueOperator, or select pgq.create_queue({literal(queue)}))"
         )
 
 
@@ -159,5 +159,5 @@ def require_registered(status: PendingStatus, database: str | None = None) -> No
         f"consumer {status.consumer!r} is not registered on queue {status.queue_name!r}{where}:"
         " nothing will ever be pending for it. Register it first (PgqRegisterConsumerOperator,"
         f" register_consumer=True on the mover, or select pgq.register_consumer("
-        f"'{status.queue_name}', '{status.consumer}'))"
+        f"{literal(status.queue_name)}, {literal(status.consumer)}))"
     )

@@ -14,7 +14,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import PgqNotInstalled, QueueNotFound
+from airflow_provider_pgq.core.errors import PgqNotInstalled, QueueNotFound, literal
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def require_queue(conn: Connection, queue: str, side: str) -> None:
         db = _value(conn, "select current_database()")
         raise QueueNotFound(
             f"{side} queue {queue!r} does not exist in database {db!r}: "
-            f"create it with select pgq.create_queue('{queue}')"
+            f"create it with select pgq.create_queue({literal(queue)})"
         )
 
 

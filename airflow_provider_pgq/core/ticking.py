@@ -8,7 +8,7 @@ import time
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import pgq
-from airflow_provider_pgq.core.errors import TickerNotRunning
+from airflow_provider_pgq.core.errors import TickerNotRunning, literal
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def force_tick_and_wait(
         conn.rollback()
         raise TickerNotRunning(
             f"the ticker of source queue {queue!r} is paused: resume it with"
-            f" select pgq.set_queue_config('{queue}', 'ticker_paused', 'false')"
+            f" select pgq.set_queue_config({literal(queue)}, 'ticker_paused', 'false')"
         )
     if info.external_ticker:
         conn.rollback()
