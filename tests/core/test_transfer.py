@@ -157,6 +157,11 @@ def test_copy_path_moves_every_event_exactly_in_order(source: Server, target: Se
     assert len(moved[-2][1]) >= 1_000_000
 
 
+def revoke_temporary(server: Server) -> None:
+    """Roles without TEMPORARY take the source-arrays variant of the chunk path."""
+    server.execute(sql.SQL("revoke temporary on database {} from public").format(sql.Identifier(server.dbname)))
+
+
 @pytest.mark.parametrize("temporary", [True, False], ids=["staged", "source-arrays"])
 def test_pgq_writer_role_takes_the_chunk_path_exactly_in_order(
     cluster: ThrowawayCluster,
@@ -169,8 +174,7 @@ def test_pgq_writer_role_takes_the_chunk_path_exactly_in_order(
     if not temporary:
         # No TEMPORARY: the source renders the chunks as text. Odd time zones (and date
         # styles, which psycopg2 resets to ISO) on both sides: times must not shift.
-        target.execute(sql.SQL("revoke temporary on database {} from public").format(
-            sql.Identifier(target.dbname)))
+        revoke_temporary(target)
         target.execute(sql.SQL("alter database {} set datestyle = 'SQL, DMY'").format(
             sql.Identifier(target.dbname)))
         target.execute(sql.SQL("alter database {} set timezone = 'Asia/Kathmandu'").format(
@@ -215,8 +219,7 @@ def test_chunk_path_keeps_event_ids_when_asked(
 ) -> None:
     writer = make_role("pgq_writer")
     if not temporary:
-        target.execute(sql.SQL("revoke temporary on database {} from public").format(
-            sql.Identifier(target.dbname)))
+        revoke_temporary(target)
     register(source, "src_q", "mover")
     produce(source, "src_q", nasty_events()[:30])
     tick(source, "src_q")
@@ -278,8 +281,7 @@ def test_empty_batch_writes_nothing(
 ) -> None:
     writer = make_role("pgq_writer")
     if not temporary:
-        target.execute(sql.SQL("revoke temporary on database {} from public").format(
-            sql.Identifier(target.dbname)))
+        revoke_temporary(target)
     register(source, "src_q", "mover")
     tick(source, "src_q")
     s = source.connect()
