@@ -41,6 +41,10 @@ class PgqExtMissing(PgqError):
     """pgq_ext is missing on the target, or older than the mover needs."""
 
 
+class PgqExtUntrusted(PgqError):
+    """pgq_ext (or the mover role) is controlled by a role we do not trust: never adopted."""
+
+
 class PositionMismatch(PgqError):
     """The target's mark and the source consumer's position disagree."""
 

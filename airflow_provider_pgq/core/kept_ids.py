@@ -2,7 +2,7 @@
 
 PgQ enforces no uniqueness of ev_id, and rows written with explicit ids do not move
 the target queue's id sequence. So kept ids are safe only while the target queue has
-one writer. The rule, checked in the target database (pgq_ext, schema 2):
+one writer. The rule, checked in the target database (pgq_ext, mover schema 3):
 
 * a target queue receives kept ids from at most one tracking key (consumer,
   subconsumer), recorded in ``pgq_ext.kept_event_ids`` on its first kept-id batch;
@@ -11,13 +11,17 @@ one writer. The rule, checked in the target database (pgq_ext, schema 2):
   after its last batch: any other insert (a local producer, a mover without kept
   ids), a ``pgq.force_tick`` on the target, even a rolled-back insert, moves it.
 
-Each batch claims the queue first (``kept_ids_claim``: an advisory lock per queue and
-a SHARE ROW EXCLUSIVE lock on the current event table, so no other insert into it
-can start until the batch commits) and ends with ``kept_ids_commit``, which checks
-the sequence did not move, advances it past the batch's largest id (later local
-inserts get fresh, larger ids; the ticker sees the new events) and records it. A
-violation stops the mover with KeptIdConflict, the batch rolled back on the target
-and left unfinished on the source.
+Each batch claims the queue first (``kept_ids_claim``: the refusal decided before
+any lock; then an advisory lock per queue and a SHARE ROW EXCLUSIVE lock on the
+current event table, so no other insert into it can start until the batch commits,
+and a row in ``pgq_ext.kept_ids_claims`` stamped with the transaction's txid: the
+proof, which no other session can forge, that ``insert_event_chunk`` may take
+explicit ids and ``kept_ids_commit`` may move the sequence in this transaction) and
+ends with ``kept_ids_commit``, which checks the sequence did not move, advances it
+past the batch's largest id (later local inserts get fresh, larger ids; the ticker
+sees the new events) and records it. A violation stops the mover with
+KeptIdConflict, the batch rolled back on the target and left unfinished on the source.
+All of these are granted to the pgq_mover role only.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def _conflict(queue: str, key: str, reason: str) -> KeptIdConflict:
 
 def _require_schema(conn: Connection) -> None:
     with conn.cursor() as cur:
-        cur.execute("select to_regproc('pgq_ext.kept_ids_claim')")
+        cur.execute("select pg_catalog.to_regproc('pgq_ext.kept_ids_claim')")
         row = cur.fetchone()
     if row is None or row[0] is None:
         raise PgqExtMissing(
@@ -59,7 +63,7 @@ def refusal(conn: Connection, consumer: str, subconsumer: str, queue: str) -> st
     """Why the key may not write kept ids into the queue now; None when it may. Read-only."""
     _require_schema(conn)
     with conn.cursor() as cur:
-        cur.execute("select pgq_ext.kept_ids_refusal(%s, %s, %s)", (consumer, subconsumer, queue))
+        cur.execute("select pgq_ext.kept_ids_refusal(%s::text, %s::text, %s::text)", (consumer, subconsumer, queue))
         row = cur.fetchone()
     return None if row is None or row[0] is None else str(row[0])
 
@@ -74,7 +78,7 @@ def check(conn: Connection, consumer: str, subconsumer: str, queue: str, key: st
 def claim(conn: Connection, consumer: str, subconsumer: str, queue: str, key: str) -> None:
     """Start of a kept-id batch, in the target transaction (locks held until it ends)."""
     with conn.cursor() as cur:
-        cur.execute("select pgq_ext.kept_ids_claim(%s, %s, %s)", (consumer, subconsumer, queue))
+        cur.execute("select pgq_ext.kept_ids_claim(%s::text, %s::text, %s::text)", (consumer, subconsumer, queue))
         row = cur.fetchone()
     if row is not None and row[0] is not None:
         raise _conflict(queue, key, str(row[0]))
@@ -85,10 +89,10 @@ def commit(conn: Connection, consumer: str, subconsumer: str, queue: str, max_id
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "select pgq_ext.kept_ids_commit(%s, %s, %s, %s)", (consumer, subconsumer, queue, max_id)
+                "select pgq_ext.kept_ids_commit(%s::text, %s::text, %s::text, %s::bigint)", (consumer, subconsumer, queue, max_id)
             )
             row = cur.fetchone()
-    except psycopg2.errors.RaiseException as exc:
+    except (psycopg2.errors.RaiseException, psycopg2.errors.InsufficientPrivilege) as exc:
         reason = (exc.diag.message_primary or str(exc)).strip()
         raise _conflict(queue, key, reason) from exc
     assert row is not None

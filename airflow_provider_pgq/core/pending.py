@@ -84,10 +84,10 @@ def validate_thresholds(min_events: int, max_lag: float | None) -> None:
 
 _QUERY = (
     "select c.consumer_name, c.last_tick, c.current_batch, c.pending_events,"
-    " extract(epoch from c.lag)::float8,"
-    " (select max(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
+    " pg_catalog.date_part('epoch', c.lag)::float8,"
+    " (select pg_catalog.max(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
     "   where q.queue_name = %s)"
-    " from pgq.get_consumer_info(%s, %s) c"
+    " from pgq.get_consumer_info(%s::text, %s::text) c"
 )
 
 
@@ -111,7 +111,7 @@ def _require_queue(conn: Connection, queue: str) -> None:
 
 def _database(conn: Connection) -> str:
     with conn.cursor() as cur:
-        cur.execute("select current_database()")
+        cur.execute("select pg_catalog.current_database()")
         row = cur.fetchone()
     return str(row[0]) if row else "?"
 

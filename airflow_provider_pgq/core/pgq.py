@@ -68,7 +68,7 @@ def _value(conn: Connection, query: str, params: tuple[Any, ...] = ()) -> Any:
 
 def version(conn: Connection) -> str | None:
     """PgQ's version, or None where the pgq schema is absent."""
-    if _value(conn, "select to_regproc('pgq.version')") is None:
+    if _value(conn, "select pg_catalog.to_regproc('pgq.version')") is None:
         return None
     return str(_value(conn, "select pgq.version()"))
 
@@ -76,7 +76,7 @@ def version(conn: Connection) -> str | None:
 def require_pgq(conn: Connection, side: str) -> str:
     ver = version(conn)
     if ver is None:
-        db = _value(conn, "select current_database()")
+        db = _value(conn, "select pg_catalog.current_database()")
         raise PgqNotInstalled(
             f"the pgq extension is not installed in the {side} database {db!r}: "
             "run 'create extension pgq' there (Debian package postgresql-<major>-pgq3)"
@@ -90,7 +90,7 @@ def queue_exists(conn: Connection, queue: str) -> bool:
 
 def require_queue(conn: Connection, queue: str, side: str) -> None:
     if not queue_exists(conn, queue):
-        db = _value(conn, "select current_database()")
+        db = _value(conn, "select pg_catalog.current_database()")
         raise QueueNotFound(
             f"{side} queue {queue!r} does not exist in database {db!r}: "
             f"create it with select pgq.create_queue({literal(queue)})"
@@ -99,27 +99,27 @@ def require_queue(conn: Connection, queue: str, side: str) -> None:
 
 def create_queue(conn: Connection, queue: str) -> bool:
     """True when the queue was created, False when it existed."""
-    return bool(_value(conn, "select pgq.create_queue(%s)", (queue,)))
+    return bool(_value(conn, "select pgq.create_queue(%s::text)", (queue,)))
 
 
 def drop_queue(conn: Connection, queue: str, force: bool = False) -> None:
-    _value(conn, "select pgq.drop_queue(%s, %s)", (queue, force))
+    _value(conn, "select pgq.drop_queue(%s::text, %s::boolean)", (queue, force))
 
 
 def register_consumer(conn: Connection, queue: str, consumer: str) -> bool:
     """True when newly registered, False when it already was."""
-    return bool(_value(conn, "select pgq.register_consumer(%s, %s)", (queue, consumer)))
+    return bool(_value(conn, "select pgq.register_consumer(%s::text, %s::text)", (queue, consumer)))
 
 
 def register_consumer_at(conn: Connection, queue: str, consumer: str, tick_id: int) -> bool:
     """Registers, or moves an existing registration, to tick_id; drops any active batch."""
     return bool(
-        _value(conn, "select pgq.register_consumer_at(%s, %s, %s)", (queue, consumer, tick_id))
+        _value(conn, "select pgq.register_consumer_at(%s::text, %s::text, %s::bigint)", (queue, consumer, tick_id))
     )
 
 
 def unregister_consumer(conn: Connection, queue: str, consumer: str) -> None:
-    _value(conn, "select pgq.unregister_consumer(%s, %s)", (queue, consumer))
+    _value(conn, "select pgq.unregister_consumer(%s::text, %s::text)", (queue, consumer))
 
 
 def is_registered(conn: Connection, queue: str, consumer: str) -> bool:
@@ -145,11 +145,11 @@ def _batch(row: tuple[Any, ...] | None) -> BatchInfo | None:
 
 _NEXT_BATCH_INFO = (
     "select batch_id, cur_tick_id, prev_tick_id, cur_tick_time, prev_tick_time,"
-    " cur_tick_event_seq, prev_tick_event_seq from pgq.next_batch_info(%s, %s)"
+    " cur_tick_event_seq, prev_tick_event_seq from pgq.next_batch_info(%s::text, %s::text)"
 )
 _NEXT_BATCH_CUSTOM = (
     "select batch_id, cur_tick_id, prev_tick_id, cur_tick_time, prev_tick_time,"
-    " cur_tick_event_seq, prev_tick_event_seq from pgq.next_batch_custom(%s, %s, %s, %s, %s)"
+    " cur_tick_event_seq, prev_tick_event_seq from pgq.next_batch_custom(%s::text, %s::text, %s::interval, %s::int4, %s::interval)"
 )
 
 
@@ -184,7 +184,7 @@ def events_up_to_last_tick(conn: Connection, queue: str, consumer: str) -> int:
     return int(
         _value(
             conn,
-            "select coalesce(max(t.tick_event_seq) - min(l.tick_event_seq), 0)"
+            "select coalesce(pg_catalog.max(t.tick_event_seq) - pg_catalog.min(l.tick_event_seq), 0)"
             " from pgq.queue q"
             " join pgq.consumer c on c.co_name = %s"
             " join pgq.subscription s on s.sub_queue = q.queue_id and s.sub_consumer = c.co_id"
@@ -203,23 +203,23 @@ def batch_is_active(conn: Connection, batch_id: int) -> bool:
 
 def batch_event_sql(conn: Connection, batch_id: int) -> str:
     """The SELECT that yields exactly the batch's events, retry-queue events included."""
-    return str(_value(conn, "select pgq.batch_event_sql(%s)", (batch_id,)))
+    return str(_value(conn, "select pgq.batch_event_sql(%s::bigint)", (batch_id,)))
 
 
 def batch_max_event_id(conn: Connection, batch_sql: str) -> int:
     """Largest ev_id among a batch's events (batch_sql from batch_event_sql)."""
-    query = sql.SQL("select max(ev_id) from ({}) b").format(sql.SQL(batch_sql))
+    query = sql.SQL("select pg_catalog.max(ev_id) from ({}) b").format(sql.SQL(batch_sql))
     return int(_value(conn, query.as_string(conn)) or 0)
 
 
 def finish_batch(conn: Connection, batch_id: int) -> bool:
     """False when the batch was not active any more (someone else finished it)."""
-    return bool(_value(conn, "select pgq.finish_batch(%s)", (batch_id,)))
+    return bool(_value(conn, "select pgq.finish_batch(%s::bigint)", (batch_id,)))
 
 
 def force_tick(conn: Connection, queue: str) -> int | None:
     """Marks the queue so the next ticker pass ticks; returns the newest tick id now."""
-    return _value(conn, "select pgq.force_tick(%s)", (queue,))  # type: ignore[no-any-return]
+    return _value(conn, "select pgq.force_tick(%s::text)", (queue,))  # type: ignore[no-any-return]
 
 
 def ticker(conn: Connection, queue: str) -> int | None:
@@ -227,13 +227,13 @@ def ticker(conn: Connection, queue: str) -> int | None:
 
     Never call this where pgqd runs, nor twice at once: see core.ticking.
     """
-    return _value(conn, "select pgq.ticker(%s)", (queue,))  # type: ignore[no-any-return]
+    return _value(conn, "select pgq.ticker(%s::text)", (queue,))  # type: ignore[no-any-return]
 
 
 def last_tick_id(conn: Connection, queue: str) -> int | None:
     return _value(  # type: ignore[no-any-return]
         conn,
-        "select max(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
+        "select pg_catalog.max(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
         " where q.queue_name = %s",
         (queue,),
     )
@@ -241,7 +241,7 @@ def last_tick_id(conn: Connection, queue: str) -> int | None:
 
 def current_event_table(conn: Connection, queue: str) -> str:
     """Schema-qualified name of the table taking the queue's inserts in this transaction."""
-    return str(_value(conn, "select pgq.current_event_table(%s)", (queue,)))
+    return str(_value(conn, "select pgq.current_event_table(%s::text)", (queue,)))
 
 
 def get_queue_info(conn: Connection, queue: str) -> QueueInfo:
@@ -250,7 +250,7 @@ def get_queue_info(conn: Connection, queue: str) -> QueueInfo:
         "select i.queue_name, i.queue_external_ticker, i.queue_ticker_paused,"
         " i.queue_ticker_max_count, i.queue_ticker_max_lag, i.queue_ticker_idle_period,"
         " i.ticker_lag, i.ev_new, i.last_tick_id, q.queue_disable_insert"
-        " from pgq.get_queue_info(%s) i join pgq.queue q on q.queue_name = i.queue_name",
+        " from pgq.get_queue_info(%s::text) i join pgq.queue q on q.queue_name = i.queue_name",
         (queue,),
     )
     if row is None:
@@ -262,7 +262,7 @@ def get_consumer_info(conn: Connection, queue: str, consumer: str) -> ConsumerIn
     row = _one(
         conn,
         "select queue_name, consumer_name, lag, last_seen, last_tick, current_batch,"
-        " next_tick, pending_events from pgq.get_consumer_info(%s, %s)",
+        " next_tick, pending_events from pgq.get_consumer_info(%s::text, %s::text)",
         (queue, consumer),
     )
     return ConsumerInfo(*row) if row else None
@@ -274,13 +274,13 @@ def count_queue_events(conn: Connection, queue: str) -> int:
     if pfx is None:
         raise QueueNotFound(f"queue {queue!r} does not exist")
     schema, _, table = str(pfx).partition(".")
-    query = sql.SQL("select count(*) from {}").format(sql.Identifier(schema, table))
+    query = sql.SQL("select pg_catalog.count(*) from {}").format(sql.Identifier(schema, table))
     return int(_value(conn, query.as_string(conn)))
 
 
 def set_queue_config(conn: Connection, queue: str, name: str, value: str) -> None:
     """name without the 'queue_' prefix: ticker_max_count, rotation_period, ..."""
-    _value(conn, "select pgq.set_queue_config(%s, %s, %s)", (queue, name, value))
+    _value(conn, "select pgq.set_queue_config(%s::text, %s::text, %s::text)", (queue, name, value))
 
 
 def insert_event(
@@ -296,7 +296,7 @@ def insert_event(
     return int(
         _value(
             conn,
-            "select pgq.insert_event(%s, %s, %s, %s, %s, %s, %s)",
+            "select pgq.insert_event(%s::text, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text)",
             (queue, ev_type, ev_data, extra1, extra2, extra3, extra4),
         )
     )

@@ -3,16 +3,39 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from importlib.resources import files
+from typing import Any
 
+from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import PgqExtMissing
+from airflow_provider_pgq.core.errors import PgqExtMissing, PgqExtUntrusted
 
 log = logging.getLogger(__name__)
 
 #: What pgq_ext.mover_schema_version() must at least answer for this release.
-REQUIRED_MOVER_SCHEMA = 2  # 2: kept event ids (pgq_ext.kept_event_ids, kept_ids_*)
+#: 2: kept event ids; 3: the write side for MOVER_ROLE only, claims proven by rows.
+REQUIRED_MOVER_SCHEMA = 3
+
+#: The NOLOGIN role install makes: the only one (besides superusers and the installing
+#: owner) that may call the write side of pgq_ext. Grant it to the mover's target login.
+MOVER_ROLE = "pgq_mover"
+
+#: Functions that move marks, bind keys or write events with chosen times and ids:
+#: EXECUTE for MOVER_ROLE only. Everything else in pgq_ext reads, open to PUBLIC as in
+#: the classic pgq_ext.
+WRITE_FUNCTIONS = (
+    "set_last_tick", "set_batch_done", "set_event_done", "bind_source", "unbind_source",
+    "insert_event_chunk", "kept_ids_claim", "kept_ids_commit", "kept_ids_release",
+)
+
+#: The names our SQL defines; a classic installation's functions of these names are
+#: dropped once when install first takes it over (their argument names may differ).
+OUR_FUNCTIONS = WRITE_FUNCTIONS + (
+    "get_last_tick", "is_batch_done", "is_event_done", "version", "mover_schema_version",
+    "kept_ids_seq_position", "kept_ids_refusal",
+)
 
 _INSTALL_LOCK = "airflow_provider_pgq:pgq_ext install"
 
@@ -21,52 +44,233 @@ def _sql(name: str) -> str:
     return files("airflow_provider_pgq.core").joinpath("sql").joinpath(name).read_text(encoding="utf-8")
 
 
+def _rows(conn: Connection, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return list(cur.fetchall())
+
+
 def installed_as_extension(conn: Connection) -> bool:
     """A classic pgq_ext created with CREATE EXTENSION owns its functions: we leave them."""
-    with conn.cursor() as cur:
-        cur.execute("select 1 from pg_extension where extname = 'pgq_ext'")
-        return cur.fetchone() is not None
+    return bool(_rows(conn, "select 1 from pg_catalog.pg_extension where extname = 'pgq_ext'"))
 
 
 def mover_schema_version(conn: Connection) -> int | None:
     """None when pgq_ext is absent or lacks what the mover adds (e.g. a classic install)."""
-    with conn.cursor() as cur:
-        cur.execute("select to_regproc('pgq_ext.mover_schema_version')")
-        row = cur.fetchone()
-        if row is None or row[0] is None:
-            return None
-        cur.execute("select pgq_ext.mover_schema_version()")
-        row = cur.fetchone()
-    return int(row[0]) if row else None
+    rows = _rows(conn, "select pg_catalog.to_regproc('pgq_ext.mover_schema_version')")
+    if not rows or rows[0][0] is None:
+        return None
+    rows = _rows(conn, "select pgq_ext.mover_schema_version()")
+    return int(rows[0][0]) if rows else None
 
 
 def classic_present(conn: Connection) -> bool:
+    rows = _rows(conn, "select pg_catalog.to_regclass('pgq_ext.completed_tick')")
+    return bool(rows and rows[0][0])
+
+
+# Every object in pgq_ext and who owns it: the schema, its relations and types, its
+# functions and operators, and the functions of triggers on its tables (a trigger runs
+# as whoever fires it: inside our SECURITY DEFINER functions, as their owner).
+_OWNERS = """
+select 'schema', n.nspname::text, n.nspowner from pg_catalog.pg_namespace n
+ where n.nspname = 'pgq_ext'
+union all
+select case when c.relkind in ('r', 'p') then 'table' else 'relation' end,
+       c.oid::pg_catalog.regclass::text, c.relowner from pg_catalog.pg_class c
+ where c.relnamespace = pg_catalog.to_regnamespace('pgq_ext')
+union all
+select 'function', p.oid::pg_catalog.regprocedure::text, p.proowner from pg_catalog.pg_proc p
+ where p.pronamespace = pg_catalog.to_regnamespace('pgq_ext')
+union all
+select 'type', t.oid::pg_catalog.regtype::text, t.typowner from pg_catalog.pg_type t
+ where t.typnamespace = pg_catalog.to_regnamespace('pgq_ext')
+union all
+select 'operator', o.oid::pg_catalog.regoperator::text, o.oprowner from pg_catalog.pg_operator o
+ where o.oprnamespace = pg_catalog.to_regnamespace('pgq_ext')
+union all
+select 'trigger', t.tgname::text || ' on ' || t.tgrelid::pg_catalog.regclass::text, p.proowner
+  from pg_catalog.pg_trigger t
+  join pg_catalog.pg_class c on c.oid = t.tgrelid
+  join pg_catalog.pg_proc p on p.oid = t.tgfoid
+ where c.relnamespace = pg_catalog.to_regnamespace('pgq_ext') and not t.tgisinternal
+"""
+
+_UNTRUSTED = f"""
+select o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)
+  from ({_OWNERS}) o (kind, name, owner)
+  join pg_catalog.pg_roles r on r.oid = o.owner
+ where not r.rolsuper
+   and r.rolname <> current_user
+   and o.owner is distinct from (select e.extowner from pg_catalog.pg_extension e
+                                  where e.extname = 'pgq_ext')
+ order by 1, 2
+ limit 1
+"""
+
+
+def require_trusted(conn: Connection) -> None:
+    """Refuses a pgq_ext that a role other than us, a superuser or the classic
+    extension's owner controls: its tables could carry triggers and its functions run
+    as our role. We never adopt such objects."""
+    rows = _rows(conn, _UNTRUSTED)
+    if not rows:
+        return
+    kind, name, owner = rows[0]
+    me, db = _rows(conn, "select current_user::text, pg_catalog.current_database()::text")[0]
+    raise PgqExtUntrusted(
+        f"pgq_ext in database {db!r} is not ours to use: {kind} {name} is owned by role"
+        f" {owner!r}, which is neither {me!r}, a superuser, nor the owner of a pgq_ext"
+        " extension; code of that role could run with this session's rights. Find out who"
+        " made it; if it is not yours, a superuser should move the marks aside and drop it"
+        f" (drop schema pgq_ext cascade), or, if it is, alter its owner to {me!r}; then install"
+        " again"
+    )
+
+
+@dataclass
+class InstallReport:
+    """What install changed, so that an admin can see that their grants were kept."""
+
+    created: list[str] = field(default_factory=list)
+    taken_over: list[str] = field(default_factory=list)
+    granted: list[str] = field(default_factory=list)
+    role_created: bool = False
+
+    def summary(self) -> str:
+        parts = [
+            f"created {len(self.created)} objects" if self.created else "created nothing",
+            f"rights given: {'; '.join(self.granted)}" if self.granted else "kept every existing grant",
+        ]
+        if self.taken_over:
+            parts.append(f"took over {len(self.taken_over)} classic functions")
+        if self.role_created:
+            parts.append(f"created role {MOVER_ROLE}")
+        return ", ".join(parts)
+
+
+def _objects(conn: Connection) -> dict[str, str]:
+    """identity -> kind of the schema, tables and functions in pgq_ext."""
+    return {name: kind for kind, name, _ in _rows(conn, _OWNERS) if kind in ("schema", "table", "function")}
+
+
+def _ensure_mover_role(conn: Connection) -> bool:
+    """Creates the NOLOGIN mover role when missing; True when it did."""
+    rows = _rows(conn, "select rolcanlogin, rolsuper from pg_catalog.pg_roles where rolname = %s", (MOVER_ROLE,))
+    if rows:
+        if rows[0][0] or rows[0][1]:
+            raise PgqExtUntrusted(
+                f"role {MOVER_ROLE!r} exists but may log in or is a superuser: it must be a NOLOGIN"
+                f" group role that mover logins are granted. alter role {MOVER_ROLE} nologin"
+                " nosuperuser (and grant it to the mover's login), then install again"
+            )
+        return False
     with conn.cursor() as cur:
-        cur.execute("select to_regclass('pgq_ext.completed_tick')")
-        row = cur.fetchone()
-    return bool(row and row[0])
+        cur.execute(sql.SQL("create role {} nologin").format(sql.Identifier(MOVER_ROLE)))
+    return True
 
 
-def install(conn: Connection) -> None:
+def _take_over_classic(conn: Connection) -> list[str]:
+    """Drops a classic (not extension) installation's functions of our names, once."""
+    names = [r[0] for r in _rows(
+        conn,
+        "select p.oid::pg_catalog.regprocedure::text from pg_catalog.pg_proc p"
+        " where p.pronamespace = pg_catalog.to_regnamespace('pgq_ext') and p.proname = any(%s)",
+        (list(OUR_FUNCTIONS),),
+    )]
+    for name in names:
+        _execute_formatted(conn, "drop function %s", name, "pg_catalog.regprocedure")
+    return names
+
+
+def _execute_formatted(conn: Connection, template: str, obj: str, cast: str, role: str | None = None) -> None:
+    """Runs a DDL statement whose object name the server quotes (format over a reg* cast)."""
+    query = sql.SQL("select pg_catalog.format(%s, %s::{}, %s)").format(sql.SQL(cast))
+    rows = _rows(conn, query.as_string(conn), (template, obj, role))
+    with conn.cursor() as cur:
+        cur.execute(rows[0][0])
+
+
+def _default_rights(conn: Connection, name: str, kind: str) -> list[str]:
+    """The rights an object gets when install creates it (never again afterwards)."""
+    if kind == "schema":
+        with conn.cursor() as cur:
+            cur.execute("grant usage on schema pgq_ext to public")
+        return ["usage on schema pgq_ext to public"]
+    if kind == "table":
+        _execute_formatted(conn, "grant select on table %s to public", name, "pg_catalog.regclass")
+        return []  # tables are readable by all, as the classic had them: not worth a line
+    if _function_name(name) not in WRITE_FUNCTIONS:
+        return []  # PostgreSQL's default: EXECUTE for PUBLIC
+    _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
+    _execute_formatted(conn, "grant execute on function %s to %I", name, "pg_catalog.regprocedure", MOVER_ROLE)
+    return [f"{name} to {MOVER_ROLE} only"]
+
+
+def _function_name(identity: str) -> str:
+    return identity.split("(", 1)[0].rsplit(".", 1)[-1]
+
+
+def _move_writer_grants(conn: Connection, objects: dict[str, str]) -> list[str]:
+    """Mover schema 2 granted the write side to pgq_writer, which every producer holds:
+    that grant goes to the mover role instead (the one change to existing grants)."""
+    moved = []
+    for name, kind in objects.items():
+        if kind != "function" or _function_name(name) not in WRITE_FUNCTIONS:
+            continue
+        _execute_formatted(conn, "revoke all on function %s from pgq_writer", name, "pg_catalog.regprocedure")
+        _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
+        _execute_formatted(conn, "grant execute on function %s to %I", name, "pg_catalog.regprocedure", MOVER_ROLE)
+        moved.append(f"{name} from pgq_writer to {MOVER_ROLE}")
+    return moved
+
+
+def install(conn: Connection) -> InstallReport:
     """Installs or upgrades pgq_ext in one transaction and commits; marks are kept.
 
-    Safe to run any number of times and next to a classic installation.
+    Safe to run any number of times and next to a classic installation. Refuses
+    objects another role owns. Functions are replaced, not dropped, so every grant
+    and revoke an admin made on them stays; default rights go only to objects this
+    run creates.
     """
+    report = InstallReport()
     try:
         with conn.cursor() as cur:
-            cur.execute("select pg_advisory_xact_lock(hashtextextended(%s, 0))", (_INSTALL_LOCK,))
-            if not installed_as_extension(conn):
+            cur.execute(
+                "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(%s::text, 0::bigint))",
+                (_INSTALL_LOCK,),
+            )
+        require_trusted(conn)
+        report.role_created = _ensure_mover_role(conn)
+        previous = mover_schema_version(conn)
+        extension = installed_as_extension(conn)
+        if previous is None and not extension and classic_present(conn):
+            report.taken_over = _take_over_classic(conn)
+        before = _objects(conn)
+        if not extension:
+            with conn.cursor() as cur:
                 cur.execute(_sql("pgq_ext.sql"))
+        with conn.cursor() as cur:
             cur.execute(_sql("pgq_ext_mover.sql"))
+        after = _objects(conn)
+        report.created = sorted(set(after) - set(before))
+        for name in report.created:
+            report.granted += _default_rights(conn, name, after[name])
+        if previous is not None and previous < 3:
+            report.granted += _move_writer_grants(conn, after)
         conn.commit()
     except BaseException:
         conn.rollback()
         raise
-    log.info("pgq_ext installed (mover schema %s)", REQUIRED_MOVER_SCHEMA)
+    log.info("pgq_ext installed (mover schema %s): %s", REQUIRED_MOVER_SCHEMA, report.summary())
+    return report
 
 
 def require(conn: Connection, install_if_missing: bool = False) -> None:
-    """Raises PgqExtMissing unless pgq_ext is usable; installs it first when asked."""
+    """Raises PgqExtMissing unless pgq_ext is usable; installs it first when asked.
+
+    PgqExtUntrusted when another role controls it: nothing of it is called then."""
+    require_trusted(conn)
     have = mover_schema_version(conn)
     if have is not None and have >= REQUIRED_MOVER_SCHEMA:
         return
@@ -74,10 +278,7 @@ def require(conn: Connection, install_if_missing: bool = False) -> None:
         conn.rollback()
         install(conn)
         return
-    with conn.cursor() as cur:
-        cur.execute("select current_database()")
-        row = cur.fetchone()
-    db = row[0] if row else "?"
+    db = _rows(conn, "select pg_catalog.current_database()")[0][0]
     if have is None and not classic_present(conn):
         what = "is not installed"
     else:
@@ -94,14 +295,15 @@ def lock_key(conn: Connection, consumer: str, subconsumer: str) -> None:
     """Transaction-scoped lock that serializes movers sharing a tracking key."""
     with conn.cursor() as cur:
         cur.execute(
-            "select pg_advisory_xact_lock(hashtextextended('pgq_ext:' || %s || chr(1) || %s, 0))",
+            "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended("
+            "pg_catalog.concat('pgq_ext:', %s::text, pg_catalog.chr(1), %s::text), 0::bigint))",
             (consumer, subconsumer),
         )
 
 
 def get_last_tick(conn: Connection, consumer: str, subconsumer: str) -> int | None:
     with conn.cursor() as cur:
-        cur.execute("select pgq_ext.get_last_tick(%s, %s)", (consumer, subconsumer))
+        cur.execute("select pgq_ext.get_last_tick(%s::text, %s::text)", (consumer, subconsumer))
         row = cur.fetchone()
     return None if row is None or row[0] is None else int(row[0])
 
@@ -109,7 +311,7 @@ def get_last_tick(conn: Connection, consumer: str, subconsumer: str) -> int | No
 def set_last_tick(conn: Connection, consumer: str, subconsumer: str, tick_id: int | None) -> None:
     """None forgets the mark."""
     with conn.cursor() as cur:
-        cur.execute("select pgq_ext.set_last_tick(%s, %s, %s)", (consumer, subconsumer, tick_id))
+        cur.execute("select pgq_ext.set_last_tick(%s::text, %s::text, %s::bigint)", (consumer, subconsumer, tick_id))
 
 
 def bind_source(
@@ -118,7 +320,7 @@ def bind_source(
     """Binds the key to this source; returns the other source it belongs to, if any."""
     with conn.cursor() as cur:
         cur.execute(
-            "select pgq_ext.bind_source(%s, %s, %s, %s, %s)",
+            "select pgq_ext.bind_source(%s::text, %s::text, %s::text, %s::text, %s::text)",
             (consumer, subconsumer, system_id, database, queue),
         )
         row = cur.fetchone()
@@ -127,4 +329,4 @@ def bind_source(
 
 def unbind_source(conn: Connection, consumer: str, subconsumer: str) -> None:
     with conn.cursor() as cur:
-        cur.execute("select pgq_ext.unbind_source(%s, %s)", (consumer, subconsumer))
+        cur.execute("select pgq_ext.unbind_source(%s::text, %s::text)", (consumer, subconsumer))

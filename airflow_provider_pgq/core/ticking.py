@@ -24,7 +24,8 @@ def ticker_pass(conn: Connection, queue: str) -> int | None:
     """
     try:
         with conn.cursor() as cur:
-            cur.execute("select pg_advisory_xact_lock(hashtextextended(%s || %s, 0))", (_TICKER_LOCK, queue))
+            cur.execute("select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended("
+                "pg_catalog.concat(%s::text, %s::text), 0::bigint))", (_TICKER_LOCK, queue))
         tick = pgq.ticker(conn, queue)
         conn.commit()
     except BaseException:

@@ -4,7 +4,8 @@ Two paths, same result:
 - ``copy_stream``: the source's ``COPY (batch) TO STDOUT`` piped straight into the
   target's ``COPY <current event table> FROM STDIN``, binary format. No Python
   object per event, memory bounded by the pipe buffers whatever the batch size.
-- ``insert_chunks``: for a target role holding only ``pgq_writer``; events reach the
+- ``insert_chunks``: for a target role that may not write event tables (it holds the
+  ``pgq_mover`` role of pgq_ext, not pgq_admin); events reach the
   event table through ``pgq_ext.insert_event_chunk`` (arrays, one call a chunk).
   Where the role may create temporary tables (PostgreSQL grants that to PUBLIC by
   default), the batch is first streamed by binary COPY into a temporary table and the
@@ -38,7 +39,7 @@ _READ_CHUNK = 1 << 18
 #: Kernel pipe buffer asked for (Linux allows up to 1 MiB unprivileged); best effort.
 _PIPE_SIZE = 1 << 20
 
-#: Session-local staging table of the pgq_writer path (temporary, emptied at commit).
+#: Session-local staging table of the chunk path (temporary, emptied at commit).
 STAGING_TABLE = "pgq_mover_rows"
 
 
@@ -181,7 +182,7 @@ def _set_client_encoding(conn: Connection, encoding: str) -> None:
     """SET LOCAL client_encoding behind psycopg2's back: only for the COPY's bytes,
     which psycopg2 never decodes; set back before any text is read again."""
     with conn.cursor() as cur:
-        cur.execute("select set_config('client_encoding', %s, true)", (encoding,))
+        cur.execute("select pg_catalog.set_config('client_encoding', %s::text, true)", (encoding,))
 
 
 def copy_stream(
@@ -226,11 +227,11 @@ def insert_chunks(
         # ord it handed out (rows left by an earlier call in this transaction are
         # at or below it; the CASE keeps the sequence lookup off a missing table).
         cur.execute(
-            "select to_regclass(%s) is not null,"
-            " has_database_privilege(current_database(), 'TEMPORARY'),"
-            " case when to_regclass(%s) is not null"
-            " then pg_sequence_last_value(pg_get_serial_sequence(%s, 'ord')) end,"
-            " current_setting('enable_sort'), current_setting('enable_bitmapscan')",
+            "select pg_catalog.to_regclass(%s::text) is not null,"
+            " pg_catalog.has_database_privilege(pg_catalog.current_database(), 'TEMPORARY'),"
+            " case when pg_catalog.to_regclass(%s::text) is not null"
+            " then pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence(%s::text, 'ord')) end,"
+            " pg_catalog.current_setting('enable_sort'), pg_catalog.current_setting('enable_bitmapscan')",
             (staging, staging, staging),
         )
         row = cur.fetchone()
@@ -279,21 +280,22 @@ def _insert_staged(
         staging, _column_list(keep_event_id)
     )
     staged = _pipe_copy(source, target, copy_out, copy_in, mid_stream)
-    aggregates = sql.SQL(", ").join(sql.SQL("array_agg({})").format(sql.Identifier(c)) for c in EVENT_COLUMNS)
-    ids = sql.SQL("array_agg(ev_id)") if keep_event_id else sql.SQL("null::bigint[]")
+    aggregates = sql.SQL(", ").join(sql.SQL("pg_catalog.array_agg({})").format(sql.Identifier(c)) for c in EVENT_COLUMNS)
+    ids = sql.SQL("pg_catalog.array_agg(ev_id)") if keep_event_id else sql.SQL("null::bigint[]")
     # The aggregates read a subquery sorted by ord: PostgreSQL feeds them in that
     # order, and unnest in the function inserts in array order. One COPY in one
     # session hands out consecutive ords, so chunk k is the range after last_ord.
     insert = sql.SQL(
-        "select pgq_ext.insert_event_chunk(%s, {}, {}), count(*) from"
-        " (select * from {} where ord > %s and ord <= %s order by ord) c"
+        "select pgq_ext.insert_event_chunk(%s::text, {}, {}), pg_catalog.count(*) from"
+        " (select * from {} where ord > %s::bigint and ord <= %s::bigint order by ord) c"
     ).format(aggregates, ids, staging)
     # Without statistics on the fresh temporary table the planner sorts a bitmap scan
     # (wide rows, ~10% of the chunk's cost) where the primary key already gives the
     # order: steer it to the index for these statements only, then put both settings
     # back, so the caller's transaction plans as before.
     steer = (
-        "select set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true);"
+        "select pg_catalog.set_config('enable_sort', 'off', true),"
+        " pg_catalog.set_config('enable_bitmapscan', 'off', true);"
     )
     query = insert.as_string(target)
     written = 0
@@ -313,7 +315,8 @@ def _insert_staged(
             last_ord += chunk_size
         if not first:
             cur.execute(
-                "select set_config('enable_sort', %s, true), set_config('enable_bitmapscan', %s, true)",
+                "select pg_catalog.set_config('enable_sort', %s::text, true),"
+                " pg_catalog.set_config('enable_bitmapscan', %s::text, true)",
                 planner,
             )
     return written
@@ -332,17 +335,17 @@ def _insert_source_arrays(
     (one row per chunk), which travel through Python as opaque strings."""
     columns = _columns(keep_event_id)
     aggregates = sql.SQL(", ").join(
-        sql.SQL("array_agg({} order by n)::text").format(sql.Identifier(c)) for c in columns
+        sql.SQL("pg_catalog.array_agg({} order by n)::text").format(sql.Identifier(c)) for c in columns
     )
     chunks = sql.SQL(
-        "select {} from (select {}, row_number() over (order by ev_id) - 1 as n from ({}) b) r"
+        "select {} from (select {}, pg_catalog.row_number() over (order by ev_id) - 1 as n from ({}) b) r"
         " group by n / {size} order by n / {size}"
     ).format(
         aggregates, _column_list(True), sql.SQL(batch_sql), size=sql.Literal(int(chunk_size))
     )
     ids = sql.SQL("%s::bigint[]") if keep_event_id else sql.SQL("null::bigint[]")
     insert = sql.SQL(
-        "select pgq_ext.insert_event_chunk(%s, %s::text[], %s::text[], %s::text[], %s::text[],"
+        "select pgq_ext.insert_event_chunk(%s::text, %s::text[], %s::text[], %s::text[], %s::text[],"
         " %s::text[], %s::text[], %s::timestamptz[], {})"
     ).format(ids)
     with source.cursor() as cur:

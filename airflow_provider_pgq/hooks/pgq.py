@@ -97,9 +97,10 @@ class PgqHook(PostgresHook):
         with self.psycopg2_connection() as conn:
             return pgq.count_queue_events(conn, queue)
 
-    def install_pgq_ext(self) -> None:
+    def install_pgq_ext(self) -> pgq_ext.InstallReport:
+        """Installs or upgrades pgq_ext (and the pgq_mover role); says what it changed."""
         with self.psycopg2_connection() as conn:
-            pgq_ext.install(conn)
+            return pgq_ext.install(conn)
 
     # -- repositioning (this hook is the source; target is the other side) ----
 

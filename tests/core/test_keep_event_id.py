@@ -17,7 +17,7 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
-from airflow_provider_pgq.core import faults
+from airflow_provider_pgq.core import faults, pgq_ext
 from airflow_provider_pgq.core.errors import KeptIdConflict
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoverOptions, QueueMover
 from tests.helpers import Server, mark_of, produce, queue_events, register, run_mover, simple_events, tick_plain
@@ -186,16 +186,16 @@ def test_an_id_allocated_during_the_batch_rolls_it_back(pair, intruder):
 
 @pytest.fixture
 def writer_dsn(target: Server) -> Iterator[str]:
-    """A login on the target holding only pgq_writer (no rights on the event tables)."""
+    """A login on the target holding only pgq_mover (no rights on the event tables)."""
     name, password = f"kw_{uuid.uuid4().hex[:10]}", "pw-" + secrets.token_urlsafe(12)
-    target.execute(sql.SQL("create role {} login password %s in role pgq_writer").format(sql.Identifier(name)),
+    target.execute(sql.SQL("create role {} login password %s in role pgq_mover").format(sql.Identifier(name)),
                    (password,))
     yield target.cluster.dsn(target.dbname, user=name, password=password)
     target.execute(sql.SQL("drop owned by {}").format(sql.Identifier(name)))
     target.execute(sql.SQL("drop role {}").format(sql.Identifier(name)))
 
 
-def test_pgq_writer_role_keeps_ids_through_the_chunk_path(pair, writer_dsn):
+def test_mover_role_keeps_ids_through_the_chunk_path(pair, writer_dsn):
     from airflow_provider_pgq.core.connect import connect
 
     source, target = pair
@@ -232,5 +232,5 @@ def test_a_schema_1_target_is_upgraded_on_request(pair):
     # the queue holds the earlier (fresh-id) events: after the upgrade the rule refuses kept ids
     with pytest.raises(KeptIdConflict, match="already holds events"):
         run_mover(source, target, keep_event_id=True, install_pgq_ext=True)
-    assert target.execute("select pgq_ext.mover_schema_version()")[0][0] == 2
+    assert target.execute("select pgq_ext.mover_schema_version()")[0][0] == pgq_ext.REQUIRED_MOVER_SCHEMA
     assert mark_of(target, "mover") == mark

@@ -313,11 +313,11 @@ def test_version(target: Server) -> None:
 
 
 def test_api_works_for_a_role_without_table_rights(target: Server, cluster: Any) -> None:
-    """The functions are security definer: a pgq_writer-only role reads and writes marks
-    without any privilege on the tables themselves."""
+    """The functions are security definer: a role holding only the mover role reads and
+    writes marks without any privilege on the tables themselves."""
     target.execute("do $$ begin create role pgq_ext_user login password 'pw-ext-user';"
                    " exception when duplicate_object then null; end $$")
-    target.execute("grant pgq_writer to pgq_ext_user")
+    target.execute("grant pgq_mover to pgq_ext_user")
     conn = psycopg2.connect(cluster.dsn(target.dbname, user="pgq_ext_user", password="pw-ext-user"))
     try:
         with conn.cursor() as cur:
@@ -397,12 +397,17 @@ def test_insert_event_chunk_keeps_fields_and_times(target: Server) -> None:
     )
     assert n == 2
     assert queue_events(target, "dst_q") == Counter(rows)
-    n = one(
-        target,
-        "select pgq_ext.insert_event_chunk('dst_q', %s::text[], %s::text[], %s::text[], %s::text[],"
-        " %s::text[], %s::text[], %s::timestamptz[], %s::bigint[])",
-        (["k"], ["kept id"], [None], [None], [None], [None], [t0], [900001]),
-    )
-    assert n == 1
-    with_ids = queue_events(target, "dst_q", with_ids=True)
+    # explicit ids: only inside the transaction that holds the (empty) queue's kept-id claim
+    target.execute("select pgq.create_queue('ids_q')")
+    with connection(target) as conn, conn.cursor() as cur:
+        cur.execute("select pgq_ext.kept_ids_claim('k', '', 'ids_q')")
+        assert cur.fetchone() == (None,)
+        cur.execute(
+            "select pgq_ext.insert_event_chunk('ids_q', %s::text[], %s::text[], %s::text[], %s::text[],"
+            " %s::text[], %s::text[], %s::timestamptz[], %s::bigint[])",
+            (["k"], ["kept id"], [None], [None], [None], [None], [t0], [900001]),
+        )
+        assert cur.fetchone() == (1,)
+        conn.commit()
+    with_ids = queue_events(target, "ids_q", with_ids=True)
     assert ("k", "kept id", None, None, None, None, t0, 900001) in with_ids

@@ -1,5 +1,5 @@
 """Least privilege: the mover runs with a source role holding only pgq_reader (and
-CONNECT) and a target role holding only pgq_writer (and CONNECT), both logging in
+CONNECT) and a target role holding only pgq_mover (and CONNECT), both logging in
 over TCP with a password (scram), and moves every event exactly once.
 
 What the roles may and may not do is asserted first, so that a test passing
@@ -121,20 +121,22 @@ def assert_reader_only(source: Server, reader: Login) -> None:
 
 
 def assert_writer_only(target: Server, writer: Login) -> None:
-    """The target login produces and nothing more: it may not write the event tables."""
-    assert memberships(target, writer) == {"pgq_writer"}
+    """The target login is a member of pgq_mover and nothing more: it may not write the
+    event tables, nor produce through pgq.insert_event."""
+    assert memberships(target, writer) == {"pgq_mover"}
     assert not target.execute("select rolsuper from pg_roles where rolname = %s", (writer.name,))[0][0]
     table = event_table(target, "dst_q")
     assert not can(target, writer, "has_table_privilege", table, "insert")
     assert not can(target, writer, "has_table_privilege", table, "select")
     assert not can(target, writer, "has_function_privilege", "pgq.next_batch_info(text, text)", "execute")
     assert not can(target, writer, "has_table_privilege", "pgq_ext.completed_tick", "update")
+    assert not can(target, writer, "has_function_privilege", "pgq.insert_event(text, text, text)", "execute")
 
 
 def test_roles_cannot_log_in_without_their_connect_grant(source: Server, target: Server, login_in: LoginMaker) -> None:
     """The premise of the tests below: CONNECT is really needed (PUBLIC's is revoked)."""
     reader = login_in(source, "pgq_reader")
-    login_in(target, "pgq_writer")  # revokes PUBLIC's CONNECT on the target too
+    login_in(target, "pgq_mover")  # revokes PUBLIC's CONNECT on the target too
     with pytest.raises(ConnectionFailed, match="permission denied for database") as info:
         connect(reader.dsn(target))
     assert reader.password not in str(info.value)
@@ -147,7 +149,7 @@ def test_reader_and_writer_roles_move_every_event_once(
     source: Server, target: Server, login_in: LoginMaker, register_as_reader: bool
 ) -> None:
     reader = login_in(source, "pgq_reader")
-    writer = login_in(target, "pgq_writer")
+    writer = login_in(target, "pgq_mover")
     assert_reader_only(source, reader)
     assert_writer_only(target, writer)
     if not register_as_reader:
@@ -177,7 +179,7 @@ def test_writer_without_temporary_privilege_still_moves_everything(
     """TEMPORARY is granted to PUBLIC by default; a hardened target may revoke it."""
     target.execute(sql.SQL("revoke temporary on database {} from public").format(sql.Identifier(target.dbname)))
     reader = login_in(source, "pgq_reader")
-    writer = login_in(target, "pgq_writer")
+    writer = login_in(target, "pgq_mover")
     assert not can(target, writer, "has_database_privilege", target.dbname, "temporary")
     register(source, "src_q", "mover")
     produce(source, "src_q", simple_events(200))
@@ -190,6 +192,7 @@ def test_writer_without_temporary_privilege_still_moves_everything(
 def test_admin_target_role_takes_the_copy_path(source: Server, target: Server, login_in: LoginMaker) -> None:
     reader = login_in(source, "pgq_reader")
     admin = login_in(target, "pgq_admin")
+    target.execute(sql.SQL("grant pgq_mover to {}").format(sql.Identifier(admin.name)))  # marks
     assert can(target, admin, "has_table_privilege", event_table(target, "dst_q"), "insert")
     register(source, "src_q", "mover")
     produce(source, "src_q", simple_events(150))
@@ -206,9 +209,9 @@ def test_hardened_pgq_ext_needs_exactly_the_listed_functions(
     """A DBA who revokes EXECUTE on pgq_ext from PUBLIC grants the mover's role these
     five functions (docs/reliability.md) and nothing else: the move works."""
     reader = login_in(source, "pgq_reader")
-    writer = login_in(target, "pgq_writer")
+    writer = login_in(target, "pgq_mover")
     target.execute("revoke execute on all functions in schema pgq_ext from public")
-    target.execute("revoke execute on all functions in schema pgq_ext from pgq_writer")
+    target.execute("revoke execute on all functions in schema pgq_ext from pgq_mover")
     assert not can(target, writer, "has_function_privilege", "pgq_ext.set_last_tick(text, text, bigint)", "execute")
     register(source, "src_q", "mover")
     produce(source, "src_q", simple_events(40))
@@ -229,7 +232,7 @@ def test_hardened_pgq_ext_needs_exactly_the_listed_functions(
     assert mark_of(target, "mover") == last
 
 
-def test_target_role_without_pgq_writer_is_refused_before_anything_is_written(
+def test_target_role_without_pgq_mover_is_refused_before_anything_is_written(
     source: Server, target: Server, login_in: LoginMaker
 ) -> None:
     reader = login_in(source, "pgq_reader")
@@ -239,7 +242,7 @@ def test_target_role_without_pgq_writer_is_refused_before_anything_is_written(
     with pytest.raises(PgqError) as info:
         move(reader.dsn(source), nobody.dsn(target), register_consumer=True)
     text = str(info.value)
-    assert nobody.name in text and "'dst_q'" in text and "pgq_writer" in text
+    assert nobody.name in text and "'dst_q'" in text and "pgq_mover" in text
     # nothing written on either side: no registration, no mark, no binding, no events
     assert source.execute("select count(*) from pgq.subscription")[0][0] == 0
     assert target.execute("select count(*) from pgq_ext.completed_tick")[0][0] == 0
@@ -253,7 +256,7 @@ def test_reader_forces_a_tick_cut_by_pgqd(
     """force_tick is a pgq_reader right; the tick itself comes from pgqd (running as
     admin). pgq.ticker is not: the mover's own ticker option needs pgq_admin."""
     reader = login_in(source, "pgq_reader")
-    writer = login_in(target, "pgq_writer")
+    writer = login_in(target, "pgq_mover")
     register(source, "src_q", "mover")
     events = simple_events(60)
     produce(source, "src_q", events)

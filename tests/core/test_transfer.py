@@ -22,7 +22,7 @@ import pytest
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core import faults, pgq, pgq_ext, transfer
+from airflow_provider_pgq.core import faults, kept_ids, pgq, pgq_ext, transfer
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoveReport, MoverOptions, QueueMover
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster, wait_until
@@ -163,14 +163,14 @@ def revoke_temporary(server: Server) -> None:
 
 
 @pytest.mark.parametrize("temporary", [True, False], ids=["staged", "source-arrays"])
-def test_pgq_writer_role_takes_the_chunk_path_exactly_in_order(
+def test_mover_role_takes_the_chunk_path_exactly_in_order(
     cluster: ThrowawayCluster,
     source: Server,
     target: Server,
     make_role: Callable[[str], Role],
     temporary: bool,
 ) -> None:
-    writer = make_role("pgq_writer")
+    writer = make_role("pgq_mover")
     if not temporary:
         # No TEMPORARY: the source renders the chunks as text. Odd time zones (and date
         # styles, which psycopg2 resets to ISO) on both sides: times must not shift.
@@ -200,6 +200,7 @@ def test_role_that_may_write_event_tables_takes_copy(
     cluster: ThrowawayCluster, source: Server, target: Server, make_role: Callable[[str], Role]
 ) -> None:
     admin = make_role("pgq_admin")
+    target.execute(sql.SQL("grant pgq_mover to {}").format(sql.Identifier(admin.name)))  # marks
     register(source, "src_q", "mover")
     events = nasty_events()[:20]
     produce(source, "src_q", events)
@@ -217,7 +218,7 @@ def test_chunk_path_keeps_event_ids_when_asked(
     make_role: Callable[[str], Role],
     temporary: bool,
 ) -> None:
-    writer = make_role("pgq_writer")
+    writer = make_role("pgq_mover")
     if not temporary:
         revoke_temporary(target)
     register(source, "src_q", "mover")
@@ -227,6 +228,7 @@ def test_chunk_path_keeps_event_ids_when_asked(
     t = connect(writer.dsn(cluster, target))
     try:
         batch_sql = open_batch(s, "src_q", "mover")
+        kept_ids.claim(t, "mover", "", "dst_q", "consumer 'mover'")  # explicit ids need the claim
         written = transfer.insert_chunks(s, t, batch_sql, "dst_q", keep_event_id=True, chunk_size=4)
         t.commit()
     finally:
@@ -241,7 +243,7 @@ def test_staging_leftovers_are_never_written_twice(
 ) -> None:
     """Two calls in one target transaction: each writes its own batch once, and the
     transaction's planner settings are as the caller left them."""
-    writer = make_role("pgq_writer")
+    writer = make_role("pgq_mover")
     register(source, "src_q", "mover")
     produce(source, "src_q", nasty_events()[:10])
     tick(source, "src_q")
@@ -279,7 +281,7 @@ def test_empty_batch_writes_nothing(
     make_role: Callable[[str], Role],
     temporary: bool,
 ) -> None:
-    writer = make_role("pgq_writer")
+    writer = make_role("pgq_mover")
     if not temporary:
         revoke_temporary(target)
     register(source, "src_q", "mover")
@@ -352,7 +354,7 @@ def test_latin1_source_into_utf8_target_keeps_every_character(
     register(source, "src_q", "mover")
     produce(source, "src_q", LATIN1_TEXT)
     tick(source, "src_q")
-    dsn = make_role("pgq_writer").dsn(cluster, target) if writer else target.dsn
+    dsn = make_role("pgq_mover").dsn(cluster, target) if writer else target.dsn
     report = move(source, dsn)
     assert report.write_path == (CHUNK_PATH if writer else COPY_PATH)
     assert ordered_events(target, "dst_q") == ordered_events(source, "src_q")

@@ -15,7 +15,7 @@ order, so that even a short storm covers all of them):
 - statement_timeout  the target session runs with a statement_timeout of a few ms
 
 Each mover process logs in, at random, as the superuser or as least-privilege
-roles (pgq_reader on the source; pgq_writer on the target, which takes the
+roles (pgq_reader on the source; pgq_mover on the target, which takes the
 pgq_ext.insert_event_chunk path instead of COPY), so both write paths are
 disrupted. The source and the target live in different clusters: restarting the
 target leaves the producer and the ticker alone.
@@ -437,7 +437,7 @@ class Storm:
             pgq_ext.install(conn)
         finally:
             conn.close()
-        for db, login, role in ((s, self.reader, "pgq_reader"), (t, self.writer, "pgq_writer")):
+        for db, login, role in ((s, self.reader, "pgq_reader"), (t, self.writer, "pgq_mover")):
             db.execute(sql.SQL("create role {} login password %s in role {}").format(
                 sql.Identifier(login.user), sql.Identifier(role)), (login.password,))
             db.execute(sql.SQL("grant connect on database {} to {}").format(
@@ -490,7 +490,7 @@ class Storm:
         if sigterm_raises:
             args.append("--sigterm-raises")
         child = start_child(source_dsn, target_dsn, args, self.workdir, app, fault_env,
-                            "pgq_writer" if as_writer else "superuser")
+                            "pgq_mover" if as_writer else "superuser")
         self.children.append(child)
         return child
 
@@ -593,7 +593,7 @@ class Storm:
         child.release()
         code = self.finish(child, result)
         self._expect(child, code, (0, 1), result)
-        path = "chunks" if child.target_role == "pgq_writer" else "copy"
+        path = "chunks" if child.target_role == "pgq_mover" else "copy"
         return FaultRecord(i, f"terminate_{side}", f"{path} path, backend {state}", fired and code == 1, [code])
 
     def _fault_terminate_source(self, i: int, rng: random.Random, result: StormResult,

@@ -2,11 +2,13 @@
 --
 -- Call-compatible with the classic skytools pgq_ext (same tables, same functions,
 -- same argument types), so a target once fed by the classic queue_mover keeps its
--- marks. Written for airflow-provider-pgq. Runs inside one transaction; tables are
--- created only when missing, so an existing installation keeps its data.
+-- marks. Written for airflow-provider-pgq. Runs inside one transaction, after
+-- core/pgq_ext.py has checked that every object already in pgq_ext belongs to a
+-- role it trusts. Tables are created only when missing (an installation keeps its
+-- data); functions are created or replaced (an installation keeps its grants). Rights
+-- are not given here: install gives the defaults to what it creates (core/pgq_ext.py).
 
 create schema if not exists pgq_ext;
-grant usage on schema pgq_ext to public;
 
 create table if not exists pgq_ext.completed_tick (
     consumer_id     text    not null,
@@ -37,32 +39,26 @@ create table if not exists pgq_ext.partial_batch (
     primary key (consumer_id, subconsumer_id)
 );
 
-grant select on pgq_ext.completed_tick, pgq_ext.completed_batch,
-    pgq_ext.completed_event, pgq_ext.partial_batch to public;
-
--- Functions are dropped and created again (not "create or replace"): an older
--- installation may name its arguments differently, which "replace" refuses.
+-- A classic installation taken over for the first time may name the arguments of these
+-- functions differently, which "create or replace" refuses: install drops those first.
 
 -- ticks -------------------------------------------------------------------
 
-drop function if exists pgq_ext.get_last_tick(text, text);
-create function pgq_ext.get_last_tick(a_consumer text, a_subconsumer text)
+create or replace function pgq_ext.get_last_tick(a_consumer text, a_subconsumer text)
 returns bigint language sql stable security definer
 set search_path = pg_catalog, pg_temp as $$
     select last_tick_id from pgq_ext.completed_tick
      where consumer_id = a_consumer and subconsumer_id = a_subconsumer;
 $$;
 
-drop function if exists pgq_ext.get_last_tick(text);
-create function pgq_ext.get_last_tick(a_consumer text)
+create or replace function pgq_ext.get_last_tick(a_consumer text)
 returns bigint language sql stable security definer
 set search_path = pg_catalog, pg_temp as $$
     select pgq_ext.get_last_tick(a_consumer, '');
 $$;
 
 -- A NULL tick forgets the mark.
-drop function if exists pgq_ext.set_last_tick(text, text, bigint);
-create function pgq_ext.set_last_tick(a_consumer text, a_subconsumer text, a_tick_id bigint)
+create or replace function pgq_ext.set_last_tick(a_consumer text, a_subconsumer text, a_tick_id bigint)
 returns integer language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 begin
@@ -79,8 +75,7 @@ begin
 end;
 $$;
 
-drop function if exists pgq_ext.set_last_tick(text, bigint);
-create function pgq_ext.set_last_tick(a_consumer text, a_tick_id bigint)
+create or replace function pgq_ext.set_last_tick(a_consumer text, a_tick_id bigint)
 returns integer language sql security definer
 set search_path = pg_catalog, pg_temp as $$
     select pgq_ext.set_last_tick(a_consumer, '', a_tick_id);
@@ -88,24 +83,21 @@ $$;
 
 -- batches -----------------------------------------------------------------
 
-drop function if exists pgq_ext.is_batch_done(text, text, bigint);
-create function pgq_ext.is_batch_done(a_consumer text, a_subconsumer text, a_batch_id bigint)
+create or replace function pgq_ext.is_batch_done(a_consumer text, a_subconsumer text, a_batch_id bigint)
 returns boolean language sql stable security definer
 set search_path = pg_catalog, pg_temp as $$
     select coalesce((select last_batch_id = a_batch_id from pgq_ext.completed_batch
                       where consumer_id = a_consumer and subconsumer_id = a_subconsumer), false);
 $$;
 
-drop function if exists pgq_ext.is_batch_done(text, bigint);
-create function pgq_ext.is_batch_done(a_consumer text, a_batch_id bigint)
+create or replace function pgq_ext.is_batch_done(a_consumer text, a_batch_id bigint)
 returns boolean language sql stable security definer
 set search_path = pg_catalog, pg_temp as $$
     select pgq_ext.is_batch_done(a_consumer, '', a_batch_id);
 $$;
 
 -- False when the batch was already marked done.
-drop function if exists pgq_ext.set_batch_done(text, text, bigint);
-create function pgq_ext.set_batch_done(a_consumer text, a_subconsumer text, a_batch_id bigint)
+create or replace function pgq_ext.set_batch_done(a_consumer text, a_subconsumer text, a_batch_id bigint)
 returns boolean language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 begin
@@ -120,8 +112,7 @@ begin
 end;
 $$;
 
-drop function if exists pgq_ext.set_batch_done(text, bigint);
-create function pgq_ext.set_batch_done(a_consumer text, a_batch_id bigint)
+create or replace function pgq_ext.set_batch_done(a_consumer text, a_batch_id bigint)
 returns boolean language sql security definer
 set search_path = pg_catalog, pg_temp as $$
     select pgq_ext.set_batch_done(a_consumer, '', a_batch_id);
@@ -129,8 +120,7 @@ $$;
 
 -- events ------------------------------------------------------------------
 
-drop function if exists pgq_ext.is_event_done(text, text, bigint, bigint);
-create function pgq_ext.is_event_done(a_consumer text, a_subconsumer text,
+create or replace function pgq_ext.is_event_done(a_consumer text, a_subconsumer text,
                                       a_batch_id bigint, a_event_id bigint)
 returns boolean language sql stable security definer
 set search_path = pg_catalog, pg_temp as $$
@@ -139,8 +129,7 @@ set search_path = pg_catalog, pg_temp as $$
                       and batch_id = a_batch_id and event_id = a_event_id);
 $$;
 
-drop function if exists pgq_ext.is_event_done(text, bigint, bigint);
-create function pgq_ext.is_event_done(a_consumer text, a_batch_id bigint, a_event_id bigint)
+create or replace function pgq_ext.is_event_done(a_consumer text, a_batch_id bigint, a_event_id bigint)
 returns boolean language sql stable security definer
 set search_path = pg_catalog, pg_temp as $$
     select pgq_ext.is_event_done(a_consumer, '', a_batch_id, a_event_id);
@@ -148,8 +137,7 @@ $$;
 
 -- Events of older batches are forgotten when a new batch starts: only the batch
 -- in progress can be retried. False when the event was already marked done.
-drop function if exists pgq_ext.set_event_done(text, text, bigint, bigint);
-create function pgq_ext.set_event_done(a_consumer text, a_subconsumer text,
+create or replace function pgq_ext.set_event_done(a_consumer text, a_subconsumer text,
                                        a_batch_id bigint, a_event_id bigint)
 returns boolean language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
@@ -175,8 +163,7 @@ begin
 end;
 $$;
 
-drop function if exists pgq_ext.set_event_done(text, bigint, bigint);
-create function pgq_ext.set_event_done(a_consumer text, a_batch_id bigint, a_event_id bigint)
+create or replace function pgq_ext.set_event_done(a_consumer text, a_batch_id bigint, a_event_id bigint)
 returns boolean language sql security definer
 set search_path = pg_catalog, pg_temp as $$
     select pgq_ext.set_event_done(a_consumer, '', a_batch_id, a_event_id);
@@ -184,22 +171,6 @@ $$;
 
 -- version -----------------------------------------------------------------
 
-drop function if exists pgq_ext.version();
-create function pgq_ext.version()
-returns text language sql immutable as $$ select '3.5.1'::text $$;
-
--- rights ------------------------------------------------------------------
--- Reading marks is open to all; writing them (security definer functions) only
--- to roles that may produce into queues: otherwise any login role could move or
--- clear a mover's position.
-
-revoke execute on function
-    pgq_ext.set_last_tick(text, text, bigint), pgq_ext.set_last_tick(text, bigint),
-    pgq_ext.set_batch_done(text, text, bigint), pgq_ext.set_batch_done(text, bigint),
-    pgq_ext.set_event_done(text, text, bigint, bigint), pgq_ext.set_event_done(text, bigint, bigint)
-  from public;
-grant execute on function
-    pgq_ext.set_last_tick(text, text, bigint), pgq_ext.set_last_tick(text, bigint),
-    pgq_ext.set_batch_done(text, text, bigint), pgq_ext.set_batch_done(text, bigint),
-    pgq_ext.set_event_done(text, text, bigint, bigint), pgq_ext.set_event_done(text, bigint, bigint)
-  to pgq_writer;
+create or replace function pgq_ext.version()
+returns text language sql immutable security definer
+set search_path = pg_catalog, pg_temp as $$ select '3.5.1'::text $$;

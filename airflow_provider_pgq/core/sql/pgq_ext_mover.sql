@@ -1,5 +1,7 @@
 -- What the mover needs beyond the classic pgq_ext API. Installed with pgq_ext.sql,
--- or alone next to a classic pgq_ext that was installed as an extension.
+-- or alone next to a classic pgq_ext that was installed as an extension. Like it, it
+-- gives no rights: the write side (bind_source, unbind_source, insert_event_chunk,
+-- kept_ids_claim/commit/release) is granted by install to the pgq_mover role only.
 
 -- Which source a tracking key belongs to: a key fed from two sources would mix
 -- their tick numbers and lose or double events.
@@ -12,12 +14,10 @@ create table if not exists pgq_ext.tracking_source (
     bound_at          timestamptz not null default now(),
     primary key (consumer_id, subconsumer_id)
 );
-grant select on pgq_ext.tracking_source to public;
 
 -- Binds the key to the source on first use. Returns NULL when the key belongs to
 -- this source, else the source it belongs to, as 'system/database/queue'.
-drop function if exists pgq_ext.bind_source(text, text, text, text, text);
-create function pgq_ext.bind_source(a_consumer text, a_subconsumer text,
+create or replace function pgq_ext.bind_source(a_consumer text, a_subconsumer text,
                                     a_system_id text, a_database text, a_queue text)
 returns text language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
@@ -53,8 +53,7 @@ begin
 end;
 $$;
 
-drop function if exists pgq_ext.unbind_source(text, text);
-create function pgq_ext.unbind_source(a_consumer text, a_subconsumer text)
+create or replace function pgq_ext.unbind_source(a_consumer text, a_subconsumer text)
 returns integer language sql security definer
 set search_path = pg_catalog, pg_temp as $$
     with d as (delete from pgq_ext.tracking_source
@@ -63,19 +62,16 @@ set search_path = pg_catalog, pg_temp as $$
     select count(*)::integer from d;
 $$;
 
-revoke execute on function pgq_ext.bind_source(text, text, text, text, text),
-    pgq_ext.unbind_source(text, text) from public;
-grant execute on function pgq_ext.bind_source(text, text, text, text, text),
-    pgq_ext.unbind_source(text, text) to pgq_writer;
 
 -- Writes a chunk of events into the queue's current event table with their
--- original times, for movers whose role holds only pgq_writer (which may neither
--- write event tables nor set ev_time through pgq.insert_event). Owned by the
--- installing admin; granted to pgq_writer only. ev_txid is left to its default so
--- the rows belong to the target's next batch. Returns the number of rows written.
-drop function if exists pgq_ext.insert_event_chunk(text, text[], text[], text[], text[],
-                                                   text[], text[], timestamptz[], bigint[]);
-create function pgq_ext.insert_event_chunk(
+-- original times, for movers whose role may not write event tables (PgQ keeps that,
+-- and setting ev_time or ev_id, for pgq_admin). Owned by the installing admin and
+-- granted to pgq_mover only: every producer holds pgq_writer, and none of them may
+-- backdate events or choose ids. Explicit ids (keep_event_id) only from the key that
+-- holds the queue's kept-id claim in this very transaction (kept_ids_claim). ev_txid
+-- is left to its default so the rows belong to the target's next batch. Returns the
+-- number of rows written.
+create or replace function pgq_ext.insert_event_chunk(
     a_queue text, a_type text[], a_data text[], a_extra1 text[], a_extra2 text[],
     a_extra3 text[], a_extra4 text[], a_time timestamptz[], a_id bigint[] default null)
 returns bigint language plpgsql security definer
@@ -84,6 +80,13 @@ declare
     tbl text;
     n bigint;
 begin
+    if a_id is not null and not exists (
+            select 1 from pgq_ext.kept_ids_claims
+             where target_queue = a_queue and claim_txid = txid_current()) then
+        raise exception 'insert_event_chunk: explicit event ids into queue % need the queue''s'
+                        ' kept-id claim in this transaction (pgq_ext.kept_ids_claim)', a_queue
+              using errcode = 'insufficient_privilege';
+    end if;
     -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
     perform txid_current();
     tbl := pgq.current_event_table(a_queue);
@@ -102,10 +105,6 @@ begin
     return n;
 end;
 $$;
-revoke all on function pgq_ext.insert_event_chunk(text, text[], text[], text[], text[],
-                                                  text[], text[], timestamptz[], bigint[]) from public;
-grant execute on function pgq_ext.insert_event_chunk(text, text[], text[], text[], text[],
-                                                     text[], text[], timestamptz[], bigint[]) to pgq_writer;
 
 -- Kept event ids (keep_event_id): the target events carry the source's ev_id. PgQ
 -- enforces no uniqueness, so such a queue must have exactly one writer: one tracking
@@ -119,12 +118,10 @@ create table if not exists pgq_ext.kept_event_ids (
     seq_high          bigint      not null,
     updated_at        timestamptz not null default now()
 );
-grant select on pgq_ext.kept_event_ids to public;
 
 -- How many ids the queue's event sequence has handed out (last_value, or one less while
 -- is_called is false: a fresh sequence's first nextval must show too). NULL: no queue.
-drop function if exists pgq_ext.kept_ids_seq_position(text);
-create function pgq_ext.kept_ids_seq_position(a_queue text)
+create or replace function pgq_ext.kept_ids_seq_position(a_queue text)
 returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
@@ -143,8 +140,7 @@ end;
 $$;
 
 -- Why the key may not write the queue with kept ids now, or NULL when it may. Read-only.
-drop function if exists pgq_ext.kept_ids_refusal(text, text, text);
-create function pgq_ext.kept_ids_refusal(a_consumer text, a_subconsumer text, a_queue text)
+create or replace function pgq_ext.kept_ids_refusal(a_consumer text, a_subconsumer text, a_queue text)
 returns text language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
@@ -184,23 +180,45 @@ begin
 end;
 $$;
 
--- Start of a kept-id batch, in the mover's target transaction: serializes kept-id
--- writers of the queue, blocks other inserts into its current event table until
--- commit (an insert already running is waited for, and shows in the sequence), then
--- answers the refusal. Notes the sequence's value for kept_ids_commit.
-drop function if exists pgq_ext.kept_ids_claim(text, text, text);
-create function pgq_ext.kept_ids_claim(a_consumer text, a_subconsumer text, a_queue text)
+-- The open kept-id claim of each target queue: which key claimed it, in which
+-- transaction, and where the queue's id sequence stood then. A row is proof for
+-- insert_event_chunk and kept_ids_commit that the claim was taken in their own
+-- transaction: only kept_ids_claim writes it, and no other transaction has that txid.
+create table if not exists pgq_ext.kept_ids_claims (
+    target_queue      text    primary key,
+    consumer_id       text    not null,
+    subconsumer_id    text    not null,
+    claim_txid        bigint  not null,
+    seq_at_claim      bigint  not null
+);
+
+-- Start of a kept-id batch, in the mover's target transaction. A refusal is decided
+-- before any lock is taken; otherwise it serializes kept-id writers of the queue,
+-- blocks other inserts into its current event table until commit (an insert already
+-- running is waited for, and shows in the sequence), answers the refusal once more
+-- (the state may have changed during the wait) and records the claim.
+create or replace function pgq_ext.kept_ids_claim(a_consumer text, a_subconsumer text, a_queue text)
 returns text language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
     refusal text;
 begin
+    refusal := pgq_ext.kept_ids_refusal(a_consumer, a_subconsumer, a_queue);
+    if refusal is not null then
+        return refusal;
+    end if;
     perform pg_advisory_xact_lock(hashtextextended('pgq_ext kept ids:' || a_queue, 0));
     execute format('lock table %s in share row exclusive mode',
                    pgq.quote_fqname(pgq.current_event_table(a_queue)));
     refusal := pgq_ext.kept_ids_refusal(a_consumer, a_subconsumer, a_queue);
     if refusal is null then
-        perform set_config('pgq_ext.kept_ids_seq', pgq_ext.kept_ids_seq_position(a_queue)::text, true);
+        insert into pgq_ext.kept_ids_claims as c
+               (target_queue, consumer_id, subconsumer_id, claim_txid, seq_at_claim)
+        values (a_queue, a_consumer, a_subconsumer, txid_current(),
+                pgq_ext.kept_ids_seq_position(a_queue))
+        on conflict (target_queue) do update
+           set consumer_id = excluded.consumer_id, subconsumer_id = excluded.subconsumer_id,
+               claim_txid = excluded.claim_txid, seq_at_claim = excluded.seq_at_claim;
     end if;
     return refusal;
 end;
@@ -209,20 +227,25 @@ $$;
 -- End of a kept-id batch, same transaction, after its events are written: checks that
 -- no id was allocated in between, moves the sequence past a_max_id (never back) so
 -- later inserts cannot collide and the ticker sees the new events, and records the
--- key's claim. Returns the sequence's new value. Raises when the sequence moved.
-drop function if exists pgq_ext.kept_ids_commit(text, text, text, bigint);
-create function pgq_ext.kept_ids_commit(a_consumer text, a_subconsumer text, a_queue text,
-                                        a_max_id bigint)
+-- key's claim. Returns the sequence's new value. Raises when the sequence moved, or
+-- when this transaction holds no claim of this key on the queue.
+create or replace function pgq_ext.kept_ids_commit(a_consumer text, a_subconsumer text, a_queue text,
+                                                   a_max_id bigint)
 returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
-    claimed text := current_setting('pgq_ext.kept_ids_seq', true);
-    seq_now bigint := pgq_ext.kept_ids_seq_position(a_queue);
+    claimed bigint;
+    seq_now bigint;
 begin
-    if claimed is null or claimed = '' then
-        raise exception 'kept_ids_commit(%) without kept_ids_claim in this transaction', a_queue;
+    select seq_at_claim into claimed from pgq_ext.kept_ids_claims
+     where target_queue = a_queue and consumer_id = a_consumer and subconsumer_id = a_subconsumer
+       and claim_txid = txid_current();
+    if not found then
+        raise exception 'kept_ids_commit(%) without kept_ids_claim of this key in this transaction', a_queue
+              using errcode = 'insufficient_privilege';
     end if;
-    if seq_now <> claimed::bigint then
+    seq_now := pgq_ext.kept_ids_seq_position(a_queue);
+    if seq_now <> claimed then
         raise exception 'the event id sequence of target queue % moved from % to % during the batch:'
                         ' something else allocates ids there (a local producer, or pgq.force_tick'
                         ' on the target)', a_queue, claimed, seq_now;
@@ -238,28 +261,22 @@ begin
     if not found then
         raise exception 'target queue % receives kept event ids from another tracking key', a_queue;
     end if;
-    perform set_config('pgq_ext.kept_ids_seq', seq_now::text, true);
+    update pgq_ext.kept_ids_claims set seq_at_claim = seq_now where target_queue = a_queue;
     return seq_now;
 end;
 $$;
 
 -- Forgets which key writes kept ids into the queue (after emptying or recreating it).
-drop function if exists pgq_ext.kept_ids_release(text);
-create function pgq_ext.kept_ids_release(a_queue text)
+create or replace function pgq_ext.kept_ids_release(a_queue text)
 returns integer language sql security definer
 set search_path = pg_catalog, pg_temp as $$
+    delete from pgq_ext.kept_ids_claims where target_queue = a_queue;
     with d as (delete from pgq_ext.kept_event_ids where target_queue = a_queue returning 1)
     select count(*)::integer from d;
 $$;
 
-revoke all on function pgq_ext.kept_ids_claim(text, text, text) from public;
-revoke all on function pgq_ext.kept_ids_commit(text, text, text, bigint) from public;
-revoke all on function pgq_ext.kept_ids_release(text) from public;
-grant execute on function pgq_ext.kept_ids_refusal(text, text, text) to pgq_writer;
-grant execute on function pgq_ext.kept_ids_claim(text, text, text) to pgq_writer;
-grant execute on function pgq_ext.kept_ids_commit(text, text, text, bigint) to pgq_writer;
-
 -- The schema version the mover checks for. Bumped with every change of this file.
-drop function if exists pgq_ext.mover_schema_version();
-create function pgq_ext.mover_schema_version()
-returns integer language sql immutable as $$ select 2 $$;
+-- 3: write side for pgq_mover only, kept-id claims proven by a row of the transaction.
+create or replace function pgq_ext.mover_schema_version()
+returns integer language sql immutable security definer
+set search_path = pg_catalog, pg_temp as $$ select 3 $$;
