@@ -165,6 +165,13 @@ def _ensure_mover_role(conn: Connection) -> bool:
                 " nosuperuser (and grant it to the mover's login), then install again"
             )
         return False
+    may = _rows(conn, "select rolsuper or rolcreaterole from pg_catalog.pg_roles where rolname = current_user")
+    if not (may and may[0][0]):
+        raise PgqExtMissing(
+            f"role {MOVER_ROLE!r} does not exist and this role may not create roles: a superuser"
+            f" (or a role with CREATEROLE) runs create role {MOVER_ROLE} nologin once; then install"
+            " pgq_ext again"
+        )
     with conn.cursor() as cur:
         cur.execute(sql.SQL("create role {} nologin").format(sql.Identifier(MOVER_ROLE)))
     return True
