@@ -31,7 +31,7 @@ from psycopg2.extensions import connection as Connection
 from airflow_provider_pgq import __version__
 from airflow_provider_pgq.core import pgq, pgq_ext
 from airflow_provider_pgq.core.config import SECRET_KEYS, ConfigError, MoverConfig, load_config
-from airflow_provider_pgq.core.connect import connect, describe, redact
+from airflow_provider_pgq.core.connect import connect, connection_parameters, describe, redact
 from airflow_provider_pgq.core.errors import ConnectionFailed, PgqError, TickerNotRunning
 from airflow_provider_pgq.core.mover import BatchResult, MoveReport, QueueMover
 
@@ -328,8 +328,9 @@ def _admin(config: MoverConfig, args: argparse.Namespace) -> int:
     out = sys.stdout
     try:
         if args.install_pgq_ext:
-            pgq_ext.install(conns.target)
-            print(f"pgq_ext is installed and current in {describe(config.dst_db)} (marks kept)", file=out)
+            report = pgq_ext.install(conns.target)
+            print(f"pgq_ext is installed and current in {describe(config.dst_db)} (marks kept):"
+                  f" {report.summary()}", file=out)
         if args.register:
             pgq.require_queue(conns.source, config.pgq_queue_name, "source")
             new = pgq.register_consumer(conns.source, config.pgq_queue_name, config.pgq_consumer_id)
@@ -610,6 +611,12 @@ class Runner:
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return
+        for key in ("src_db", "dst_db"):  # checked now: once taken, a broken one fails every loop
+            try:
+                connection_parameters(getattr(new, key))
+            except ConnectionFailed as exc:
+                log.error("reload failed, keeping the running config: %s: %s", key, exc)
+                return
         changes = []
         for f in dataclasses.fields(MoverConfig):
             before, after = getattr(old, f.name), getattr(new, f.name)

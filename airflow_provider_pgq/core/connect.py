@@ -1,8 +1,22 @@
-"""Opening psycopg2 connections with errors that never show the password."""
+"""Opening psycopg2 connections with errors that never show the password.
+
+Messages are built from the parsed connection parameters, never by looking for the
+password in libpq's text: such a search blanks whatever else equals the password
+("***entication" for ``password=auth``, the user name when both are the same) and
+misses the pieces of a password that libpq split off a string that did not parse.
+libpq quotes every value it names, so a quoted fragment is shown only when it is
+known not to be secret (a parsed field other than the password, an IP address, a
+socket path). Of a connection string that does not parse (and may hold a password)
+nothing is quoted: there are no parsed fields to tell a password from the rest.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import pwd
 import re
+from collections.abc import Callable, Mapping
 
 import psycopg2
 from psycopg2.extensions import ISOLATION_LEVEL_READ_COMMITTED, parse_dsn
@@ -10,42 +24,206 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import ConnectionFailed
 
-_PASSWORD_IN_DSN = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_PASSWORD_IN_URI = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)([^@\s]*)(@)", re.IGNORECASE)
+#: Connection parameters whose values are never shown.
+SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
+
+#: What stands in a message for a fragment that is not shown.
+HIDDEN = '"<hidden>"'
+
+_URI_PREFIXES = ("postgresql://", "postgres://")
+_URI_HINT = "in a URI, percent-encode special characters of the user name and password: % as %25, @ as %40, / as %2F"
+_KEYWORD_HINT = (
+    "in key=value form, quote a value that holds spaces: password='two words' (with \\' for a quote"
+    " and \\\\ for a backslash inside)"
+)
+
+#: libpq's own words before the fragment it quotes in a complaint about a connection string.
+_LIBPQ_PREFIXES = (
+    'missing "=" after ',
+    'extra key/value separator "=" in URI query parameter: ',
+    'missing key/value separator "=" in URI query parameter: ',
+    'end of string reached when looking for matching "]" in IPv6 host address in URI: ',
+)
+
+#: Where libpq takes a parameter from when the connection string does not set it.
+_ENVIRONMENT = {"host": "PGHOST", "hostaddr": "PGHOSTADDR", "port": "PGPORT", "dbname": "PGDATABASE",
+                "user": "PGUSER"}
+
+_QUOTED = re.compile(r'"([^"]*)"')
+_SOCKET = re.compile(r"(/.*)/\.s\.PGSQL\.\d+")
+
+# For redact(): a password= value (with any unquoted words after it that are not key=value
+# themselves), and the user info of a URI up to its last "@".
+_PASSWORD_IN_DSN = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+(?:\s+(?![\w.-]+\s*=)[^\s'=]+)*)",
+                              re.IGNORECASE)
+_PASSWORD_IN_URI = re.compile(r"(postgres(?:ql)?://[^:/@\s]*:)\S*(@)", re.IGNORECASE)
 
 
-def redact(text: str, password: str | None = None) -> str:
-    """text with any password (from a DSN, a URI, or the one given) replaced by ***."""
+def redact(text: str) -> str:
+    """text with the password of any connection string in it replaced by ***.
+
+    A last line of defence for log lines: the messages of this module never hold a
+    connection string. Only what follows ``password=`` or sits in a URI's user info is
+    replaced, never other text that happens to equal a password.
+    """
     text = _PASSWORD_IN_DSN.sub(r"\1***", text)
-    text = _PASSWORD_IN_URI.sub(r"\1***\3", text)
-    if password:
-        text = text.replace(password, "***")
-    return text
+    return _PASSWORD_IN_URI.sub(r"\1***\2", text)
 
 
-def describe(dsn: str) -> str:
-    """host:port/dbname of a connection string, for messages; never the password."""
+def _is_uri(dsn: str) -> bool:
+    return dsn.startswith(_URI_PREFIXES)
+
+
+def _check_uri(dsn: str) -> None:
+    """Refuses a URI with an "@" after its user info. libpq ends the user info at the
+    first "@" (or "/"), so the rest of a password with an unescaped "@" or "/" would
+    become the host, port or database name, and be named in libpq's errors."""
+    rest = dsn.split("://", 1)[1]
+    ends = [i for i in (rest.find("@"), rest.find("/")) if i >= 0]
+    if ends and rest[min(ends)] == "@":
+        rest = rest[min(ends) + 1:]
+    if "@" in rest.split("?", 1)[0]:
+        raise ConnectionFailed(f'bad connection string: the URI has an "@" after its user name and password;'
+                               f" {_URI_HINT}")
+
+
+def _may_hold_password(dsn: str) -> bool:
+    """Whether a string that did not parse may hold a password: only then are the
+    fragments libpq quotes from it hidden, so a typo elsewhere stays readable."""
+    return "password" in dsn.lower() or "@" in dsn or "%" in dsn
+
+
+def _hide_fragment(message: str) -> str:
+    """libpq's complaint about a connection string without the fragment of it that it
+    quotes: from the first quote after libpq's own words to the last quote, since a
+    fragment of a password may hold quotes itself."""
+    start = next((len(p) for p in _LIBPQ_PREFIXES if message.startswith(p)), 0)
+    first, last = message.find('"', start), message.rfind('"')
+    if first < 0:
+        return message
+    return message[:first] + HIDDEN + message[last + 1:]
+
+
+def _bad_dsn(dsn: str, exc: psycopg2.Error) -> ConnectionFailed:
+    """The error for a string that libpq cannot parse, with a hint what to fix."""
+    message = " ".join(str(exc).split()).removeprefix("invalid dsn: ")
+    if _may_hold_password(dsn):
+        message = _hide_fragment(message)
+    return ConnectionFailed(f"bad connection string: {message}; {_URI_HINT if _is_uri(dsn) else _KEYWORD_HINT}")
+
+
+def connection_parameters(dsn: str = "", **extra: str) -> dict[str, str]:
+    """The parameters of a connection string, with the keyword arguments over them (as
+    psycopg2.connect merges them); ConnectionFailed, quoting no part of the string,
+    when it does not parse."""
+    if _is_uri(dsn):
+        _check_uri(dsn)
     try:
-        parts = parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
+        parts: dict[str, str] = parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        raise _bad_dsn(dsn, exc) from None
+    parts.update(extra)
+    return parts
+
+
+def _os_user() -> str | None:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return None
+
+
+def _visible(parts: Mapping[str, str]) -> dict[str, str]:
+    """The parameters that may be shown, with libpq's defaults (environment, OS user)
+    for those not set; a value that looks like a connection string itself is left out."""
+    shown = {key: os.environ[var] for key, var in _ENVIRONMENT.items() if os.environ.get(var)}
+    user = _os_user()
+    if user is not None:
+        shown.setdefault("user", user)
+    shown.update((k, v) for k, v in parts.items() if k not in SECRET_PARAMETERS)
+    return {k: v for k, v in shown.items() if "=" not in v and "://" not in v}
+
+
+def _server(parts: Mapping[str, str]) -> str:
+    shown = _visible(parts)
+    host = shown.get("host", shown.get("hostaddr", "local socket"))
+    return f"{host}:{shown.get('port', '5432')}/{shown.get('dbname', shown.get('user', '?'))}"
+
+
+def describe(dsn: str = "", **extra: str) -> str:
+    """host:port/dbname of a connection string and keyword arguments, for messages;
+    never any part of the password."""
+    try:
+        return _server(connection_parameters(dsn, **extra))
+    except ConnectionFailed:
         return "<unparsable connection string>"
-    host = parts.get("host", "local socket")
-    port = parts.get("port", "5432")
-    return f"{host}:{port}/{parts.get('dbname', parts.get('user', '?'))}"
+
+
+def _failure(parts: Mapping[str, str], exc: psycopg2.Error) -> ConnectionFailed:
+    """The error for a failed connect: the server from the parsed fields, then libpq's
+    message with only the quoted fragments that are known not to be secret."""
+    shown = _visible(parts)
+    values = {piece for value in shown.values() for piece in value.split(",")}
+    hosts = {h for h in shown.get("host", "").split(",") if h}
+
+    def safe(fragment: str) -> bool:
+        if fragment in values or fragment in parts:  # a non-secret field, or an option's name
+            return True
+        socket = _SOCKET.fullmatch(fragment)
+        if socket is not None:
+            return not hosts or socket.group(1) in hosts
+        try:
+            ipaddress.ip_address(fragment)
+        except ValueError:
+            return False
+        return True
+
+    message = _hide_quoted(str(exc).strip(), safe)
+    user = f" as {shown['user']}" if "user" in shown else ""
+    return ConnectionFailed(f"cannot connect to {_server(parts)}{user}: {message}")
+
+
+def _hide_quoted(message: str, safe: Callable[[str], bool]) -> str:
+    """message with each quoted fragment that is not safe replaced by HIDDEN; once the
+    quotes do not pair up, everything from there to the last quote goes."""
+    out: list[str] = []
+    pos = 0
+    for match in _QUOTED.finditer(message):
+        out.append(message[pos:match.start()])
+        out.append(match.group(0) if safe(match.group(1)) else HIDDEN)
+        pos = match.end()
+    rest = message[pos:]
+    if '"' in rest:
+        rest = rest[:rest.find('"')] + HIDDEN + rest[rest.rfind('"') + 1:]
+    return "".join(out) + rest
 
 
 def connect(dsn: str, application_name: str = "pgq-queue-mover", **extra: str) -> Connection:
     """A psycopg2 connection with autocommit off; ConnectionFailed with a clean message."""
-    try:
-        password = parse_dsn(dsn).get("password")
-    except psycopg2.ProgrammingError as exc:
-        raise ConnectionFailed(f"bad connection string: {redact(str(exc).strip())}") from None
-    password = extra.get("password", password)
+    parts = connection_parameters(dsn, **extra)
     try:
         conn: Connection = psycopg2.connect(dsn, None, None, application_name=application_name, **extra)
     except psycopg2.Error as exc:
-        message = redact(str(exc).strip(), password)
-        raise ConnectionFailed(f"cannot connect to {describe(dsn)}: {message}") from None
+        raise _failure(parts, exc) from None
     # The protocol's "lock, then read" steps need a fresh snapshot per statement.
     conn.set_session(isolation_level=ISOLATION_LEVEL_READ_COMMITTED, autocommit=False)
+    pin_search_path(conn)
     return conn
+
+
+#: The only schemas an unqualified name may resolve to in our sessions: nobody but a
+#: superuser can create in pg_catalog, and pg_temp is this session's own (PostgreSQL
+#: never looks functions or operators up there). A role or database default that puts
+#: a writable schema such as public first is overridden here.
+SAFE_SEARCH_PATH = "pg_catalog, pg_temp"
+
+
+def pin_search_path(conn: Connection) -> None:
+    """Sets the session's search_path (committed, so no rollback undoes it)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select pg_catalog.set_config('search_path', %s, false)", (SAFE_SEARCH_PATH,))
+        conn.commit()
+    except BaseException:
+        conn.close()
+        raise
