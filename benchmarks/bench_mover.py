@@ -10,7 +10,7 @@ then measures, each on a freshly reset source consumer and a fresh target databa
     COPY TO STDOUT into binary COPY FROM STDIN of the target queue's current event
     table, in one transaction, no protocol: what no mover can beat;
 (b) the core mover, QueueMover.drain, in a child process;
-(d) the pgq_writer fallback: the same with a target role that holds only pgq_writer;
+(d) the least-privilege path: the same with a target role that holds only pgq_mover;
 (c) the Airflow operator PgqQueueMoverOperator through dag.test(), in a child
     process with its own AIRFLOW_HOME (migrated first, not timed), at the end.
 
@@ -289,7 +289,7 @@ class Bench:
             _one(tpl, "select pgq.create_queue(%s)", (TARGET_QUEUE,))
             _one(
                 tpl,
-                sql.SQL("create role {} login password %s in role pgq_writer").format(
+                sql.SQL("create role {} login password %s").format(
                     sql.Identifier(self.writer)
                 ),
                 (self.writer_password,),
@@ -298,7 +298,9 @@ class Bench:
 
         tpl2 = psycopg2.connect(self.dsn(TARGET_TEMPLATE))
         try:
-            pgq_ext.install(tpl2)
+            pgq_ext.install(tpl2)  # makes the pgq_mover role: the writer's only one
+            _one(tpl2, sql.SQL("grant pgq_mover to {}").format(sql.Identifier(self.writer)))
+            tpl2.commit()
         finally:
             tpl2.close()
         self.load()
@@ -555,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.append((f"(b') core mover, min_batch_events={args.coalesce:,}",
                           lambda: bench.core(min_batch_events=args.coalesce)))
     if "d" not in args.skip:
-        scenarios.append(("(d) fallback, role with pgq_writer only", lambda: bench.core(user=bench.writer)))
+        scenarios.append(("(d) least privilege, role with pgq_mover only", lambda: bench.core(user=bench.writer)))
     load: list[float] = [os.getloadavg()[0]]
     try:
         bench.start()

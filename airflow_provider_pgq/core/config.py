@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from airflow_provider_pgq.core.errors import InvalidParameter, PgqError
-from airflow_provider_pgq.core.mover import DrainBounds, MoverOptions
+from airflow_provider_pgq.core.guard import Timeouts
+from airflow_provider_pgq.core.mover import MAX_BATCH_INTERVAL, MAX_MIN_BATCH_EVENTS, DrainBounds, MoverOptions
 
 #: Keys the move needs; without them there is nothing to do.
 REQUIRED_KEYS = ("src_db", "dst_db", "pgq_queue_name", "dst_queue_name")
@@ -35,6 +36,7 @@ KNOWN_KEYS = frozenset(
         "exception_sleep", "subconsumer", "max_batches", "max_events", "max_runtime",
         "min_batch_events", "min_batch_interval", "force_tick", "run_ticker", "keep_event_id",
         "register_consumer", "install_pgq_ext",
+        "connect_timeout", "network_timeout", "statement_timeout", "lock_timeout",
     )
 )
 
@@ -93,6 +95,11 @@ class MoverConfig:
     keep_event_id: bool = False
     register_consumer: bool = False
     install_pgq_ext: bool = False
+    #: Bounds of every network wait (guard.Timeouts); the connection string's own win.
+    connect_timeout: float = Timeouts.connect_timeout
+    network_timeout: float = Timeouts.network_timeout
+    statement_timeout: float = Timeouts.statement_timeout
+    lock_timeout: float = Timeouts.lock_timeout
     #: Keys nobody reads (probably typos): the caller logs a warning for each.
     unknown_keys: tuple[str, ...] = ()
     #: Classic keys that mean nothing here: the caller logs a note for each.
@@ -118,6 +125,12 @@ class MoverConfig:
                 if self.min_batch_interval is not None
                 else None
             ),
+        )
+
+    def timeouts(self) -> Timeouts:
+        return Timeouts(
+            connect_timeout=self.connect_timeout, network_timeout=self.network_timeout,
+            statement_timeout=self.statement_timeout, lock_timeout=self.lock_timeout,
         )
 
     def bounds(self) -> DrainBounds:
@@ -146,13 +159,18 @@ class _Reader:
 
     def text(self, key: str) -> str:
         try:
-            return self.parser.get(self.section, key).strip()
+            value = self.parser.get(self.section, key).strip()
         except configparser.InterpolationMissingOptionError as exc:
             raise self.error(key, f"refers to %({exc.reference})s, which is not set") from None
         except configparser.InterpolationError:
             raise self.error(
                 key, "bad %-reference (write %(name)s to use another key, %% for a literal %)"
             ) from None
+        if "\x00" in value:
+            # PostgreSQL text cannot hold NUL, nor can a file name: no value may have one.
+            shown = "<hidden>" if key in SECRET_KEYS else repr(value)
+            raise self.error(key, f"{shown} contains a NUL character (\\x00), which no value may hold")
+        return value
 
     def required(self, key: str) -> str:
         if not self.has(key):
@@ -174,7 +192,9 @@ class _Reader:
             shown = "<hidden>" if key in SECRET_KEYS else repr(raw)
             raise self.error(key, f"{shown} is not {what}") from None
 
-    def seconds(self, key: str, default: float | None, allow_zero: bool = False) -> float | None:
+    def seconds(
+        self, key: str, default: float | None, allow_zero: bool = False, maximum: float | None = None
+    ) -> float | None:
         value = self.optional(key, float, "a number of seconds")
         if value is None:
             return default
@@ -182,12 +202,16 @@ class _Reader:
             raise self.error(key, f"{value!r} is not a finite number of seconds")
         if value < 0 or (value == 0 and not allow_zero):
             raise self.error(key, f"must be {'>= 0' if allow_zero else '> 0'} seconds, got {value:g}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be at most {maximum:g} seconds, got {value:g}")
         return value
 
-    def count(self, key: str) -> int | None:
+    def count(self, key: str, maximum: int | None = None) -> int | None:
         value = self.optional(key, int, "a whole number")
         if value is not None and value < 1:
             raise self.error(key, f"must be >= 1, got {value}")
+        if value is not None and maximum is not None and value > maximum:
+            raise self.error(key, f"must be at most {maximum}, got {value}")
         return value
 
     def boolean(self, key: str) -> bool:
@@ -298,13 +322,14 @@ def load_config(
         max_batches=r.count("max_batches"),
         max_events=r.count("max_events"),
         max_runtime=r.seconds("max_runtime", None),
-        min_batch_events=r.count("min_batch_events"),
-        min_batch_interval=r.seconds("min_batch_interval", None),
+        min_batch_events=r.count("min_batch_events", maximum=MAX_MIN_BATCH_EVENTS),  # PgQ's int4
+        min_batch_interval=r.seconds("min_batch_interval", None, maximum=MAX_BATCH_INTERVAL.total_seconds()),
         force_tick=r.boolean("force_tick"),
         run_ticker=r.boolean("run_ticker"),
         keep_event_id=r.boolean("keep_event_id"),
         register_consumer=r.boolean("register_consumer"),
         install_pgq_ext=r.boolean("install_pgq_ext"),
+        **_timeout_keys(r),
         unknown_keys=tuple(sorted(own_keys - KNOWN_KEYS - IGNORED_CLASSIC_KEYS - BUILTIN_KEYS)),
         ignored_keys=tuple(sorted(own_keys & IGNORED_CLASSIC_KEYS)),
     )
@@ -313,6 +338,18 @@ def load_config(
     try:  # the core's own checks, reported against the file
         config.options()
         config.bounds()
+        config.timeouts()
     except InvalidParameter as exc:
         raise ConfigError(f"{file}: section [{section}]: {exc}") from None
     return config
+
+
+def _timeout_keys(r: _Reader) -> dict[str, float]:
+    """connect_timeout and network_timeout (> 0), statement_timeout and lock_timeout
+    (0: no bound), with guard.Timeouts' defaults."""
+    out: dict[str, float] = {}
+    for key in ("connect_timeout", "network_timeout", "statement_timeout", "lock_timeout"):
+        value = r.seconds(key, getattr(Timeouts, key), allow_zero=key in ("statement_timeout", "lock_timeout"))
+        assert value is not None
+        out[key] = value
+    return out

@@ -89,7 +89,8 @@ def commit(conn: Connection, consumer: str, subconsumer: str, queue: str, max_id
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "select pgq_ext.kept_ids_commit(%s::text, %s::text, %s::text, %s::bigint)", (consumer, subconsumer, queue, max_id)
+                "select pgq_ext.kept_ids_commit(%s::text, %s::text, %s::text, %s::bigint)",
+                (consumer, subconsumer, queue, max_id),
             )
             row = cur.fetchone()
     except (psycopg2.errors.RaiseException, psycopg2.errors.InsufficientPrivilege) as exc:

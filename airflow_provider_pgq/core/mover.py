@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core import faults, kept_ids, pgq, pgq_ext, ticking, transfer
+from airflow_provider_pgq.core import faults, guard, kept_ids, pgq, pgq_ext, ticking, transfer
 from airflow_provider_pgq.core.errors import (
     ConsumerNotRegistered,
     InvalidParameter,
@@ -41,6 +42,91 @@ COPY_PATH = "copy"
 CHUNK_PATH = "insert_event_chunk"
 
 
+#: pgq.next_batch_custom takes min_count as int4: a larger threshold fails inside PgQ.
+MAX_MIN_BATCH_EVENTS = 2**31 - 1
+#: Longest min_batch_interval taken: coalescing ticks for longer is a mistake, not a plan.
+MAX_BATCH_INTERVAL = dt.timedelta(days=365)
+#: Largest chunk_size: a chunk travels as one array per column (PostgreSQL caps a value
+#: at 1 GB) and sits in memory whole on both sides.
+MAX_CHUNK_SIZE = 1_000_000
+
+
+def _refuse_nul(name: str, value: str) -> None:
+    """PostgreSQL text cannot hold NUL: refused here, by name, instead of psycopg2's
+    "A string literal cannot contain NUL" in the middle of a run."""
+    if "\x00" in value:
+        raise InvalidParameter(
+            f"{name} must not contain a NUL character (\\x00), got {value!r}:"
+            " PostgreSQL text cannot hold one"
+        )
+
+
+def _require_flag(name: str, value: object) -> None:
+    """True or False only: a string such as "false" would count as true."""
+    if not isinstance(value, bool):
+        raise InvalidParameter(f"{name} must be True or False, got {value!r}")
+
+
+def _require_whole(name: str, value: object, low: int, high: int | None, extra: str = "") -> None:
+    """An int (not a bool, which Python counts as one) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise InvalidParameter(f"{name} must be a whole number {allowed}{' ' + extra if extra else ''}, got {value!r}")
+
+
+def _require_seconds(name: str, value: object, extra: str = "") -> None:
+    """A finite number of seconds above zero: NaN never compares true, so a NaN bound
+    would silently never stop a drain; a bool is not a duration."""
+    good = False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            good = math.isfinite(float(value)) and value > 0
+        except OverflowError:  # an int beyond any float
+            good = False
+    if not good:
+        raise InvalidParameter(
+            f"{name} must be a finite number of seconds above zero{' ' + extra if extra else ''}, got {value!r}"
+        )
+
+
+def check_batching(
+    min_batch_events: object = None, min_batch_interval: object = None, chunk_size: object = 5000
+) -> None:
+    """The batch-shaping options of MoverOptions, on their own: the operator checks them
+    when the DAG is parsed, before the queue names (templated) are known."""
+    if min_batch_events is not None:
+        _require_whole("min_batch_events", min_batch_events, 1, MAX_MIN_BATCH_EVENTS, "or None")
+    if min_batch_interval is not None and (
+        not isinstance(min_batch_interval, dt.timedelta)
+        or not dt.timedelta(0) < min_batch_interval <= MAX_BATCH_INTERVAL
+    ):
+        shown = str(min_batch_interval) if isinstance(min_batch_interval, dt.timedelta) else repr(min_batch_interval)
+        raise InvalidParameter(
+            f"min_batch_interval must be a timedelta above zero and at most {MAX_BATCH_INTERVAL.days}"
+            f" days, or None, got {shown}"
+        )
+    _require_whole("chunk_size", chunk_size, 1, MAX_CHUNK_SIZE)
+
+
+def seconds_to_interval(name: str, value: float | dt.timedelta | None) -> dt.timedelta | None:
+    """A number of seconds (or a timedelta, or None) as a timedelta; InvalidParameter
+    instead of timedelta's own ValueError/OverflowError for NaN, infinite or huge values."""
+    if value is None or isinstance(value, dt.timedelta):
+        return value
+    _require_seconds(name, value, "(or a timedelta, or None)")
+    seconds = float(value)
+    if seconds > MAX_BATCH_INTERVAL.total_seconds():
+        raise InvalidParameter(
+            f"{name} must be at most {MAX_BATCH_INTERVAL.total_seconds():.0f} seconds"
+            f" ({MAX_BATCH_INTERVAL.days} days), got {value!r}"
+        )
+    return dt.timedelta(seconds=seconds)
+
+
+#: register_at values: register at the newest tick (PgQ's default), or at the oldest retained one.
+REGISTER_AT = ("now", "oldest")
+
+
 @dataclass(frozen=True)
 class MoverOptions:
     """What to move where, under which tracking key."""
@@ -55,20 +141,27 @@ class MoverOptions:
     min_batch_events: int | None = None
     min_batch_interval: dt.timedelta | None = None
     chunk_size: int = 5000
+    #: Where register_consumer puts a new consumer: "now" (the queue's newest tick, PgQ's
+    #: own rule: what was queued before is never seen) or "oldest" (the oldest tick the
+    #: queue still retains, so the events it still holds are moved too).
+    register_at: str = "now"
 
     def __post_init__(self) -> None:
         for name in ("source_queue", "target_queue", "consumer"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise InvalidParameter(f"{name} must be a non-empty string, got {value!r}")
+            _refuse_nul(name, value)
         if not isinstance(self.subconsumer, str):
             raise InvalidParameter(f"subconsumer must be a string, got {self.subconsumer!r}")
-        if self.min_batch_events is not None and self.min_batch_events < 1:
-            raise InvalidParameter(f"min_batch_events must be >= 1, got {self.min_batch_events}")
-        if self.min_batch_interval is not None and self.min_batch_interval <= dt.timedelta(0):
-            raise InvalidParameter(f"min_batch_interval must be positive, got {self.min_batch_interval}")
-        if self.chunk_size < 1:
-            raise InvalidParameter(f"chunk_size must be >= 1, got {self.chunk_size}")
+        _refuse_nul("subconsumer", self.subconsumer)
+        for name in ("register_consumer", "install_pgq_ext", "keep_event_id"):
+            _require_flag(name, getattr(self, name))
+        check_batching(self.min_batch_events, self.min_batch_interval, self.chunk_size)
+        if self.register_at not in REGISTER_AT:
+            raise InvalidParameter(
+                f"register_at must be one of {', '.join(map(repr, REGISTER_AT))}, got {self.register_at!r}"
+            )
 
     @property
     def key(self) -> str:
@@ -90,14 +183,19 @@ class DrainBounds:
     tick_timeout: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("max_batches", "max_events", "max_runtime"):
+        for name in ("max_batches", "max_events"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise InvalidParameter(f"{name} must be positive or None, got {value!r}")
-        if self.tick_timeout <= 0:
-            raise InvalidParameter(f"tick_timeout must be positive, got {self.tick_timeout!r}")
-        if self.stop_at is not None and self.stop_at.tzinfo is None:
-            raise InvalidParameter("stop_at must be timezone-aware")
+            if value is not None:
+                _require_whole(name, value, 1, None, "or None")
+        if self.max_runtime is not None:
+            _require_seconds("max_runtime", self.max_runtime, "or None")
+        _require_seconds("tick_timeout", self.tick_timeout)
+        for name in ("force_tick", "run_ticker"):
+            _require_flag(name, getattr(self, name))
+        if self.stop_at is not None and (
+            not isinstance(self.stop_at, dt.datetime) or self.stop_at.utcoffset() is None
+        ):
+            raise InvalidParameter(f"stop_at must be a timezone-aware datetime, got {self.stop_at!r}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +273,9 @@ class QueueMover:
     ) -> None:
         self.source = source
         self.target = target
+        for conn, side in ((source, "source"), (target, "target")):  # named in timeout messages
+            if isinstance(conn, guard.GuardedConnection):
+                conn.side = side
         self.options = options
         self._fault = fault or faults.from_environment()
         self._on_batch = on_batch
@@ -193,6 +294,7 @@ class QueueMover:
             pgq.require_queue(self.source, o.source_queue, "source")
             pgq.require_pgq(self.target, "target")
             pgq.require_queue(self.target, o.target_queue, "target")
+            self._refuse_same_queue()
             if pgq.get_queue_info(self.target, o.target_queue).disable_insert:
                 raise QueueDisabled(
                     f"target queue {o.target_queue!r} has inserts disabled: set"
@@ -234,31 +336,95 @@ class QueueMover:
                 " pass register_consumer=True (operator), --register (CLI), or run"
                 f" select pgq.register_consumer({literal(o.source_queue)}, {literal(o.consumer)})"
             )
-        pgq.register_consumer(self.source, o.source_queue, o.consumer)
-        self.source.commit()
-        log.info("registered consumer %r on source queue %r", o.consumer, o.source_queue)
-
-    def _identify_source(self) -> tuple[str, str]:
+        # Concurrent first runs: register_consumer_at would move a registration another run
+        # just made (and moved batches with) back; so lock, then look again.
         with self.source.cursor() as cur:
             cur.execute(
-                "select (select system_identifier::text from pg_control_system()),"
-                " current_database()"
+                "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(%s::text, 0::bigint))",
+                (f"airflow_provider_pgq:register:{o.source_queue}\x01{o.consumer}",),
+            )
+        if pgq.is_registered(self.source, o.source_queue, o.consumer):
+            self.source.rollback()
+            return
+        at = pgq.oldest_tick_id(self.source, o.source_queue) if o.register_at == "oldest" else None
+        if at is not None:
+            pgq.register_consumer_at(self.source, o.source_queue, o.consumer, at)
+        else:
+            pgq.register_consumer(self.source, o.source_queue, o.consumer)
+        self.source.commit()
+        info = pgq.get_consumer_info(self.source, o.source_queue, o.consumer)
+        tick = info.last_tick if info is not None else None
+        unseen = pgq.events_before_tick(self.source, o.source_queue, tick) if tick is not None else 0
+        self.source.rollback()
+        log.info("registered consumer %r on source queue %r at tick %s (register_at=%r)",
+                 o.consumer, o.source_queue, tick, o.register_at)
+        if unseen:
+            log.warning(
+                "consumer %r registered on source queue %r at tick %s: %d events the queue already"
+                " holds were queued before that tick and will never be moved by it (PgQ: a consumer"
+                " sees only what comes after its position).%s",
+                o.consumer, o.source_queue, tick, unseen,
+                " To move them too, unregister it (pgq.unregister_consumer) before it moved anything"
+                " and register again with register_at='oldest'" if o.register_at == "now" else
+                " They came before the queue's oldest retained tick; none older can be reached",
+            )
+
+    def _refuse_same_queue(self) -> None:
+        """Source and target the same queue of one database: each batch moved would come
+        back as new events, copying the queue into itself forever. Checked before pgq_ext
+        or the registration is written."""
+        o = self.options
+        if o.source_queue != o.target_queue:
+            return
+        source, target = self._identify(self.source), self._identify(self.target)
+        self.source.rollback()
+        self.target.rollback()
+        if source != target:
+            return
+        raise InvalidParameter(
+            f"target_queue {o.target_queue!r} is the source queue itself (database {source[1]!r},"
+            f" system identifier {source[0]}): the mover would copy the queue into itself"
+            " forever; give a different target queue, or the same name in another database"
+        )
+
+    @staticmethod
+    def _identify(conn: Connection) -> tuple[str, str, str]:
+        """(system identifier, database, server start time) of a connection's database.
+
+        The first two name the source in pgq_ext's binding. The start time tells apart
+        two servers cloned from one base backup (same system identifier), so that a
+        move between such clones is not mistaken for a queue moved into itself.
+        All three functions may be executed by any role (PUBLIC), pgq_reader included.
+        """
+        with conn.cursor() as cur:
+            cur.execute(
+                "select (select s.system_identifier::text from pg_catalog.pg_control_system() s),"
+                " pg_catalog.current_database()::text,"
+                # In UTC, so that sessions with different TimeZone settings agree.
+                " pg_catalog.to_char(pg_catalog.timezone('UTC', pg_catalog.pg_postmaster_start_time()),"
+                " 'YYYY-MM-DD HH24:MI:SS.US')"
             )
             row = cur.fetchone()
         assert row is not None
-        return str(row[0]), str(row[1])
+        return str(row[0]), str(row[1]), str(row[2])
+
+    def _identify_source(self) -> tuple[str, str]:
+        """(system identifier, database) of the source, as pgq_ext's binding stores it."""
+        system_id, database, _ = self._identify(self.source)
+        return system_id, database
 
     def _choose_write_path(self) -> str:
-        """COPY into the event table when the role may, else the pgq_writer-safe chunks."""
+        """COPY into the event table when the role may, else the chunks of pgq_mover's insert_event_chunk."""
         with self.target.cursor() as cur:
             cur.execute(
-                "select has_table_privilege(q.queue_data_pfx || '_' || q.queue_cur_table, 'INSERT')"
-                " and has_sequence_privilege(q.queue_event_seq, 'USAGE')"
-                " and has_function_privilege('pgq.current_event_table(text)', 'EXECUTE'),"
-                " has_function_privilege('pgq_ext.insert_event_chunk(text, text[], text[],"
+                "select pg_catalog.has_table_privilege("
+                "pg_catalog.concat(q.queue_data_pfx, '_', q.queue_cur_table), 'INSERT')"
+                " and pg_catalog.has_sequence_privilege(q.queue_event_seq, 'USAGE')"
+                " and pg_catalog.has_function_privilege('pgq.current_event_table(text)', 'EXECUTE'),"
+                " pg_catalog.has_function_privilege('pgq_ext.insert_event_chunk(text, text[], text[],"
                 " text[], text[], text[], text[], timestamptz[], bigint[])', 'EXECUTE'),"
                 " current_user"
-                " from pgq.queue q where q.queue_name = %s",
+                " from pgq.queue q where q.queue_name = %s::text",
                 (self.options.target_queue,),
             )
             row = cur.fetchone()
@@ -270,8 +436,8 @@ class QueueMover:
             return CHUNK_PATH
         raise PgqError(
             f"role {user!r} may neither write the event tables of target queue"
-            f" {self.options.target_queue!r} nor call pgq_ext.insert_event_chunk:"
-            " grant it pgq_writer (or pgq_admin for the faster COPY path)"
+            f" {self.options.target_queue!r} nor call pgq_ext.insert_event_chunk: grant it the"
+            " pgq_mover role that pgq_ext's install creates (and pgq_admin for the faster COPY path)"
         )
 
     # -- one batch --------------------------------------------------------------
@@ -288,7 +454,7 @@ class QueueMover:
             # batch and gets the same one back.
             with self.source.cursor() as cur:
                 cur.execute(
-                    "select pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                    "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(%s::text, 0::bigint))",
                     (f"airflow_provider_pgq:next_batch:{o.source_queue}\x01{o.consumer}",),
                 )
             batch: pgq.BatchInfo | None
@@ -359,17 +525,22 @@ class QueueMover:
         mark = pgq_ext.get_last_tick(t, o.consumer, o.subconsumer)
         if mark == batch.cur_tick_id:
             t.rollback()
-            log.warning(
-                "batch %s (ticks %s..%s) is already applied on the target: finishing it only",
-                batch.batch_id, batch.prev_tick_id, batch.cur_tick_id,
+            # Expected, not alarming: a retry after a crash between the two commits, or
+            # another run of the same mover (a backfill running intervals in parallel) that
+            # applied this batch while this one waited for the key's lock.
+            log.info(
+                "batch %s (ticks %s..%s) of %s is already applied on the target (by an earlier try,"
+                " or by a concurrent run of the same mover): finishing it on the source only",
+                batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, o.key,
             )
             return "skipped", 0
         if mark is not None and mark != batch.prev_tick_id:
             if not self._batch_still_active(batch):
                 t.rollback()
-                log.warning(
-                    "batch %s was finished by another mover on %s meanwhile: nothing to do",
-                    batch.batch_id, o.key,
+                log.info(
+                    "batch %s (ticks %s..%s) was applied and finished by a concurrent run of the same"
+                    " mover (%s) meanwhile: nothing to do, the target holds it once",
+                    batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, o.key,
                 )
                 return "stale", 0
             raise PositionMismatch(
@@ -383,7 +554,7 @@ class QueueMover:
         if o.keep_event_id:  # its lock wait comes before the event table is chosen
             kept_ids.claim(t, o.consumer, o.subconsumer, o.target_queue, o.key)
         batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
-        events = self._transfer(batch_sql, self._current_event_table())
+        events = self._transfer(batch_sql)
         pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id)
         if o.keep_event_id and events:
             # Last before the commit: the setval inside cannot be rolled back.
@@ -409,43 +580,46 @@ class QueueMover:
         """Read only once the target transaction has its txid: PgQ finds a batch's rows by
         txid against the rotation's switch txids, so a table name read before a rotation
         with a txid taken after it would put the rows where no consumer looks."""
-        try:
-            with self.target.cursor() as cur:
-                cur.execute("select txid_current()")
-            return pgq.current_event_table(self.target, self.options.target_queue)
-        except psycopg2.Error as exc:
-            text = str(exc)
-            q = self.options.target_queue
-            if "Writing to queue disabled" in text:
-                raise QueueDisabled(f"target queue {q!r} has inserts disabled") from exc
-            if "Event queue not found" in text:
-                raise QueueNotFound(f"target queue {q!r} does not exist (any more)") from exc
-            raise
+        with self.target.cursor() as cur:
+            cur.execute("select pg_catalog.txid_current()")
+        return pgq.current_event_table(self.target, self.options.target_queue)
 
-    def _transfer(self, batch_sql: str, table: str) -> int:
+    def _transfer(self, batch_sql: str) -> int:
+        """The chunk path's insert_event_chunk picks the event table itself (a mover role
+        need not call pgq.current_event_table, which PgQ grants to producers)."""
         o = self.options
 
         def mid_stream() -> None:
             self._hit(faults.MID_STREAM)
 
-        if self.write_path == COPY_PATH:
-            return transfer.copy_stream(
-                self.source, self.target, batch_sql, table, o.keep_event_id,
-                mid_stream if self._fault else None,
+        try:
+            if self.write_path == COPY_PATH:
+                return transfer.copy_stream(
+                    self.source, self.target, batch_sql, self._current_event_table(), o.keep_event_id,
+                    mid_stream if self._fault else None,
+                )
+            return transfer.insert_chunks(
+                self.source, self.target, batch_sql, o.target_queue, o.keep_event_id,
+                o.chunk_size, mid_stream if self._fault else None,
             )
-        return transfer.insert_chunks(
-            self.source, self.target, batch_sql, o.target_queue, o.keep_event_id,
-            o.chunk_size, mid_stream if self._fault else None,
-        )
+        except psycopg2.Error as exc:
+            text = str(exc)
+            if "Writing to queue disabled" in text:
+                raise QueueDisabled(f"target queue {o.target_queue!r} has inserts disabled") from exc
+            if "Event queue not found" in text:
+                raise QueueNotFound(f"target queue {o.target_queue!r} does not exist (any more)") from exc
+            raise
 
     def _finish_on_source(self, batch: pgq.BatchInfo) -> None:
         finished = pgq.finish_batch(self.source, batch.batch_id)
         self._hit(faults.BEFORE_SOURCE_COMMIT)
         self.source.commit()
         if not finished:
-            log.warning(
-                "finish_batch(%s) on queue %r found the batch no longer active: another mover"
-                " on %s or a re-registration got in between (the target is consistent)",
+            # Two runs of one mover handed the same open batch: the first to finish it wins.
+            # The target's mark decided who applied it, so nothing is lost or doubled.
+            log.info(
+                "finish_batch(%s) on queue %r: a concurrent run of the same mover (%s) finished"
+                " this batch first (the target holds it once)",
                 batch.batch_id, self.options.source_queue, self.options.key,
             )
 

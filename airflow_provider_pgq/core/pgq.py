@@ -149,7 +149,8 @@ _NEXT_BATCH_INFO = (
 )
 _NEXT_BATCH_CUSTOM = (
     "select batch_id, cur_tick_id, prev_tick_id, cur_tick_time, prev_tick_time,"
-    " cur_tick_event_seq, prev_tick_event_seq from pgq.next_batch_custom(%s::text, %s::text, %s::interval, %s::int4, %s::interval)"
+    " cur_tick_event_seq, prev_tick_event_seq"
+    " from pgq.next_batch_custom(%s::text, %s::text, %s::interval, %s::int4, %s::interval)"
 )
 
 
@@ -300,3 +301,34 @@ def insert_event(
             (queue, ev_type, ev_data, extra1, extra2, extra3, extra4),
         )
     )
+
+
+def oldest_tick_id(conn: Connection, queue: str) -> int | None:
+    """The queue's oldest retained tick: the earliest position a consumer can be registered at
+    (older ticks went with the event tables PgQ rotated away)."""
+    return _value(  # type: ignore[no-any-return]
+        conn,
+        "select pg_catalog.min(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
+        " where q.queue_name = %s::text",
+        (queue,),
+    )
+
+
+def events_before_tick(conn: Connection, queue: str, tick_id: int) -> int:
+    """Rows the queue's event tables still hold that belong to tick_id or earlier: events a
+    consumer positioned at tick_id never sees (a full scan: for registration, not per batch)."""
+    row = _one(
+        conn,
+        "select q.queue_data_pfx, t.tick_snapshot::text from pgq.queue q"
+        " join pgq.tick t on t.tick_queue = q.queue_id and t.tick_id = %s::bigint"
+        " where q.queue_name = %s::text",
+        (tick_id, queue),
+    )
+    if row is None:
+        return 0
+    schema, _, table = str(row[0]).partition(".")
+    query = sql.SQL(
+        "select pg_catalog.count(*) from {} e"
+        " where pg_catalog.txid_visible_in_snapshot(e.ev_txid, %s::pg_catalog.txid_snapshot)"
+    ).format(sql.Identifier(schema, table))
+    return int(_value(conn, query.as_string(conn), (row[1],)))

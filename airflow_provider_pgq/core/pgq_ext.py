@@ -44,7 +44,7 @@ def _sql(name: str) -> str:
     return files("airflow_provider_pgq.core").joinpath("sql").joinpath(name).read_text(encoding="utf-8")
 
 
-def _rows(conn: Connection, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+def _rows(conn: Connection, query: str | sql.Composable, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     with conn.cursor() as cur:
         cur.execute(query, params)
         return list(cur.fetchall())
@@ -96,9 +96,9 @@ select 'trigger', t.tgname::text || ' on ' || t.tgrelid::pg_catalog.regclass::te
  where c.relnamespace = pg_catalog.to_regnamespace('pgq_ext') and not t.tgisinternal
 """
 
-_UNTRUSTED = f"""
+_UNTRUSTED = sql.SQL("""
 select o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)
-  from ({_OWNERS}) o (kind, name, owner)
+  from ({owners}) o (kind, name, owner)
   join pg_catalog.pg_roles r on r.oid = o.owner
  where not r.rolsuper
    and r.rolname <> current_user
@@ -106,7 +106,7 @@ select o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)
                                   where e.extname = 'pgq_ext')
  order by 1, 2
  limit 1
-"""
+""").format(owners=sql.SQL(_OWNERS))
 
 
 def require_trusted(conn: Connection) -> None:

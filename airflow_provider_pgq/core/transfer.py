@@ -20,13 +20,20 @@ batch's ``ev_id`` order, so target consumers see the events in the source's orde
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import IO
 
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
+
+from airflow_provider_pgq.core.errors import WaitTimeout
+from airflow_provider_pgq.core.guard import WATCHDOG, GuardedConnection, Watch, abort, shut_socket
+
+log = logging.getLogger(__name__)
 
 #: Columns carried over, in COPY order; ev_id is appended when ids are kept.
 EVENT_COLUMNS = ("ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_extra3", "ev_extra4", "ev_time")
@@ -41,6 +48,96 @@ _PIPE_SIZE = 1 << 20
 
 #: Session-local staging table of the chunk path (temporary, emptied at commit).
 STAGING_TABLE = "pgq_mover_rows"
+
+#: A long batch says how far it got this often (seconds), so slow can be told from stuck.
+PROGRESS_EVERY = 5.0
+
+
+class _Progress:
+    """Logs a long transfer's progress every PROGRESS_EVERY seconds (quiet for short ones)."""
+
+    def __init__(self, what: str, unit: str) -> None:
+        self.what = what
+        self.unit = unit
+        self.started = time.monotonic()
+        self.next_log = self.started + PROGRESS_EVERY
+        self.done = 0
+
+    def add(self, amount: int) -> None:
+        self.done += amount
+        now = time.monotonic()
+        if now >= self.next_log:
+            self.next_log = now + PROGRESS_EVERY
+            elapsed = now - self.started
+            if self.unit == "bytes":
+                log.info("%s: %.1f MB so far in %.0fs (%.1f MB/s)", self.what, self.done / 1e6, elapsed,
+                         self.done / 1e6 / elapsed)
+            else:
+                log.info("%s: %d %s so far in %.0fs (%.0f/s)", self.what, self.done, self.unit, elapsed,
+                         self.done / elapsed)
+
+
+class _StreamWatch(Watch):
+    """The COPY pipe's progress bound: no byte through the pipe for `bound` seconds
+    means one side has stopped. The stalled side is the one the other waits for: the
+    target's thread sitting in read() of the pipe waits for the source; otherwise the
+    target does not take what the source sends. Its socket is shut (libpq stops
+    waiting at once), the other side gets a cancel request; the transfer then raises
+    WaitTimeout, and the caller rolls both transactions back."""
+
+    def __init__(self, source: Connection, target: Connection, bound: float) -> None:
+        super().__init__(bound)
+        self.source = source
+        self.target = target
+        self.in_read = False
+        self.stalled: Connection | None = None
+        self.progress = _Progress("batch COPY", "bytes")
+
+    def moved(self, size: int) -> None:
+        self.deadline = time.monotonic() + self.bound
+        self.progress.add(size)
+
+    def expire(self) -> float | None:
+        self.stalled, other = (self.source, self.target) if self.in_read else (self.target, self.source)
+        shut_socket(self.stalled)
+        abort([other], "the other side of the COPY stalled")
+        return None
+
+    def error(self) -> WaitTimeout:
+        conn = self.stalled
+        assert conn is not None
+        side = getattr(conn, "side", "database")
+        server = conn.server() if isinstance(conn, GuardedConnection) else "?"
+        return WaitTimeout(
+            f"{side} {server}: the batch's COPY moved no bytes for {self.bound:g}s (network_timeout):"
+            f" the {side} stopped {'sending' if conn is self.source else 'taking'} data; both"
+            " statements were cancelled and nothing of the batch was committed (it is retried whole)",
+            side, server, "COPY progress",
+        )
+
+
+def _stream_bound(*conns: Connection) -> float | None:
+    bounds = [b for b in (getattr(c, "stream_bound", None) for c in conns) if b]
+    return min(bounds) if bounds else None
+
+
+def _lift_statement_timeout(conn: Connection) -> str | None:
+    """A COPY may legitimately outlast the statement bound (its progress is watched
+    instead): lifted for this transaction when the bound is the mover's own; returns
+    the value to put back."""
+    if not getattr(conn, "own_statement_timeout", False):
+        return None
+    with conn.cursor() as cur:
+        cur.execute("select pg_catalog.current_setting('statement_timeout'),"
+                    " pg_catalog.set_config('statement_timeout', '0', true)")
+        row = cur.fetchone()
+    return str(row[0]) if row else None
+
+
+def _restore_statement_timeout(conn: Connection, value: str | None) -> None:
+    if value is not None:
+        with conn.cursor() as cur:
+            cur.execute("select pg_catalog.set_config('statement_timeout', %s::text, true)", (value,))
 
 
 def _columns(keep_event_id: bool) -> list[str]:
@@ -82,14 +179,22 @@ class _OnceAfterFirstRead:
     ("error in .read() call"); _pipe_copy raises the kept one instead, so a signal
     stays a signal for the caller."""
 
-    def __init__(self, stream: IO[bytes], hook: Callable[[], None] | None) -> None:
+    def __init__(self, stream: IO[bytes], hook: Callable[[], None] | None, watch: _StreamWatch | None) -> None:
         self._stream = stream
         self._hook = hook
+        self._watch = watch
         self.raised: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
         try:
-            data = self._stream.read(size)
+            watch = self._watch
+            if watch is not None:
+                watch.in_read = True
+                data = self._stream.read(size)
+                watch.in_read = False
+                watch.moved(len(data))
+            else:
+                data = self._stream.read(size)
             if self._hook is not None and data:
                 hook, self._hook = self._hook, None
                 hook()
@@ -127,7 +232,53 @@ def _pipe_copy(
     source_encoding, target_encoding = source.encoding, target.encoding
     if source_encoding != target_encoding:
         _set_client_encoding(source, target_encoding)
+    lifted = (_lift_statement_timeout(source), _lift_statement_timeout(target))
+    bound = _stream_bound(source, target)
+    watch = _StreamWatch(source, target, bound) if bound is not None else None
+    try:
+        rows = _pipe_copy_watched(source, target, out_text, in_text, mid_stream, watch)
+    except BaseException as exc:
+        if watch is not None and watch.fired and watch.stalled is not None:
+            raise watch.error() from exc
+        raise
+    _restore_statement_timeout(source, lifted[0])
+    _restore_statement_timeout(target, lifted[1])
+    if source_encoding != target_encoding:
+        _set_client_encoding(source, source_encoding)
+    return rows
 
+
+def _pipe_copy_watched(
+    source: Connection,
+    target: Connection,
+    out_text: str,
+    in_text: str,
+    mid_stream: Callable[[], None] | None,
+    watch: _StreamWatch | None,
+) -> int:
+    """_pipe_copy's two threads, under the progress watch when there is one."""
+    streaming = [c for c in (source, target) if isinstance(c, GuardedConnection)]
+    for conn in streaming:
+        conn.streaming = True
+    if watch is not None:
+        WATCHDOG.add(watch)
+    try:
+        return _pipe(source, target, out_text, in_text, mid_stream, watch)
+    finally:
+        if watch is not None:
+            WATCHDOG.discard(watch)
+        for conn in streaming:
+            conn.streaming = False
+
+
+def _pipe(
+    source: Connection,
+    target: Connection,
+    out_text: str,
+    in_text: str,
+    mid_stream: Callable[[], None] | None,
+    watch: _StreamWatch | None,
+) -> int:
     read_fd, write_fd = os.pipe()
     _widen_pipe(write_fd)
     # Unbuffered read end: read(n) answers with what the pipe holds now instead of
@@ -150,7 +301,7 @@ def _pipe_copy(
 
     producer = threading.Thread(target=produce, name="pgq-copy-out", daemon=True)
     producer.start()
-    stream = _OnceAfterFirstRead(reader, mid_stream)
+    stream = _OnceAfterFirstRead(reader, mid_stream, watch)
     try:
         with target.cursor() as cur:
             cur.copy_expert(in_text, stream, size=_READ_CHUNK)
@@ -173,8 +324,6 @@ def _pipe_copy(
         # The target saw a clean end of stream, but the source broke off: the rows in
         # the target's open transaction are incomplete and must never be committed.
         raise failure[0]
-    if source_encoding != target_encoding:
-        _set_client_encoding(source, source_encoding)
     return int(rows)
 
 
@@ -280,7 +429,9 @@ def _insert_staged(
         staging, _column_list(keep_event_id)
     )
     staged = _pipe_copy(source, target, copy_out, copy_in, mid_stream)
-    aggregates = sql.SQL(", ").join(sql.SQL("pg_catalog.array_agg({})").format(sql.Identifier(c)) for c in EVENT_COLUMNS)
+    aggregates = sql.SQL(", ").join(
+        sql.SQL("pg_catalog.array_agg({})").format(sql.Identifier(c)) for c in EVENT_COLUMNS
+    )
     ids = sql.SQL("pg_catalog.array_agg(ev_id)") if keep_event_id else sql.SQL("null::bigint[]")
     # The aggregates read a subquery sorted by ord: PostgreSQL feeds them in that
     # order, and unnest in the function inserts in array order. One COPY in one
@@ -300,6 +451,7 @@ def _insert_staged(
     query = insert.as_string(target)
     written = 0
     taken = 0
+    progress = _Progress("batch chunks", "events")
     with target.cursor() as cur:
         first = True
         while taken < staged:
@@ -312,6 +464,7 @@ def _insert_staged(
                 )
             written += int(result[0] or 0)
             taken += int(result[1])
+            progress.add(int(result[1]))
             last_ord += chunk_size
         if not first:
             cur.execute(
@@ -353,6 +506,7 @@ def _insert_source_arrays(
         # DateStyle and TimeZone; reverts with the source transaction.
         cur.execute("set local datestyle = 'ISO, YMD'")
     written = 0
+    progress = _Progress("batch chunks", "events")
     with source.cursor(name="pgq_mover_chunks") as src, target.cursor() as dst:
         src.itersize = 1  # one row is a whole chunk: never hold two
         src.execute(chunks)
@@ -360,6 +514,7 @@ def _insert_source_arrays(
             dst.execute(insert, (target_queue, *chunk))
             result = dst.fetchone()
             written += int(result[0]) if result and result[0] is not None else 0
+            progress.add(int(result[0]) if result and result[0] is not None else 0)
             if mid_stream is not None:
                 hook, mid_stream = mid_stream, None
                 hook()

@@ -9,7 +9,14 @@ from typing import Any
 from airflow.sdk import Asset, BaseOperator, Context
 from psycopg2.extensions import connection as Psycopg2Connection
 
-from airflow_provider_pgq.core.mover import BatchResult, DrainBounds, MoverOptions, QueueMover
+from airflow_provider_pgq.core.mover import (
+    BatchResult,
+    DrainBounds,
+    MoverOptions,
+    QueueMover,
+    check_batching,
+    seconds_to_interval,
+)
 from airflow_provider_pgq.hooks.pgq import PgqHook
 
 try:
@@ -63,17 +70,31 @@ class PgqQueueMoverOperator(BaseOperator):
     :param stop_at_interval_end: only move batches whose end tick is not later than
         the run's ``data_interval_end`` (repeatable runs and backfills).
     :param register_consumer: register the consumer on the source when missing.
+    :param register_at: where a consumer registered by ``register_consumer`` starts:
+        ``"now"`` (default, PgQ's rule: events queued before the first run are never
+        moved; a WARNING gives their count) or ``"oldest"`` (the queue's oldest retained
+        tick, so the events the queue still holds are moved too; events before that
+        tick, or rotated away, cannot be).
     :param install_pgq_ext: install or upgrade pgq_ext on the target when missing.
     :param min_batch_events: coalesce ticks into batches of at least this many events.
     :param min_batch_interval: coalesce ticks into batches spanning at least this long.
     :param keep_event_id: give target events the source's ``ev_id`` (the target queue
         must have no other producer).
-    :param outlet_asset: declare ``pgq://<target_conn_id>/<target_queue>`` as outlet.
+    :param outlet_asset: declare ``pgq://<target_conn_id>/<target_queue>`` as outlet. An
+        asset event is emitted only by a run that moved events; its ``extra`` holds the
+        move report (events, batches, first_tick, last_tick, ...).
     :param reposition: ``"rewind"`` (move the source consumer back to the target's
         mark) or ``"reset"`` (forget the target's mark) before draining, to recover
         from a position mismatch; templated, so a manual run can pass it, e.g.
         ``"{{ params.reposition }}"``. Empty or None: nothing.
     :return: the MoveReport as a dict (XCom).
+
+    Concurrency: ``max_active_tis_per_dag`` defaults to 1, so concurrent runs of the DAG
+    (a backfill's ``max_active_runs``, a clear next to a scheduled run) run this task one
+    at a time: the queue hands out batches strictly in order to one consumer, so
+    parallel runs would only race for the same batches. Pass another value to override
+    (a mapped task is not covered: its map indexes share one task id; use the DAG's
+    ``max_active_runs=1`` or a pool with one slot per source).
     """
 
     template_fields: Sequence[str] = (
@@ -99,6 +120,7 @@ class PgqQueueMoverOperator(BaseOperator):
         tick_timeout: float = 30.0,
         stop_at_interval_end: bool = False,
         register_consumer: bool = False,
+        register_at: str = "now",
         install_pgq_ext: bool = False,
         min_batch_events: int | None = None,
         min_batch_interval: float | dt.timedelta | None = None,
@@ -107,8 +129,10 @@ class PgqQueueMoverOperator(BaseOperator):
         reposition: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if outlet_asset:
-            kwargs["outlets"] = [*kwargs.get("outlets", []), target_asset(target_conn_id, target_queue)]
+        self._asset = target_asset(target_conn_id, target_queue) if outlet_asset else None
+        if self._asset is not None:
+            kwargs["outlets"] = [*kwargs.get("outlets", []), self._asset]
+        kwargs.setdefault("max_active_tis_per_dag", 1)
         super().__init__(**kwargs)
         self.source_conn_id = source_conn_id
         self.target_conn_id = target_conn_id
@@ -117,15 +141,16 @@ class PgqQueueMoverOperator(BaseOperator):
         self.consumer_name = consumer_name
         self.subconsumer = subconsumer
         self.max_runtime = _seconds(max_runtime)
-        interval = _seconds(min_batch_interval)
-        self.min_batch_interval = dt.timedelta(seconds=interval) if interval is not None else None
         # Validated now, so a bad value fails at DAG parse time, not in the middle of a run.
+        self.min_batch_interval = seconds_to_interval("min_batch_interval", min_batch_interval)
+        check_batching(min_batch_events, self.min_batch_interval)
         self.bounds = DrainBounds(
             max_batches=max_batches, max_events=max_events, max_runtime=self.max_runtime,
             force_tick=force_tick, run_ticker=run_ticker, tick_timeout=tick_timeout,
         )
         self.stop_at_interval_end = stop_at_interval_end
         self.register_consumer = register_consumer
+        self.register_at = register_at
         self.install_pgq_ext = install_pgq_ext
         self.min_batch_events = min_batch_events
         self.keep_event_id = keep_event_id
@@ -138,6 +163,7 @@ class PgqQueueMoverOperator(BaseOperator):
             consumer=self.consumer_name or f"{self.dag_id}.{self.task_id}",
             subconsumer=self.subconsumer or "",
             register_consumer=self.register_consumer,
+            register_at=self.register_at,
             install_pgq_ext=self.install_pgq_ext,
             keep_event_id=self.keep_event_id,
             min_batch_events=self.min_batch_events,
@@ -201,4 +227,24 @@ class PgqQueueMoverOperator(BaseOperator):
         Stats.incr("pgq.mover.batches", report.batches, tags=tags)
         if report.lag_seconds is not None:
             Stats.gauge("pgq.mover.lag_seconds", report.lag_seconds, tags=tags)
-        return report.to_dict()
+        result = report.to_dict()
+        self._announce(context, result)
+        return result
+
+    def _announce(self, context: Context, report: dict[str, Any]) -> None:
+        """The outlet Asset gets an event only when events moved, with the report as extra.
+
+        Airflow emits an event for every declared outlet of a successful task, so a run
+        that moved nothing takes its own Asset off the outlets it reports.
+        """
+        if self._asset is None:
+            return
+        if report["events"] > 0:
+            context["outlet_events"][self._asset].extra = {
+                k: report[k] for k in ("source_queue", "target_queue", "consumer", "subconsumer",
+                                       "events", "batches", "skipped", "first_tick", "last_tick",
+                                       "stop_reason")
+            }
+            return
+        self.log.info("no events moved: no asset event for %s", self._asset.uri)
+        self.outlets = [o for o in self.outlets if not (isinstance(o, Asset) and o.uri == self._asset.uri)]

@@ -12,15 +12,22 @@ and the same run moves every event once.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import socket
+import subprocess
+import sys
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg2 import sql
 
 from airflow_provider_pgq.core import pgq_ext
+from airflow_provider_pgq.core.config import ConfigError, load_config
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import (
     ConnectionFailed,
@@ -33,7 +40,18 @@ from airflow_provider_pgq.core.errors import (
     QueueNotFound,
 )
 from airflow_provider_pgq.core.mover import DrainBounds, MoverOptions, QueueMover
-from tests.helpers import Server, produce, queue_events, register, run_mover, simple_events, tick
+from tests.helpers import (
+    Server,
+    create_queue,
+    has_pgq_ext,
+    is_registered,
+    produce,
+    queue_events,
+    register,
+    run_mover,
+    simple_events,
+    tick,
+)
 
 MakeDb = Callable[..., Server]
 
@@ -300,7 +318,8 @@ def test_unreachable_host_is_named_without_showing_the_password() -> None:
 def test_malformed_connection_string_does_not_show_the_password() -> None:
     with pytest.raises(ConnectionFailed) as info:
         connect(f"host=127.0.0.1 password={PASSWORD} no_such_option=1")
-    assert "no_such_option" in str(info.value)
+    # with a password in the string, the option's name may be a piece of it: not shown
+    assert 'invalid connection option "<hidden>"' in str(info.value)
     assert_password_hidden(info.value)
 
 
@@ -319,6 +338,23 @@ OPTION_CASES: list[tuple[dict[str, Any], str]] = [
     ({"min_batch_interval": dt.timedelta(seconds=-1)}, "min_batch_interval"),
     ({"chunk_size": 0}, "chunk_size"),
     ({"chunk_size": -100}, "chunk_size"),
+    # pgq.next_batch_custom's min_count is int4: one more fails deep inside PgQ.
+    ({"min_batch_events": 2**31}, "min_batch_events"),
+    ({"min_batch_events": True}, "min_batch_events"),  # a bool is an int to Python
+    ({"min_batch_events": 2.5}, "min_batch_events"),
+    ({"min_batch_events": "10"}, "min_batch_events"),
+    ({"min_batch_interval": dt.timedelta(days=366)}, "min_batch_interval"),
+    ({"min_batch_interval": dt.timedelta.max}, "min_batch_interval"),
+    ({"min_batch_interval": 5}, "min_batch_interval"),  # seconds, not a timedelta
+    ({"chunk_size": True}, "chunk_size"),
+    ({"chunk_size": 10**12}, "chunk_size"),
+    ({"chunk_size": 100.0}, "chunk_size"),
+    ({"source_queue": "src\x00q"}, "source_queue"),
+    ({"target_queue": "dst_q\x00"}, "target_queue"),
+    ({"consumer": "\x00mover"}, "consumer"),
+    ({"subconsumer": "part\x00two"}, "subconsumer"),
+    ({"register_consumer": "false"}, "register_consumer"),  # a non-empty string is true
+    ({"keep_event_id": 1}, "keep_event_id"),
 ]
 
 
@@ -341,14 +377,31 @@ BOUND_CASES: list[tuple[dict[str, Any], str]] = [
     ({"max_runtime": 0}, "max_runtime"),
     ({"tick_timeout": 0}, "tick_timeout"),
     ({"stop_at": dt.datetime(2026, 1, 1)}, "stop_at"),
+    # NaN compares false with everything: the bound would silently never stop a drain.
+    ({"max_runtime": float("nan")}, "max_runtime"),
+    ({"max_runtime": float("inf")}, "max_runtime"),
+    ({"max_runtime": True}, "max_runtime"),
+    ({"max_runtime": "60"}, "max_runtime"),
+    ({"max_batches": True}, "max_batches"),
+    ({"max_batches": 2.5}, "max_batches"),
+    ({"max_events": True}, "max_events"),
+    ({"max_events": "100"}, "max_events"),
+    ({"tick_timeout": float("nan")}, "tick_timeout"),
+    ({"tick_timeout": float("inf")}, "tick_timeout"),
+    ({"tick_timeout": True}, "tick_timeout"),
+    ({"tick_timeout": 10**400}, "tick_timeout"),  # beyond any float
+    ({"force_tick": "false"}, "force_tick"),
+    ({"stop_at": "2026-01-01T00:00:00+00:00"}, "stop_at"),
 ]
 
 
-@pytest.mark.parametrize(("bad", "name"), BOUND_CASES, ids=[n + "=" + str(b[n]) for b, n in BOUND_CASES])
+@pytest.mark.parametrize(("bad", "name"), BOUND_CASES, ids=[n + "=" + str(b[n])[:20] for b, n in BOUND_CASES])
 def test_invalid_drain_bounds_are_named(bad: dict[str, Any], name: str) -> None:
     with pytest.raises(InvalidParameter) as info:
         DrainBounds(**bad)
-    assert str(info.value).startswith(name)
+    text = str(info.value)
+    assert text.startswith(name), text
+    assert repr(bad[name]) in text, text  # the value given
 
 
 def test_invalid_parameter_fails_before_anything_is_written(source: Server, target: Server) -> None:
@@ -358,3 +411,254 @@ def test_invalid_parameter_fails_before_anything_is_written(source: Server, targ
     with pytest.raises(InvalidParameter, match="max_batches"):
         run_mover(source, target, bounds=DrainBounds(max_batches=-1), register_consumer=True)
     assert (snapshot(source), snapshot(target)) == before
+
+
+# -- hostile values: one named error before anything is written ----------------------------
+
+NUL_RUNS: list[dict[str, Any]] = [
+    {"consumer": "mo\x00ver"},
+    {"subconsumer": "sub\x00"},
+    {"source_queue": "src_q\x00"},
+    {"target_queue": "\x00dst_q"},
+    {"min_batch_events": 2**31},
+    {"min_batch_events": True},
+    {"chunk_size": True},
+    {"bounds": {"max_runtime": float("nan")}},
+    {"bounds": {"max_batches": True}},
+    {"bounds": {"tick_timeout": True, "force_tick": True}},  # before: waited 1 s, then TickerNotRunning
+]
+
+
+@pytest.mark.parametrize("bad", NUL_RUNS, ids=[repr(b) for b in NUL_RUNS])
+def test_hostile_values_fail_by_name_before_anything_is_written(
+    source: Server, target: Server, bad: dict[str, Any]
+) -> None:
+    """Before: NUL ended in psycopg2's "A string literal cannot contain NUL" after pgq_ext
+    and the registration were written, 2**31 in PgQ's "integer out of range" after the
+    registration, and a NaN max_runtime or a bool bound ran as if no bound were given."""
+    produce(source, "src_q", simple_events(5))
+    tick(source, "src_q")
+    before = snapshot(source), snapshot(target)
+    options = dict(bad)
+    bounds = options.pop("bounds", {})
+    name = next(iter(bounds or options))
+    with pytest.raises(InvalidParameter) as info:
+        run_mover(source, target, consumer=options.pop("consumer", "mover"), bounds=DrainBounds(**bounds),
+                  register_consumer=True, install_pgq_ext=True, **options)
+    text = str(info.value)
+    assert text.startswith(name), text
+    assert "\x00" not in text  # shown escaped, never raw
+    assert (snapshot(source), snapshot(target)) == before
+
+
+# -- source and target the same queue ------------------------------------------------------------
+
+
+def _event_count(server: Server, queue: str) -> int:
+    return sum(queue_events(server, queue).values())
+
+
+def test_same_queue_of_one_database_is_refused_before_anything_is_written(make_db: MakeDb) -> None:
+    """Before: the mover registered, installed pgq_ext and copied the queue into itself."""
+    db = make_db(queue="q")
+    produce(db, "q", simple_events(10))
+    tick(db, "q")
+    before = snapshot(db)
+    with pytest.raises(InvalidParameter) as info:
+        run_mover(db, db, source_queue="q", target_queue="q", register_consumer=True, install_pgq_ext=True)
+    text = str(info.value)
+    assert text.startswith("target_queue 'q' is the source queue itself"), text
+    assert repr(db.dbname) in text and "into itself" in text and "another database" in text
+    assert not is_registered(db, "q", "mover")
+    assert not has_pgq_ext(db)
+    assert _event_count(db, "q") == 10
+    assert snapshot(db) == before
+
+
+def test_same_queue_is_refused_for_least_privilege_roles_in_other_time_zones(make_db: MakeDb) -> None:
+    """The identity is read with what PUBLIC may execute (pgq_reader / pgq_writer logins,
+    no superuser, no pg_monitor) and compares equal whatever each session's TimeZone.
+    Before: prepare() passed, and the drain copied the queue into itself."""
+    db = make_db(queue="q", ext=True)
+    register(db, "q", "mover")
+    produce(db, "q", simple_events(10))
+    tick(db, "q")
+    cluster = db.cluster
+    logins: list[tuple[str, str]] = []
+    try:
+        for role, zone in (("pgq_reader", "Pacific/Kiritimati"), ("pgq_writer", "America/Adak")):
+            name, password = f"sq_{uuid.uuid4().hex[:10]}", "pw-" + secrets.token_urlsafe(12)
+            cluster.execute("postgres", sql.SQL("create role {} login password %s in role {}").format(
+                sql.Identifier(name), sql.Identifier(role)), (password,))
+            cluster.execute("postgres", sql.SQL("alter role {} set timezone = {}").format(
+                sql.Identifier(name), sql.Literal(zone)))
+            logins.append((name, password))
+        before = snapshot(db)
+        (reader, reader_pw), (writer, writer_pw) = logins
+        s = connect(cluster.dsn(db.dbname, user=reader, password=reader_pw))
+        t = connect(cluster.dsn(db.dbname, user=writer, password=writer_pw))
+        try:
+            assert (s.get_parameter_status("is_superuser"), t.get_parameter_status("is_superuser")) == ("off", "off")
+            mover = QueueMover(s, t, MoverOptions("q", "q", "mover"))
+            with pytest.raises(InvalidParameter, match="is the source queue itself"):
+                mover.drain()
+        finally:
+            s.close()
+            t.close()
+        assert snapshot(db) == before
+        assert _event_count(db, "q") == 10
+    finally:
+        for name, _ in logins:
+            cluster.execute("postgres", sql.SQL("drop role {}").format(sql.Identifier(name)))
+
+
+def test_same_queue_name_in_two_databases_is_still_moved(make_db: MakeDb) -> None:
+    """Regression guard for the check above: only one database's own queue is refused."""
+    source = make_db(queue="q")
+    target = make_db(queue="q", ext=True)
+    register(source, "q", "mover")
+    produce(source, "q", simple_events(12))
+    tick(source, "q")
+    report = run_mover(source, target, source_queue="q", target_queue="q", register_consumer=True)
+    assert report.events == 12
+    assert queue_events(target, "q") == queue_events(source, "q")
+
+
+def test_two_queues_of_one_database_are_still_moved(make_db: MakeDb) -> None:
+    """Regression guard: one database, two queues, is a move like any other."""
+    db = make_db(queue="src_q")
+    create_queue(db, "dst_q")
+    register(db, "src_q", "mover")
+    produce(db, "src_q", simple_events(12))
+    tick(db, "src_q")
+    report = run_mover(db, db, register_consumer=True, install_pgq_ext=True)
+    assert report.events == 12
+    assert queue_events(db, "dst_q") == queue_events(db, "src_q")
+
+
+# -- the classic ini file and the command line -------------------------------------------------
+
+
+def _ini(path: Path, lines: dict[str, str]) -> Path:
+    keys = {"src_db": "dbname=a", "dst_db": "dbname=b", "pgq_queue_name": "q", "dst_queue_name": "q2", **lines}
+    path.write_text("[mover]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()), encoding="utf-8")
+    return path
+
+
+INI_NUL_KEYS = ["pgq_queue_name", "dst_queue_name", "pgq_consumer_id", "job_name", "subconsumer", "pidfile"]
+
+
+@pytest.mark.parametrize("key", INI_NUL_KEYS)
+def test_ini_value_with_nul_is_named(tmp_path: Path, key: str) -> None:
+    ini = _ini(tmp_path / "m.ini", {key: "bad\x00name"})
+    with pytest.raises(ConfigError) as info:
+        load_config(ini, base_dir=tmp_path)
+    text = str(info.value)
+    assert text.startswith(f"{ini}: section [mover], key {key!r}: 'bad\\x00name' contains a NUL"), text
+    assert "\x00" not in text and "\n" not in text
+
+
+def test_ini_connection_string_with_nul_is_named_without_showing_it(tmp_path: Path) -> None:
+    ini = _ini(tmp_path / "m.ini", {"src_db": f"dbname=a password={PASSWORD}\x00x"})
+    with pytest.raises(ConfigError) as info:
+        load_config(ini, base_dir=tmp_path)
+    text = str(info.value)
+    assert "key 'src_db': <hidden> contains a NUL" in text, text
+    assert PASSWORD not in text and "\x00" not in text
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ({"min_batch_events": "2147483648"}, "'min_batch_events': must be at most 2147483647, got 2147483648"),
+        ({"min_batch_interval": "1e20"}, "'min_batch_interval': must be at most 3.1536e+07 seconds, got 1e+20"),
+        ({"min_batch_interval": "31622400"}, "'min_batch_interval': must be at most 3.1536e+07 seconds"),
+    ],
+)
+def test_ini_numbers_beyond_what_pgq_takes_are_named(tmp_path: Path, line: dict[str, str], message: str) -> None:
+    """Before: 2**31 failed inside PgQ at the first batch; 1e20 seconds escaped as
+    timedelta's OverflowError."""
+    ini = _ini(tmp_path / "m.ini", line)
+    with pytest.raises(ConfigError) as info:
+        load_config(ini, base_dir=tmp_path)
+    assert message in str(info.value), str(info.value)
+
+
+def _cli(ini: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "airflow_provider_pgq.cli", str(ini), *args],
+        cwd=ini.parent, capture_output=True, text=True, timeout=120,
+    )
+
+
+def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("pgq-queue-mover: error: ")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def test_cli_refuses_a_nul_in_the_ini_with_one_line(source: Server, target: Server, tmp_path: Path) -> None:
+    """Before: psycopg2's ValueError surfaced as "unexpected ValueError", after pgq_ext
+    was installed on the target."""
+    ini = _ini(tmp_path / "m.ini", {"src_db": source.dsn, "dst_db": target.dsn, "pgq_queue_name": "src_q",
+                                     "dst_queue_name": "dst_q", "pgq_consumer_id": "mo\x00ver",
+                                     "register_consumer": "true", "install_pgq_ext": "true"})
+    before = snapshot(source), snapshot(target)
+    proc = _cli(ini, "--once")
+    assert proc.returncode == 2, proc.stderr
+    line = _error_line(proc)
+    assert "key 'pgq_consumer_id': 'mo\\x00ver' contains a NUL" in line, line
+    assert (snapshot(source), snapshot(target)) == before
+
+
+def test_cli_refuses_moving_a_queue_into_itself_with_one_line(make_db: MakeDb, tmp_path: Path) -> None:
+    db = make_db(queue="q")
+    produce(db, "q", simple_events(10))
+    tick(db, "q")
+    ini = _ini(tmp_path / "m.ini", {"src_db": db.dsn, "dst_db": db.dsn, "pgq_queue_name": "q",
+                                     "dst_queue_name": "q", "register_consumer": "true",
+                                     "install_pgq_ext": "true"})
+    before = snapshot(db)
+    proc = _cli(ini, "--once")
+    assert proc.returncode == 1, proc.stderr
+    assert "target_queue 'q' is the source queue itself" in _error_line(proc)
+    assert snapshot(db) == before and not is_registered(db, "q", "m") and not has_pgq_ext(db)
+
+
+# -- the operator: at DAG parse time -------------------------------------------------------------
+
+
+OPERATOR_CASES: list[tuple[dict[str, Any], str]] = [
+    ({"min_batch_interval": float("nan")}, "min_batch_interval"),
+    ({"min_batch_interval": float("inf")}, "min_batch_interval"),
+    ({"min_batch_interval": 1e20}, "min_batch_interval"),
+    ({"min_batch_interval": True}, "min_batch_interval"),
+    ({"min_batch_events": True}, "min_batch_events"),
+    ({"min_batch_events": 2**31}, "min_batch_events"),
+    ({"max_runtime": float("nan")}, "max_runtime"),
+    ({"tick_timeout": float("inf")}, "tick_timeout"),
+]
+
+
+@pytest.mark.parametrize(("bad", "name"), OPERATOR_CASES, ids=[f"{n}={b[n]!r}" for b, n in OPERATOR_CASES])
+def test_operator_refuses_hostile_values_when_the_dag_is_parsed(bad: dict[str, Any], name: str) -> None:
+    """Before: NaN/inf/1e20 escaped as timedelta's ValueError/OverflowError, and the
+    rest were accepted (True as one second or one event, NaN as no bound)."""
+    from airflow_provider_pgq.operators.queue_mover import PgqQueueMoverOperator
+
+    with pytest.raises(InvalidParameter) as info:
+        PgqQueueMoverOperator(task_id="move", source_conn_id="s", target_conn_id="t",
+                              source_queue="src_q", target_queue="dst_q", **bad)
+    assert str(info.value).startswith(name), str(info.value)
+
+
+def test_operator_refuses_a_rendered_queue_name_with_nul() -> None:
+    """Templated names are known only once rendered: mover_options() names the NUL."""
+    from airflow_provider_pgq.operators.queue_mover import PgqQueueMoverOperator
+
+    op = PgqQueueMoverOperator(task_id="move", source_conn_id="s", target_conn_id="t",
+                               source_queue="{{ params.q }}", target_queue="dst_q")
+    op.source_queue = "src\x00q"  # what the template rendered to
+    with pytest.raises(InvalidParameter, match=r"^source_queue must not contain a NUL"):
+        op.mover_options()
