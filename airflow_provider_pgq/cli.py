@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,11 +29,18 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq import __version__
-from airflow_provider_pgq.core import pgq, pgq_ext
-from airflow_provider_pgq.core.config import SECRET_KEYS, ConfigError, MoverConfig, load_config
+from airflow_provider_pgq.core import guard, pgq, pgq_ext
+from airflow_provider_pgq.core.config import (
+    IGNORED_KEY_NOTES,
+    SECRET_KEYS,
+    ConfigError,
+    MoverConfig,
+    load_config,
+    sample_ini,
+)
 from airflow_provider_pgq.core.connect import connect, connection_parameters, describe, redact
-from airflow_provider_pgq.core.errors import ConnectionFailed, PgqError, TickerNotRunning
-from airflow_provider_pgq.core.mover import BatchResult, MoveReport, QueueMover
+from airflow_provider_pgq.core.errors import ConnectionFailed, PgqError, TickerNotRunning, WaitAborted, WaitTimeout
+from airflow_provider_pgq.core.mover import BatchResult, DrainBounds, MoveReport, QueueMover
 
 PROG = "pgq-queue-mover"
 EXIT_OK = 0
@@ -41,7 +48,10 @@ EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 
 #: Errors a running loop outlives: log, close connections, sleep, try again.
-RETRYABLE = (psycopg2.Error, ConnectionFailed, TickerNotRunning)
+RETRYABLE = (psycopg2.Error, ConnectionFailed, TickerNotRunning, WaitTimeout, WaitAborted)
+
+#: Consecutive failures double the retry delay up to this (seconds), or retry_delay if longer.
+MAX_BACKOFF = 60.0
 
 #: Longest single sleep, so that signals are noticed promptly.
 _SLEEP_SLICE = 0.1
@@ -159,7 +169,9 @@ def _note_config(config: MoverConfig) -> None:
     for key in config.unknown_keys:
         log.warning("%s: section [%s]: unknown key %r ignored (a typo?)", config.path, config.section, key)
     for key in config.ignored_keys:
-        log.info("%s: classic key %r has no effect here and is ignored", config.path, key)
+        note = IGNORED_KEY_NOTES.get(key, "")
+        log.info("%s: classic key %r has no effect here and is ignored%s", config.path, key,
+                 f": {note}" if note else "")
 
 
 # -- pidfile ------------------------------------------------------------------
@@ -274,7 +286,8 @@ class _Connections:
 
     def _open(self, key: str, dsn: str) -> Connection:
         try:
-            conn = connect(dsn, application_name=self.config.job_name)
+            conn = connect(dsn, application_name=self.config.job_name, timeouts=self.config.timeouts(),
+                           side="source" if key == "src_db" else "target")
         except ConnectionFailed as exc:
             raise ConnectionFailed(f"{key}: {exc}") from None
         if self._source is None and self._target is None:
@@ -295,6 +308,10 @@ class _Connections:
 
     def age(self) -> float:
         return time.monotonic() - self.opened
+
+    def open_connections(self) -> list[Connection | None]:
+        """For SIGTERM's abort, from another thread: no connection is opened here."""
+        return [self._source, self._target]
 
     def broken(self) -> bool:
         return any(c is not None and c.closed for c in (self._source, self._target))
@@ -337,6 +354,8 @@ def _admin(config: MoverConfig, args: argparse.Namespace) -> int:
             conns.source.commit()
             state = "registered" if new else "was already registered"
             print(f"consumer {config.pgq_consumer_id!r} {state} on queue {config.pgq_queue_name!r}", file=out)
+        if args.unregister:
+            _unregister(config, conns, out)
         if args.reset or args.rewind or args.status:
             mover = QueueMover(conns.source, conns.target, config.options())
             if args.reset:
@@ -358,6 +377,24 @@ def _admin(config: MoverConfig, args: argparse.Namespace) -> int:
     finally:
         conns.close()
     return EXIT_OK
+
+
+def _unregister(config: MoverConfig, conns: _Connections, out: Any) -> None:
+    """--unregister, as skytools' SerialConsumer did it: the consumer leaves the source
+    queue, and the target forgets its mark (and the source it was bound to), so that a
+    later --register starts clean instead of meeting a mark that no longer fits."""
+    pgq.require_queue(conns.source, config.pgq_queue_name, "source")
+    was = pgq.is_registered(conns.source, config.pgq_queue_name, config.pgq_consumer_id)
+    if was:
+        pgq.unregister_consumer(conns.source, config.pgq_queue_name, config.pgq_consumer_id)
+    conns.source.commit()
+    old = QueueMover(conns.source, conns.target, config.options()).reset()
+    state = "unregistered from" if was else "was not registered on"
+    print(
+        f"consumer {config.pgq_consumer_id!r} {state} queue {config.pgq_queue_name!r}; target mark"
+        f" cleared (was {_fmt(old)}): events queued from now on are not moved until it registers again",
+        file=out,
+    )
 
 
 def _print_status(config: MoverConfig, status: dict[str, Any]) -> None:
@@ -390,8 +427,12 @@ def _print_status(config: MoverConfig, status: dict[str, Any]) -> None:
 class Runner:
     """The long-running (or --once) mover: connections, loop, signals, pidfile."""
 
-    def __init__(self, config: MoverConfig, logs: _Logs, once: bool, daemon: bool, base_dir: Path) -> None:
+    def __init__(
+        self, config: MoverConfig, logs: _Logs, once: bool, daemon: bool, base_dir: Path,
+        overrides: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
+        self.overrides = dict(overrides or {})  # --set, applied again on every reload
         self.logs = logs
         self.once = once
         self.daemon = daemon
@@ -403,6 +444,7 @@ class Runner:
         self.reload_requested = False
         self.terminating = False
         self.worked = False  # a drain succeeded once: from now on database errors are retried
+        self.failures = 0  # in a row: the retry delay doubles with each
         self.reconnect_reason = "start"
 
     # -- signals: handlers only set flags (or leave at once) -----------------------
@@ -450,7 +492,10 @@ class Runner:
                     return code
             elif self.pidfile is not None:
                 self.pidfile.acquire()
-            return self._loop()
+            # SIGTERM must end the process even while it waits inside libpq (no Python
+            # handler runs there): a helper thread shuts the connections down first.
+            with guard.interrupt_waits_on((signal.SIGTERM,), self._open_connections):
+                return self._loop()
         except _Terminated as exc:
             log.info("%s: stopping at once (%s); an unfinished batch is retried on the next start",
                      self.config.job_name, exc)
@@ -511,6 +556,10 @@ class Runner:
 
     # -- connections --------------------------------------------------------------------
 
+    def _open_connections(self) -> list[Connection | None]:
+        conns = self.conns
+        return conns.open_connections() if conns is not None else []
+
     def _disconnect(self) -> None:
         if self.conns is not None:
             self.conns.close()
@@ -563,36 +612,56 @@ class Runner:
                 log.info("%s: stopping as asked (SIGINT)", self.config.job_name)
                 return EXIT_OK
             try:
-                report = self._ensure_connected().drain(self.config.bounds())
+                report = self._ensure_connected().drain(self._bounds())
             except _StopAfterBatch:
                 log.info("%s: stopping after the current batch as asked (SIGINT)", self.config.job_name)
                 return EXIT_OK
             except RETRYABLE as exc:
-                if self.once or not self.worked:
+                if self._single_run() or not self.worked:
                     raise
-                delay = self.config.retry_delay
+                self.failures += 1
+                base = self.config.retry_delay
+                delay = min(base * 2 ** min(self.failures - 1, 16), max(base, MAX_BACKOFF))
                 log.error("database error, reconnecting in %gs: %s", delay, _one_line(str(exc)))
                 self._disconnect()
                 self.reconnect_reason = "after an error"
                 self._sleep(delay)
                 continue
             self.worked = True
+            self.failures = 0
             self._log_report(report)
-            if self.once:
+            if self._single_run():
+                log.debug("%s: %s done, exiting", self.config.job_name,
+                          "one batch (loop_delay < 0)" if self._one_batch() else "drain")
                 return EXIT_OK
             if report.events == 0 and report.stop_reason == "drained":
                 log.debug("idle: sleeping %gs (loop_delay)", self.config.loop_delay)
                 self._sleep(self.config.loop_delay)
 
+    def _single_run(self) -> bool:
+        """--once, or loop_delay <= 0 (skytools: 0 works while there is work, then exits;
+        < 0 runs one round): one drain, then exit; the same with and without -d."""
+        return self.once or self.config.run_mode != "loop"
+
+    def _one_batch(self) -> bool:
+        """loop_delay < 0: one round is one batch for a consumer (--once drains instead)."""
+        return not self.once and self.config.run_mode == "one_batch"
+
+    def _bounds(self) -> DrainBounds:
+        bounds = self.config.bounds()
+        return dataclasses.replace(bounds, max_batches=1) if self._one_batch() else bounds
+
     def _log_report(self, r: MoveReport) -> None:
         busy = r.events or r.batches or r.skipped or r.stale
-        level = logging.INFO if (r.events or r.skipped or r.stale or self.once) else logging.DEBUG
+        level = logging.INFO if (r.events or r.skipped or r.stale or self._single_run()) else logging.DEBUG
         ticks = f"ticks {r.first_tick}..{r.last_tick}" if r.last_tick is not None else "no ticks"
         extra = ""
         if r.skipped:
             extra += f", {r.skipped} already applied"
         if r.stale:
             extra += f", {r.stale} finished by another mover"
+        if r.filtered:
+            extra += f", {r.filtered} of other tables consumed (table_filter)"
         lag = f"{r.lag_seconds:.1f}s" if r.lag_seconds is not None else "-"
         log.log(
             level,
@@ -607,7 +676,7 @@ class Runner:
         self.reload_requested = False
         old = self.config
         try:
-            new = load_config(old.path, old.section, base_dir=self.base_dir)
+            new = load_config(old.path, old.section, base_dir=self.base_dir, overrides=self.overrides)
         except ConfigError as exc:
             log.error("reload failed, keeping the running config: %s", exc)
             return
@@ -659,12 +728,15 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit codes: 0 ok, 1 runtime error, 2 usage or config error.",
     )
-    p.add_argument("config", help="queue_mover ini file")
+    p.add_argument("config", nargs="?", help="queue_mover ini file")
     p.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log every batch")
     p.add_argument("-d", "--daemon", action="store_true", help="go to the background (needs pidfile)")
     p.add_argument("--section", metavar="NAME", help="config section to use (default: the first)")
+    p.add_argument("--ini", action="store_true", help="print a commented sample config, then exit")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a config key (repeatable), e.g. --set loop_delay=5")
     ctl = p.add_argument_group("control a running instance (found through the pidfile)")
     ex = ctl.add_mutually_exclusive_group()
     ex.add_argument("-r", "--reload", dest="send", action="store_const", const=signal.SIGHUP,
@@ -682,15 +754,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="forget the target's mark (continue from the source consumer), then exit")
     more.add_argument("--install-pgq-ext", action="store_true",
                       help="install or upgrade pgq_ext in the target (keeps marks), then exit")
-    more.add_argument("--register", action="store_true",
-                      help="register the consumer on the source queue, then exit")
+    reg = more.add_mutually_exclusive_group()
+    reg.add_argument("--register", action="store_true",
+                     help="register the consumer on the source queue, then exit")
+    reg.add_argument("--unregister", action="store_true",
+                     help="unregister the consumer from the source queue and clear the target's mark, then exit")
     more.add_argument("--status", action="store_true",
                       help="print queue, consumer, lag, pending events and target mark, then exit")
     return p
 
 
+def _admin_switches(args: argparse.Namespace) -> bool:
+    return bool(args.rewind or args.reset or args.install_pgq_ext or args.register or args.unregister
+                or args.status)
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, str]:
+    """--set key=value, as skytools took it: split at the first '=', both sides stripped."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {pair!r}: expected KEY=VALUE")
+        if "\x00" in pair:
+            raise UsageError("--set: a NUL character (\\x00) cannot be in a key or value")
+        out[key.strip().lower()] = value.strip()
+    return out
+
+
 def _check_switches(args: argparse.Namespace) -> None:
-    admin = args.rewind or args.reset or args.install_pgq_ext or args.register or args.status
+    admin = _admin_switches(args)
+    if args.unregister and args.rewind:
+        raise UsageError("--unregister and --rewind contradict each other: use one")
     if args.send is not None and (args.daemon or args.once or admin):
         raise UsageError("-r/-s/-k only signal a running instance: use them alone")
     if args.daemon and (args.once or admin):
@@ -700,13 +795,20 @@ def _check_switches(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logs = _Logs(level)
     base_dir = Path.cwd()
     try:
         _check_switches(args)
-        config = load_config(args.config, args.section, base_dir=base_dir)
+        overrides = _overrides(args.set)
+        if args.ini:
+            print(sample_ini(args.section or "queue_mover", overrides), end="")
+            return EXIT_OK
+        if args.config is None:
+            parser.error("the following arguments are required: config")
+        config = load_config(args.config, args.section, base_dir=base_dir, overrides=overrides)
         if args.send is not None:
             return _signal_running(config, args.send)
         if args.daemon and config.pidfile is None:
@@ -715,11 +817,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         logs.configure(config.logfile)
         _note_config(config)
-        if args.rewind or args.reset or args.install_pgq_ext or args.register or args.status:
+        if _admin_switches(args):
             code = _admin(config, args)
             if code != EXIT_OK or not args.once:
                 return code
-        return Runner(config, logs, once=args.once, daemon=args.daemon, base_dir=base_dir).run()
+        return Runner(config, logs, once=args.once, daemon=args.daemon, base_dir=base_dir,
+                      overrides=overrides).run()
     except (ConfigError, UsageError) as exc:
         return _fail(str(exc), EXIT_USAGE, logs)
     except _Terminated:  # SIGTERM while cleaning up after a stop

@@ -5,6 +5,7 @@ run_dag(), which runs a DAG with dag.test() in a subprocess."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,9 +22,10 @@ from psycopg2.extensions import parse_dsn
 
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
+from airflow_provider_pgq.core.mover import MoverOptions
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 from airflow_provider_pgq.testing.pgqd import Pgqd
-from tests.helpers import EXAMPLES, ROOT, DagRunner, Server, create_queue
+from tests.helpers import CLASSIC_BATCHES, EXAMPLES, ROOT, DagRunner, Server, create_queue
 
 
 class _ExistingServer(ThrowawayCluster):
@@ -54,6 +56,18 @@ def _uri_parts(uri: str) -> dict[str, str]:
 
 
 TEMPLATE = "pgq_test_template"
+
+
+@pytest.fixture(autouse=True)
+def classic_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MoverOptions built in tests move one tick a batch unless they say otherwise (see
+    tests.helpers.CLASSIC_BATCHES); movers in other processes are told the same."""
+    defaults = tuple(
+        CLASSIC_BATCHES if f.name == "batch_target_events" else f.default
+        for f in dataclasses.fields(MoverOptions)
+        if f.default is not dataclasses.MISSING
+    )
+    monkeypatch.setattr(MoverOptions.__init__, "__defaults__", defaults)
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import configparser
 import datetime as dt
+import math
 import os
+import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -25,7 +27,8 @@ from airflow_provider_pgq.core.errors import InvalidParameter, PgqError
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import MAX_BATCH_INTERVAL, MAX_MIN_BATCH_EVENTS, DrainBounds, MoverOptions
 
-#: Keys the move needs; without them there is nothing to do.
+#: Keys the move needs; without them there is nothing to do (pgq_queue_name may be
+#: given as skytools 3's queue_name instead).
 REQUIRED_KEYS = ("src_db", "dst_db", "pgq_queue_name", "dst_queue_name")
 
 #: Keys this program reads (required, classic optional, and our extras).
@@ -37,6 +40,9 @@ KNOWN_KEYS = frozenset(
         "min_batch_events", "min_batch_interval", "force_tick", "run_ticker", "keep_event_id",
         "register_consumer", "install_pgq_ext",
         "connect_timeout", "network_timeout", "statement_timeout", "lock_timeout",
+        # skytools 3 BaseConsumer keys with a meaning here
+        "queue_name", "consumer_name", "table_filter", "pgq_keep_lag",
+        "pgq_batch_collect_events", "pgq_batch_collect_interval",
     )
 )
 
@@ -46,9 +52,23 @@ IGNORED_CLASSIC_KEYS = frozenset(
         "use_skylog", "skylog_locations", "log_size", "log_count", "logfmt_file", "logfmt_console",
         "logdatefmt_file", "logdatefmt_console", "logfmt_file_verbose", "logfmt_console_verbose",
         "logdatefmt_file_verbose", "logdatefmt_console_verbose", "exception_quiet",
-        "exception_grace", "exception_reset", "pgq_lazy_fetch",
+        "exception_grace", "exception_reset", "pgq_lazy_fetch", "pgq_autocommit", "keepalive_stats",
+        "sql_retry", "sql_retry_max_count", "sql_retry_max_time", "sql_retry_formula_a",
+        "sql_retry_formula_b", "sql_retry_formula_cap",
     )
 )
+
+#: What an accepted classic key without effect means here: one line in the log.
+IGNORED_KEY_NOTES = {
+    "pgq_lazy_fetch": "events stream from source to target by COPY and are never fetched into"
+    " Python, so there is no fetch size to set",
+    "pgq_autocommit": "the source is always read in short transactions: the exactly-once protocol"
+    " needs them (the batch is taken, read and finished in its own transactions)",
+    "keepalive_stats": "no idle statistics are written: an idle loop is logged at -v, and --status"
+    " shows lag and pending events",
+    "log_size": "the logfile is not rotated by size here: use logrotate (the file is reopened when moved)",
+    "log_count": "the logfile is not rotated here: use logrotate (the file is reopened when moved)",
+}
 
 #: Values every section can refer to, as skytools provided them.
 BUILTIN_KEYS = frozenset(("job_name", "service_name", "host_name", "config_dir", "config_file"))
@@ -82,6 +102,7 @@ class MoverConfig:
     subconsumer: str = ""
     pidfile: Path | None = None
     logfile: Path | None = None
+    #: > 0: seconds to sleep after an idle loop; 0: drain, then exit; < 0: one batch, then exit.
     loop_delay: float = DEFAULT_LOOP_DELAY
     connection_lifetime: float = DEFAULT_CONNECTION_LIFETIME
     exception_sleep: float | None = None
@@ -95,6 +116,10 @@ class MoverConfig:
     keep_event_id: bool = False
     register_consumer: bool = False
     install_pgq_ext: bool = False
+    #: table_filter: move only events whose ev_extra1 is one of these (schema-qualified) names.
+    table_filter: tuple[str, ...] = ()
+    #: pgq_keep_lag in seconds: only batches whose end tick is at least this old.
+    keep_lag: float | None = None
     #: Bounds of every network wait (guard.Timeouts); the connection string's own win.
     connect_timeout: float = Timeouts.connect_timeout
     network_timeout: float = Timeouts.network_timeout
@@ -108,7 +133,18 @@ class MoverConfig:
     @property
     def retry_delay(self) -> float:
         """Seconds to wait after a database error before trying again."""
-        return self.exception_sleep if self.exception_sleep is not None else self.loop_delay
+        if self.exception_sleep is not None:
+            return self.exception_sleep
+        return self.loop_delay if self.loop_delay > 0 else DEFAULT_LOOP_DELAY
+
+    @property
+    def run_mode(self) -> str:
+        """What loop_delay asks for, as skytools' DBScript read it: "loop" (> 0, sleep
+        between idle loops), "drain" (0: work while there is work, then exit) or
+        "one_batch" (< 0: one round, which for a consumer is one batch, then exit)."""
+        if self.loop_delay > 0:
+            return "loop"
+        return "drain" if self.loop_delay == 0 else "one_batch"
 
     def options(self) -> MoverOptions:
         return MoverOptions(
@@ -125,6 +161,8 @@ class MoverConfig:
                 if self.min_batch_interval is not None
                 else None
             ),
+            table_filter=self.table_filter,
+            keep_lag=dt.timedelta(seconds=self.keep_lag) if self.keep_lag is not None else None,
         )
 
     def timeouts(self) -> Timeouts:
@@ -206,13 +244,53 @@ class _Reader:
             raise self.error(key, f"must be at most {maximum:g} seconds, got {value:g}")
         return value
 
-    def count(self, key: str, maximum: int | None = None) -> int | None:
+    def count(self, key: str, maximum: int | None = None, zero_is_none: bool = False) -> int | None:
         value = self.optional(key, int, "a whole number")
+        if value == 0 and zero_is_none:  # skytools: 0 disables
+            return None
         if value is not None and value < 1:
             raise self.error(key, f"must be >= 1, got {value}")
         if value is not None and maximum is not None and value > maximum:
             raise self.error(key, f"must be at most {maximum}, got {value}")
         return value
+
+    def loop_delay(self) -> float:
+        """Any finite number: > 0 sleep, 0 drain then exit, < 0 one batch then exit."""
+        value = self.optional("loop_delay", float, "a number of seconds")
+        if value is None:
+            return DEFAULT_LOOP_DELAY
+        if not math.isfinite(value):
+            raise self.error("loop_delay", f"{value!r} is not a finite number of seconds")
+        return value
+
+    def interval(self, key: str) -> float | None:
+        """A PostgreSQL interval as skytools passed it to PgQ ('5 minutes', '00:05:00',
+        '300'); seconds above zero, at most MAX_BATCH_INTERVAL; empty: None."""
+        if not self.has(key) or not self.text(key):
+            return None
+        raw = self.text(key)
+        try:
+            value = parse_interval(raw)
+        except ValueError as exc:
+            raise self.error(key, f"{raw!r} is not an interval ({exc})") from None
+        if value == 0:
+            return None  # an empty lag or interval: no bound, as PgQ treats zero
+        if value > MAX_BATCH_INTERVAL.total_seconds():
+            raise self.error(key, f"must be at most {MAX_BATCH_INTERVAL.days} days, got {raw!r}")
+        return value
+
+    def table_filter(self) -> tuple[str, ...]:
+        """Comma-separated table names; a name without a schema is in public (skytools'
+        fq_name), compared with ev_extra1 as written, case and all."""
+        if not self.has("table_filter"):
+            return ()
+        names = []
+        for item in self.text("table_filter").split(","):
+            name = item.strip()
+            if not name:
+                continue
+            names.append(name if "." in name else f"public.{name}")
+        return tuple(dict.fromkeys(names))
 
     def boolean(self, key: str) -> bool:
         if not self.has(key):
@@ -263,12 +341,15 @@ def _parse(path: Path) -> configparser.ConfigParser:
 
 
 def load_config(
-    path: str | os.PathLike[str], section: str | None = None, base_dir: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str], section: str | None = None, base_dir: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, str] | None = None,
 ) -> MoverConfig:
     """Reads and validates a queue_mover config; raises ConfigError.
 
     section: the section to use (default: the first one). base_dir: what relative
     pidfile/logfile paths are relative to (default: the current directory).
+    overrides: key -> value set over the file's section (the CLI's --set key=value,
+    as skytools had it; %(name)s references in them work as in the file).
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     file = Path(base, os.path.expanduser(os.fspath(path)))
@@ -282,6 +363,8 @@ def load_config(
         have = ", ".join(f"[{s}]" for s in sections) or "none"
         raise ConfigError(f"{file}: section [{section}] not found (sections: {have})")
 
+    for key, value in (overrides or {}).items():
+        parser.set(section, key.strip().lower(), value.strip())
     own_keys = set(parser.options(section))
     builtins = {
         "job_name": file.stem,
@@ -296,12 +379,18 @@ def load_config(
 
     r = _Reader(parser, file, section)
     job_name = r.required("job_name")
-    consumer = r.text("pgq_consumer_id") if r.has("pgq_consumer_id") else job_name
+    # skytools 3: pgq_consumer_id when set and not empty, else consumer_name, else job_name.
+    consumer = r.text("pgq_consumer_id") if r.has("pgq_consumer_id") else ""
+    if not consumer:
+        consumer = r.text("consumer_name") if r.has("consumer_name") else job_name
     if not consumer:
         raise r.error("pgq_consumer_id", "is empty (leave it out to use job_name)")
+    # ... and pgq_queue_name when set and not empty, else queue_name.
+    if not (r.has("pgq_queue_name") and r.text("pgq_queue_name")) and r.has("queue_name"):
+        parser.set(section, "pgq_queue_name", parser.get(section, "queue_name", raw=True))
 
     values = {key: r.required(key) for key in REQUIRED_KEYS}
-    loop_delay = r.seconds("loop_delay", DEFAULT_LOOP_DELAY)
+    loop_delay = r.loop_delay()
     lifetime = r.seconds("connection_lifetime", DEFAULT_CONNECTION_LIFETIME)
     assert loop_delay is not None and lifetime is not None
     config = MoverConfig(
@@ -322,8 +411,18 @@ def load_config(
         max_batches=r.count("max_batches"),
         max_events=r.count("max_events"),
         max_runtime=r.seconds("max_runtime", None),
-        min_batch_events=r.count("min_batch_events", maximum=MAX_MIN_BATCH_EVENTS),  # PgQ's int4
-        min_batch_interval=r.seconds("min_batch_interval", None, maximum=MAX_BATCH_INTERVAL.total_seconds()),
+        min_batch_events=_alias(
+            r, "min_batch_events", r.count("min_batch_events", maximum=MAX_MIN_BATCH_EVENTS),  # PgQ's int4
+            "pgq_batch_collect_events", r.count("pgq_batch_collect_events", maximum=MAX_MIN_BATCH_EVENTS,
+                                                zero_is_none=True),
+        ),
+        min_batch_interval=_alias(
+            r, "min_batch_interval",
+            r.seconds("min_batch_interval", None, maximum=MAX_BATCH_INTERVAL.total_seconds()),
+            "pgq_batch_collect_interval", r.interval("pgq_batch_collect_interval"),
+        ),
+        table_filter=r.table_filter(),
+        keep_lag=r.interval("pgq_keep_lag"),
         force_tick=r.boolean("force_tick"),
         run_ticker=r.boolean("run_ticker"),
         keep_event_id=r.boolean("keep_event_id"),
@@ -344,6 +443,62 @@ def load_config(
     return config
 
 
+_INTERVAL_UNITS = {
+    "microsecond": 1e-6, "microseconds": 1e-6, "us": 1e-6, "usec": 1e-6, "usecs": 1e-6,
+    "millisecond": 1e-3, "milliseconds": 1e-3, "ms": 1e-3, "msec": 1e-3, "msecs": 1e-3,
+    "second": 1.0, "seconds": 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0,
+    "minute": 60.0, "minutes": 60.0, "m": 60.0, "min": 60.0, "mins": 60.0,
+    "hour": 3600.0, "hours": 3600.0, "h": 3600.0, "hr": 3600.0, "hrs": 3600.0,
+    "day": 86400.0, "days": 86400.0, "d": 86400.0,
+    "week": 604800.0, "weeks": 604800.0, "w": 604800.0,
+}
+_INTERVAL_PART = re.compile(r"([+-]?\d+(?:\.\d*)?|[+-]?\.\d+)\s*([a-z]*)")
+_INTERVAL_CLOCK = re.compile(r"([+-])?(\d+):(\d{1,2})(?::(\d{1,2}(?:\.\d*)?))?")
+
+
+def parse_interval(text: str) -> float:
+    """Seconds of a PostgreSQL interval in the forms skytools configs use: '300' (seconds),
+    '5 minutes', '1 hour 30 mins', '1d', '@ 2 hours', '00:05:00', '1 day 02:00'.
+    Months and years are refused (their length depends on the date)."""
+    rest = text.strip().lower().removeprefix("@").strip()
+    if not rest:
+        raise ValueError("empty")
+    total = 0.0
+    clock = re.search(r"[+-]?\d+:\d{1,2}(?::\d{1,2}(?:\.\d*)?)?$", rest)
+    if clock:
+        m = _INTERVAL_CLOCK.fullmatch(clock.group(0))
+        assert m is not None
+        sign = -1.0 if m.group(1) == "-" else 1.0
+        total += sign * (int(m.group(2)) * 3600 + int(m.group(3)) * 60 + float(m.group(4) or 0))
+        rest = rest[: clock.start()].strip()
+    pos = 0
+    while pos < len(rest):
+        m = _INTERVAL_PART.match(rest, pos)
+        if m is None:
+            raise ValueError(f"cannot read {rest[pos:]!r}; write e.g. '5 minutes' or '00:05:00'")
+        number, unit = float(m.group(1)), m.group(2)
+        if unit in ("mon", "mons", "month", "months", "y", "year", "years"):
+            raise ValueError("months and years have no fixed length: give days")
+        if unit == "" and not clock and m.end() >= len(rest.rstrip()) and pos == 0:
+            unit = "s"  # a bare number: seconds, as PostgreSQL reads '300'::interval
+        if unit not in _INTERVAL_UNITS:
+            raise ValueError(f"unknown unit {unit or '(none)'!r}")
+        total += number * _INTERVAL_UNITS[unit]
+        pos = m.end()
+        while pos < len(rest) and rest[pos] in " ,\t":
+            pos += 1
+    if not math.isfinite(total) or total < 0:
+        raise ValueError("must be a finite interval of zero or more")
+    return total
+
+
+def _alias(r: _Reader, ours: str, our_value: T | None, classic: str, classic_value: T | None) -> T | None:
+    """Our key and skytools' name for the same setting: either one, not two values."""
+    if our_value is not None and classic_value is not None and our_value != classic_value:
+        raise r.error(classic, f"sets what {ours!r} sets, to another value: keep one of the two")
+    return our_value if our_value is not None else classic_value
+
+
 def _timeout_keys(r: _Reader) -> dict[str, float]:
     """connect_timeout and network_timeout (> 0), statement_timeout and lock_timeout
     (0: no bound), with guard.Timeouts' defaults."""
@@ -353,3 +508,72 @@ def _timeout_keys(r: _Reader) -> dict[str, float]:
         assert value is not None
         out[key] = value
     return out
+
+
+_SAMPLE_INI = """\
+; pgq-queue-mover: moves the events of a PgQ queue into a queue of another database,
+; exactly once. Uncomment and edit; docs/cli.md explains every key.
+
+; -- required --------------------------------------------------------------------
+src_db = dbname=sourcedb
+dst_db = dbname=targetdb
+pgq_queue_name = source_queue
+dst_queue_name = target_queue
+
+; -- the job -----------------------------------------------------------------------
+; job_name defaults to the config file's name without extension
+;job_name = queue_mover
+;pgq_consumer_id = %(job_name)s
+;subconsumer =
+;pidfile = ~/pid/%(job_name)s.pid
+;logfile = ~/log/%(job_name)s.log
+
+; > 0: seconds to sleep when idle; 0: move what there is, then exit; < 0: one batch, then exit
+;loop_delay = 1.0
+;connection_lifetime = 1200
+;exception_sleep = 1.0
+
+; -- what moves --------------------------------------------------------------------
+; only events whose ev_extra1 names one of these tables (no schema: public)
+;table_filter = public.orders, public.users
+; stay this far behind the source (a PostgreSQL interval)
+;pgq_keep_lag = 5 minutes
+;keep_event_id = false
+
+; -- batch size ----------------------------------------------------------------------
+;min_batch_events =
+;min_batch_interval =
+;max_batches =
+;max_events =
+;max_runtime =
+
+; -- ticks and setup -----------------------------------------------------------------
+;force_tick = false
+;run_ticker = false
+;register_consumer = false
+;install_pgq_ext = false
+
+; -- network bounds (seconds) --------------------------------------------------------
+;connect_timeout = {connect_timeout:g}
+;network_timeout = {network_timeout:g}
+;statement_timeout = {statement_timeout:g}
+;lock_timeout = {lock_timeout:g}
+"""
+
+
+def sample_ini(section: str = "queue_mover", overrides: Mapping[str, str] | None = None) -> str:
+    """A commented sample config (the CLI's --ini); keys given with --set appear set."""
+    body = _SAMPLE_INI.format(
+        connect_timeout=Timeouts.connect_timeout, network_timeout=Timeouts.network_timeout,
+        statement_timeout=Timeouts.statement_timeout, lock_timeout=Timeouts.lock_timeout,
+    )
+    wanted = dict(overrides or {})
+    lines = []
+    for line in body.splitlines():
+        key = line.lstrip(";").split("=", 1)[0].strip() if "=" in line and not line.startswith("; ") else ""
+        if key in wanted:
+            lines.append(f"{key} = {wanted.pop(key)}")
+        else:
+            lines.append(line)
+    lines += [f"{key} = {value}" for key, value in wanted.items()]
+    return f"[{section}]\n" + "\n".join(lines) + "\n"

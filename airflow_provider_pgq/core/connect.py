@@ -23,6 +23,7 @@ from psycopg2.extensions import ISOLATION_LEVEL_READ_COMMITTED, parse_dsn
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import ConnectionFailed
+from airflow_provider_pgq.core.guard import STATEMENT_GRACE, GuardedConnection, Timeouts
 
 #: Connection parameters whose values are never shown.
 SECRET_PARAMETERS = frozenset(("password", "sslpassword"))
@@ -198,17 +199,75 @@ def _hide_quoted(message: str, safe: Callable[[str], bool]) -> str:
     return "".join(out) + rest
 
 
-def connect(dsn: str, application_name: str = "pgq-queue-mover", **extra: str) -> Connection:
-    """A psycopg2 connection with autocommit off; ConnectionFailed with a clean message."""
+#: Environment variables through which libpq takes a bound parameter: set, they win too.
+_BOUND_ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT"}
+
+
+def connect(
+    dsn: str,
+    application_name: str = "pgq-queue-mover",
+    timeouts: Timeouts | None = None,
+    side: str = "database",
+    **extra: str,
+) -> GuardedConnection:
+    """A psycopg2 connection with autocommit off, every wait bounded (guard.Timeouts:
+    what the connection string, the keyword arguments or the environment set wins);
+    ConnectionFailed with a clean message. side names it in timeout messages."""
+    timeouts = timeouts or Timeouts()
     parts = connection_parameters(dsn, **extra)
+    bounds = {
+        key: value for key, value in timeouts.libpq_parameters().items()
+        if key not in parts and not os.environ.get(_BOUND_ENVIRONMENT.get(key, "-"))
+    }
     try:
-        conn: Connection = psycopg2.connect(dsn, None, None, application_name=application_name, **extra)
+        conn = psycopg2.connect(
+            dsn, GuardedConnection, None, application_name=application_name, **{**bounds, **extra}
+        )
     except psycopg2.Error as exc:
         raise _failure(parts, exc) from None
+    assert isinstance(conn, GuardedConnection)
+    conn.side = side
+    # The setup statements below: bounded like the connect itself.
+    conn.statement_bound = timeouts.connect_timeout + min(STATEMENT_GRACE, timeouts.network_timeout)
+    conn.stream_bound = timeouts.network_timeout
     # The protocol's "lock, then read" steps need a fresh snapshot per statement.
     conn.set_session(isolation_level=ISOLATION_LEVEL_READ_COMMITTED, autocommit=False)
     pin_search_path(conn)
+    apply_session_bounds(conn, timeouts)
     return conn
+
+
+#: Where a setting comes from when nobody chose it for this session, role or database:
+#: only there do the mover's bounds replace it.
+_UNCHOSEN = ("default", "configuration file")
+
+
+def apply_session_bounds(conn: GuardedConnection, timeouts: Timeouts) -> None:
+    """The session settings of timeouts, each where no one chose a value (connection
+    options, ALTER ROLE/DATABASE SET keep theirs); then the client's statement bound
+    from the statement_timeout in effect (0: none). Committed, as pin_search_path."""
+    names = list(timeouts.session_settings())
+    values = [timeouts.session_settings()[n] for n in names]
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "select pg_catalog.count(case when s.source = any(%s::text[])"
+                " then pg_catalog.set_config(s.name, v.value, false) end),"
+                " pg_catalog.bool_or(s.source = any(%s::text[])) filter (where s.name = 'statement_timeout')"
+                " from rows from (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[])) v(name, value)"
+                " join pg_catalog.pg_settings s on s.name = v.name",
+                (list(_UNCHOSEN), list(_UNCHOSEN), names, values),
+            )
+            row = cur.fetchone()
+            cur.execute("select pg_catalog.current_setting('statement_timeout')::pg_catalog.interval")
+            effective = cur.fetchone()
+        conn.commit()
+    except BaseException:
+        conn.close()
+        raise
+    conn.own_statement_timeout = bool(row and row[1])
+    seconds = effective[0].total_seconds() if effective and effective[0] is not None else 0.0
+    conn.statement_bound = seconds + min(STATEMENT_GRACE, timeouts.network_timeout) if seconds > 0 else None
 
 
 #: The only schemas an unqualified name may resolve to in our sessions: nobody but a

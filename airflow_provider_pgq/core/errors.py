@@ -59,3 +59,20 @@ class TickerNotRunning(PgqError):
 
 class KeptIdConflict(PgqError):
     """keep_event_id, but the target queue has another writer: its ids could collide."""
+
+
+class WaitTimeout(PgqError):
+    """A network wait outlived its bound (connect, statement, lock, a COPY that moved no
+    bytes): names the side, the server and what timed out. Nothing was committed by the
+    statement that timed out; the caller's rollbacks keep the batch all-or-nothing."""
+
+    def __init__(self, message: str, side: str = "", server: str = "", what: str = "") -> None:
+        super().__init__(message)
+        self.side = side
+        self.server = server
+        self.what = what
+
+
+class WaitAborted(PgqError):
+    """A network wait was cut short on purpose (SIGTERM, Airflow's on_kill, a task
+    timeout): the connection is closed, the open transaction rolled back by the server."""

@@ -123,8 +123,41 @@ def seconds_to_interval(name: str, value: float | dt.timedelta | None) -> dt.tim
     return dt.timedelta(seconds=seconds)
 
 
+def normalize_table_filter(names: object) -> tuple[str, ...]:
+    """table_filter as a tuple of schema-qualified names, as skytools' fq_name made them:
+    'orders' is 'public.orders'; compared with ev_extra1 exactly (case included)."""
+    if names is None:
+        return ()
+    if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)):
+        raise InvalidParameter(f"table_filter must be a list of table names, got {names!r}")
+    out: list[str] = []
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise InvalidParameter(f"table_filter names must be non-empty strings, got {name!r}")
+        _refuse_nul("table_filter", name)
+        name = name.strip()
+        out.append(name if "." in name else f"public.{name}")
+    return tuple(dict.fromkeys(out))
+
+
+def check_keep_lag(keep_lag: object) -> None:
+    if keep_lag is not None and (
+        not isinstance(keep_lag, dt.timedelta) or not dt.timedelta(0) < keep_lag <= MAX_BATCH_INTERVAL
+    ):
+        raise InvalidParameter(
+            f"keep_lag must be a timedelta above zero and at most {MAX_BATCH_INTERVAL.days} days, or None,"
+            f" got {keep_lag!r}"
+        )
+
+
 #: register_at values: register at the newest tick (PgQ's default), or at the oldest retained one.
 REGISTER_AT = ("now", "oldest")
+
+
+#: Defaults of MoverOptions.batch_target_events / batch_target_seconds (measured in
+#: benchmarks/bench_mover.py: past ~100k events a batch the fixed costs are noise).
+DEFAULT_BATCH_TARGET_EVENTS = 200_000
+DEFAULT_BATCH_TARGET_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -141,10 +174,21 @@ class MoverOptions:
     min_batch_events: int | None = None
     min_batch_interval: dt.timedelta | None = None
     chunk_size: int = 5000
+    #: Catching up, ticks are coalesced into batches of about this many events (1: one
+    #: tick per batch, as the classic tool). See docs/benchmarks.md for how it was chosen.
+    batch_target_events: int = DEFAULT_BATCH_TARGET_EVENTS
+    #: ... and of about this duration: a slower move shrinks the next batch.
+    batch_target_seconds: float = DEFAULT_BATCH_TARGET_SECONDS
     #: Where register_consumer puts a new consumer: "now" (the queue's newest tick, PgQ's
     #: own rule: what was queued before is never seen) or "oldest" (the oldest tick the
     #: queue still retains, so the events it still holds are moved too).
     register_at: str = "now"
+    #: Move only events whose ev_extra1 names one of these tables (skytools' table_filter);
+    #: a name without a schema means public.<name>. The others are consumed, not moved.
+    table_filter: tuple[str, ...] = ()
+    #: Only batches whose end tick is at least this old (skytools' pgq_keep_lag, PgQ's
+    #: min_lag): the target stays this far behind the source.
+    keep_lag: dt.timedelta | None = None
 
     def __post_init__(self) -> None:
         for name in ("source_queue", "target_queue", "consumer"):
@@ -158,10 +202,14 @@ class MoverOptions:
         for name in ("register_consumer", "install_pgq_ext", "keep_event_id"):
             _require_flag(name, getattr(self, name))
         check_batching(self.min_batch_events, self.min_batch_interval, self.chunk_size)
+        _require_whole("batch_target_events", self.batch_target_events, 1, 2**62)
+        _require_seconds("batch_target_seconds", self.batch_target_seconds)
         if self.register_at not in REGISTER_AT:
             raise InvalidParameter(
                 f"register_at must be one of {', '.join(map(repr, REGISTER_AT))}, got {self.register_at!r}"
             )
+        object.__setattr__(self, "table_filter", normalize_table_filter(self.table_filter))
+        check_keep_lag(self.keep_lag)
 
     @property
     def key(self) -> str:
@@ -206,6 +254,8 @@ class BatchResult:
     outcome: str  # "moved", "skipped" (already applied), "stale" (finished by another mover)
     events: int
     seconds: float
+    #: Events of the batch that table_filter left out: consumed, not moved.
+    filtered: int = 0
 
 
 @dataclass
@@ -220,6 +270,8 @@ class MoveReport:
     skipped: int = 0
     stale: int = 0
     events: int = 0
+    #: Events consumed but not moved because table_filter does not name their table.
+    filtered: int = 0
     first_tick: int | None = None
     last_tick: int | None = None
     seconds: float = 0.0
@@ -234,6 +286,7 @@ class MoveReport:
         if result.outcome == "moved":
             self.batches += 1
             self.events += result.events
+            self.filtered += result.filtered
         elif result.outcome == "skipped":
             self.skipped += 1
         else:
@@ -279,7 +332,10 @@ class QueueMover:
         self.options = options
         self._fault = fault or faults.from_environment()
         self._on_batch = on_batch
+        self._target_events = options.batch_target_events
+        self.held_back = False
         self._prepared = False
+        self._filtered = 0  # table_filter's left-out events of the batch being applied
         self._source_identity: tuple[str, str] = ("", "")
         self.write_path = ""
 
@@ -442,9 +498,10 @@ class QueueMover:
 
     # -- one batch --------------------------------------------------------------
 
-    def next_batch(self) -> pgq.BatchInfo | None:
+    def next_batch(self, until: dt.datetime | None = None) -> pgq.BatchInfo | None:
         """Step 1, committed on its own: a rolled back allocation would come back
-        later under another batch id."""
+        later under another batch id. With ``until``, no new batch ends after it
+        (``held_back`` tells that ticks are pending beyond it)."""
         o = self.options
         try:
             # PgQ's next_batch_* read the subscription without locking it: two movers of
@@ -458,7 +515,12 @@ class QueueMover:
                     (f"airflow_provider_pgq:next_batch:{o.source_queue}\x01{o.consumer}",),
                 )
             batch: pgq.BatchInfo | None
-            if o.min_batch_events is not None or o.min_batch_interval is not None:
+            self.held_back = False
+            if o.keep_lag is not None:
+                batch = self._next_batch_lagged()
+            elif o.min_batch_events is None and o.min_batch_interval is None:
+                batch = self._next_batch_adaptive(until)
+            else:  # the user's floors, PgQ's own coalescing
                 batch = pgq.next_batch_custom(
                     self.source, o.source_queue, o.consumer,
                     min_count=o.min_batch_events, min_interval=o.min_batch_interval,
@@ -474,8 +536,6 @@ class QueueMover:
                         if remainder > 0
                         else pgq.next_batch_info(self.source, o.source_queue, o.consumer)
                     )
-            else:
-                batch = pgq.next_batch_info(self.source, o.source_queue, o.consumer)
             self.source.commit()
         except psycopg2.Error as exc:
             _quietly(self.source.rollback)
@@ -488,11 +548,59 @@ class QueueMover:
             raise
         return batch
 
+    def _next_batch_lagged(self) -> pgq.BatchInfo | None:
+        """keep_lag (skytools' pgq_keep_lag): PgQ's min_lag, which hands out no batch whose
+        end tick is younger. With min_batch_* their coalescing first; when what it would
+        pick is too young, or nothing meets the floors, the next tick alone that is old
+        enough (one tick a batch, as the classic consumer did)."""
+        o = self.options
+        batch = None
+        if o.min_batch_events is not None or o.min_batch_interval is not None:
+            batch = pgq.next_batch_custom(
+                self.source, o.source_queue, o.consumer, min_lag=o.keep_lag,
+                min_count=o.min_batch_events, min_interval=o.min_batch_interval,
+            )
+        if batch is None:
+            batch = pgq.next_batch_custom(self.source, o.source_queue, o.consumer, min_lag=o.keep_lag)
+        return batch
+
+    def _next_batch_adaptive(self, until: dt.datetime | None) -> pgq.BatchInfo | None:
+        """Near real time one tick is one batch, as the classic tool did; catching up,
+        several ticks become one batch of about ``_target_events`` events, so that the
+        fixed cost of a batch (round trips, the source's scan) is paid rarely."""
+        o = self.options
+        plan = pgq.plan_next_batch(self.source, o.source_queue, o.consumer, self._target_events, until)
+        if plan is None or plan.open_batch or plan.pick_number == 1:
+            return pgq.next_batch_info(self.source, o.source_queue, o.consumer)
+        if plan.pick_tick is None:
+            self.held_back = True  # the first pending tick ends after `until`
+            return None
+        if plan.pick_is_last:
+            # every pending tick: an interval reaching the newest tick selects it
+            return pgq.next_batch_custom(self.source, o.source_queue, o.consumer, min_interval=plan.pick_interval)
+        assert plan.prev_count is not None and plan.prev_interval is not None
+        count = plan.prev_count + 1
+        return pgq.next_batch_custom(
+            self.source, o.source_queue, o.consumer,
+            min_count=count if count <= MAX_MIN_BATCH_EVENTS else None,
+            min_interval=plan.prev_interval + dt.timedelta(microseconds=1),
+        )
+
+    def _adapt_target(self, result: BatchResult) -> None:
+        """Batches should take about batch_target_seconds: a slow target or wide events
+        shrink the next one, a fast one grows it back up to batch_target_events."""
+        o = self.options
+        if result.outcome != "moved" or result.events < 1000 or result.seconds <= 0:
+            return
+        rate = result.events / result.seconds
+        self._target_events = min(o.batch_target_events, max(1000, int(rate * o.batch_target_seconds)))
+
     def apply_batch(self, batch: pgq.BatchInfo) -> BatchResult:
         """Steps 2-6 for a batch taken with next_batch()."""
         if not self._prepared:
             self.prepare()
         started = time.monotonic()
+        self._filtered = 0
         self._hit(faults.AFTER_NEXT_BATCH)
         try:
             outcome, events = self._apply_on_target(batch)
@@ -504,8 +612,9 @@ class QueueMover:
             raise
         result = BatchResult(
             batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, outcome, events,
-            time.monotonic() - started,
+            time.monotonic() - started, self._filtered if outcome == "moved" else 0,
         )
+        self._adapt_target(result)
         if self._on_batch is not None:
             self._on_batch(result)
         return result
@@ -554,6 +663,9 @@ class QueueMover:
         if o.keep_event_id:  # its lock wait comes before the event table is chosen
             kept_ids.claim(t, o.consumer, o.subconsumer, o.target_queue, o.key)
         batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
+        if o.table_filter:  # filtered on the source: events of other tables never leave it
+            self._filtered = transfer.count_filtered_out(self.source, batch_sql, o.table_filter)
+            batch_sql = transfer.filter_batch_sql(self.source, batch_sql, o.table_filter)
         events = self._transfer(batch_sql)
         pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id)
         if o.keep_event_id and events:
@@ -647,11 +759,14 @@ class QueueMover:
             reason = self._bound_reached(bounds, report, started)
             if reason:
                 break
-            batch = self.next_batch()
+            batch = self.next_batch(bounds.stop_at)
             if batch is None:
-                reason = "drained"
+                reason = "interval_end" if self.held_back else "drained"
+                if self.held_back:
+                    log.info("the next tick ends after %s: left for a later run", bounds.stop_at)
                 break
             if bounds.stop_at is not None and batch.cur_tick_time > bounds.stop_at:
+                # an open batch taken before (by a run without the bound): never cut
                 reason = "interval_end"
                 log.info(
                     "batch %s ends at %s, after %s: left for a later run",

@@ -54,7 +54,7 @@ class ConsumerInfo:
     pending_events: int | None
 
 
-def _one(conn: Connection, query: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+def _one(conn: Connection, query: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> tuple[Any, ...] | None:
     with conn.cursor() as cur:
         cur.execute(query, params)
         row = cur.fetchone()
@@ -177,6 +177,83 @@ def next_batch_custom(
             (queue, consumer, min_lag, min_count, min_interval),
         )
     )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What lies ahead of a consumer, and the furthest pending tick a batch should end
+    at: no more than ``target`` events, not later than ``until`` (see plan_next_batch)."""
+
+    open_batch: bool
+    pending_ticks: int
+    pick_tick: int | None
+    pick_number: int | None
+    pick_is_last: bool
+    pick_interval: dt.timedelta | None
+    prev_count: int | None
+    prev_interval: dt.timedelta | None
+
+
+# One row: the consumer's open batch, how many ticks are pending, and the pick. A tick k
+# can be selected exactly by next_batch_custom with min_count = count(k-1) + 1 and
+# min_interval = interval(k-1) + 1 us only while PgQ's find_tick_helper takes its scan
+# (the newest tick more than twice as far as either threshold); otherwise it would take
+# the newest tick. So a pick is the first pending tick, the newest one, or a tick for
+# which that scan is certain.
+_PLAN = """
+with sub as (
+    select s.sub_queue, s.sub_last_tick, s.sub_batch, l.tick_time as l_time, l.tick_event_seq as l_seq
+      from pgq.queue q
+      join pgq.subscription s on s.sub_queue = q.queue_id
+      join pgq.consumer c on c.co_id = s.sub_consumer
+      join pgq.tick l on l.tick_queue = s.sub_queue and l.tick_id = s.sub_last_tick
+     where q.queue_name = %(queue)s::text and c.co_name = %(consumer)s::text
+), ticks as (
+    select t.tick_id, t.tick_time,
+           t.tick_event_seq - sub.l_seq as cnt,
+           t.tick_time - sub.l_time as ival,
+           coalesce(pg_catalog.lag(t.tick_event_seq) over w - sub.l_seq, 0) as prev_cnt,
+           coalesce(pg_catalog.lag(t.tick_time) over w - sub.l_time, interval '0') as prev_ival,
+           pg_catalog.row_number() over w as n
+      from sub join pgq.tick t on t.tick_queue = sub.sub_queue and t.tick_id > sub.sub_last_tick
+    window w as (order by t.tick_id)
+), newest as (
+    select * from ticks order by tick_id desc limit 1
+)
+select (select sub_batch is not null from sub),
+       (select pg_catalog.count(*) from ticks),
+       p.tick_id, p.n, p.tick_id = newest.tick_id, p.ival, p.prev_cnt, p.prev_ival
+  from newest
+  left join lateral (
+      select * from ticks
+       where ticks.tick_time <= coalesce(%(until)s::timestamptz, 'infinity')
+         and ticks.tick_time <= pg_catalog.now() - coalesce(%(min_lag)s::interval, interval '0')
+         and (ticks.n = 1 or ticks.cnt <= %(target)s::bigint)
+         and (ticks.n = 1 or ticks.tick_id = newest.tick_id
+              or newest.cnt > 2 * (ticks.prev_cnt + 1)
+              or newest.ival > 2 * (ticks.prev_ival + interval '1 microsecond'))
+       order by ticks.tick_id desc
+       limit 1
+  ) p on true
+"""
+
+
+def plan_next_batch(
+    conn: Connection,
+    queue: str,
+    consumer: str,
+    target: int,
+    until: dt.datetime | None = None,
+    min_lag: dt.timedelta | None = None,
+) -> BatchPlan | None:
+    """The furthest pending tick a batch of at most ``target`` events (at least one tick)
+    may end at, no later than ``until`` and at least ``min_lag`` old. None when the
+    consumer is not registered or no tick is pending."""
+    row = _one(conn, _PLAN, {"queue": queue, "consumer": consumer, "target": target,
+                             "until": until, "min_lag": min_lag})
+    if row is None:
+        return None
+    return BatchPlan(bool(row[0]), int(row[1]), row[2], row[3], bool(row[4]), row[5], row[6], row[7])
 
 
 def events_up_to_last_tick(conn: Connection, queue: str, consumer: str) -> int:

@@ -15,8 +15,9 @@ from airflow_provider_pgq.core.errors import PgqExtMissing, PgqExtUntrusted
 log = logging.getLogger(__name__)
 
 #: What pgq_ext.mover_schema_version() must at least answer for this release.
-#: 2: kept event ids; 3: the write side for MOVER_ROLE only, claims proven by rows.
-REQUIRED_MOVER_SCHEMA = 3
+#: 2: kept event ids; 3: the write side for MOVER_ROLE only, claims proven by rows;
+#: 4: staged inserts (stage_events, insert_staged_events).
+REQUIRED_MOVER_SCHEMA = 4
 
 #: The NOLOGIN role install makes: the only one (besides superusers and the installing
 #: owner) that may call the write side of pgq_ext. Grant it to the mover's target login.
@@ -28,6 +29,7 @@ MOVER_ROLE = "pgq_mover"
 WRITE_FUNCTIONS = (
     "set_last_tick", "set_batch_done", "set_event_done", "bind_source", "unbind_source",
     "insert_event_chunk", "kept_ids_claim", "kept_ids_commit", "kept_ids_release",
+    "stage_events", "insert_staged_events", "_require_own_staging",
 )
 
 #: The names our SQL defines; a classic installation's functions of these names are

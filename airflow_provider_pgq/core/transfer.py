@@ -5,13 +5,13 @@ Two paths, same result:
   target's ``COPY <current event table> FROM STDIN``, binary format. No Python
   object per event, memory bounded by the pipe buffers whatever the batch size.
 - ``insert_chunks``: for a target role that may not write event tables (it holds the
-  ``pgq_mover`` role of pgq_ext, not pgq_admin); events reach the
-  event table through ``pgq_ext.insert_event_chunk`` (arrays, one call a chunk).
-  Where the role may create temporary tables (PostgreSQL grants that to PUBLIC by
-  default), the batch is first streamed by binary COPY into a temporary table and the
-  chunks are cut and aggregated server-side; otherwise the source aggregates each
-  chunk into array literals and Python hands them on as opaque strings. Either way
-  there is no Python object per event.
+  ``pgq_mover`` role of pgq_ext, not pgq_admin). The batch is streamed by the same
+  binary COPY into a temporary staging table that pgq_ext's ``stage_events`` makes
+  (owned by pgq_ext's owner, so the caller cannot attach code to it), and
+  ``insert_staged_events`` moves it into the event table in one statement. Where
+  pgq_ext's owner may not make temporary tables, the source aggregates chunks into
+  array literals that Python hands to ``insert_event_chunk`` as opaque strings.
+  Either way there is no Python object per event.
 
 Neither copies ``ev_txid``: the target's default (``txid_current()``) is what puts
 the rows into the target's next batch. ``ev_time`` is always sent. Both keep the
@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO
 
 from psycopg2 import sql
@@ -152,6 +152,30 @@ def _batch_select(batch_sql: str, keep_event_id: bool) -> sql.Composed:
     # batch_sql is PgQ's own text for this batch (pgq.batch_event_sql), not user input.
     # It ends in "order by 1" (ev_id); a subquery in FROM keeps that order.
     return sql.SQL("select {} from ({}) b").format(_column_list(keep_event_id), sql.SQL(batch_sql))
+
+
+def filter_batch_sql(conn: Connection, batch_sql: str, tables: Sequence[str]) -> str:
+    """The batch's SELECT restricted to events whose ev_extra1 is one of tables (skytools'
+    table_filter), so the filter runs on the source and other events never leave it.
+    PgQ's text is wrapped as a subquery, as _batch_select does; the names travel as one
+    quoted text[] value (COPY takes no bound parameters); ev_id order is kept."""
+    return (
+        sql.SQL("select * from ({}) f where f.ev_extra1 = any({}::text[]) order by f.ev_id")
+        .format(sql.SQL(batch_sql), sql.Literal(list(tables)))
+        .as_string(conn)
+    )
+
+
+def count_filtered_out(conn: Connection, batch_sql: str, tables: Sequence[str]) -> int:
+    """How many of the batch's events table_filter leaves out (consumed, not moved);
+    an event without ev_extra1 matches no table."""
+    query = sql.SQL(
+        "select pg_catalog.count(*) from ({}) f where f.ev_extra1 is null or f.ev_extra1 <> all(%s::text[])"
+    ).format(sql.SQL(batch_sql.replace("%", "%%")))  # PgQ's text, read past the parameter
+    with conn.cursor() as cur:
+        cur.execute(query, (list(tables),))
+        row = cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 def split_table_name(qualified: str) -> sql.Identifier:
@@ -364,115 +388,37 @@ def insert_chunks(
     chunk_size: int = 5000,
     mid_stream: Callable[[], None] | None = None,
 ) -> int:
-    """Writes the batch through pgq_ext.insert_event_chunk, chunk_size events a call.
+    """Writes the batch through pgq_ext, for roles that may not write event tables.
 
-    For roles that may not write event tables. Runs in the callers' open transactions
-    and commits neither; returns the number of rows written.
+    Staged where pgq_ext's owner may make temporary tables: pgq_ext.stage_events()
+    makes (once a session) the staging table, the batch is streamed into it by binary
+    COPY, and pgq_ext.insert_staged_events() moves it into the event table in one
+    statement. Otherwise insert_event_chunk, chunk_size events a call. Runs in the
+    callers' open transactions and commits neither; returns the number of rows written.
     """
-    staging = f"pg_temp.{STAGING_TABLE}"
     with target.cursor() as cur:
-        # One round trip: does the staging table exist (it survives commits, not the
-        # rollback of the transaction that made it), may we make it, and the last
-        # ord it handed out (rows left by an earlier call in this transaction are
-        # at or below it; the CASE keeps the sequence lookup off a missing table).
-        cur.execute(
-            "select pg_catalog.to_regclass(%s::text) is not null,"
-            " pg_catalog.has_database_privilege(pg_catalog.current_database(), 'TEMPORARY'),"
-            " case when pg_catalog.to_regclass(%s::text) is not null"
-            " then pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence(%s::text, 'ord')) end,"
-            " pg_catalog.current_setting('enable_sort'), pg_catalog.current_setting('enable_bitmapscan')",
-            (staging, staging, staging),
-        )
+        cur.execute("select pgq_ext.stage_events()")
         row = cur.fetchone()
-    assert row is not None
-    exists, may_create, last_ord = bool(row[0]), bool(row[1]), row[2]
-    if exists or may_create:
-        return _insert_staged(
-            source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream,
-            None if not exists else int(last_ord or 0), (str(row[3]), str(row[4])),
+    if row is None or row[0] is None:
+        return _insert_source_arrays(
+            source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream
         )
-    return _insert_source_arrays(
-        source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream
-    )
-
-
-def _insert_staged(
-    source: Connection,
-    target: Connection,
-    batch_sql: str,
-    target_queue: str,
-    keep_event_id: bool,
-    chunk_size: int,
-    mid_stream: Callable[[], None] | None,
-    last_ord: int | None,
-    planner: tuple[str, str],
-) -> int:
-    """COPY into a temporary table, then one insert_event_chunk call per chunk_size rows
-    in ord order. last_ord: the staging table's last ord so far, None: make the table;
-    planner: the caller's enable_sort and enable_bitmapscan, restored at the end."""
-    staging = sql.Identifier("pg_temp", STAGING_TABLE)
-    if last_ord is None:
-        with target.cursor() as cur:
-            # ord keeps the batch's order; rows vanish at commit (or with a rollback).
-            cur.execute(
-                sql.SQL(
-                    "create temporary table {} (ord bigint generated always as identity primary key,"
-                    " ev_type text, ev_data text, ev_extra1 text, ev_extra2 text, ev_extra3 text,"
-                    " ev_extra4 text, ev_time timestamptz, ev_id bigint) on commit delete rows"
-                ).format(sql.Identifier(STAGING_TABLE))
-            )
-        last_ord = 0
-    copy_out = sql.SQL("copy ({}) to stdout (format binary)").format(
-        _batch_select(batch_sql, keep_event_id)
-    )
+    copy_out = sql.SQL("copy ({}) to stdout (format binary)").format(_batch_select(batch_sql, keep_event_id))
     copy_in = sql.SQL("copy {} ({}) from stdin (format binary)").format(
-        staging, _column_list(keep_event_id)
+        sql.Identifier("pg_temp", STAGING_TABLE), _column_list(keep_event_id)
     )
     staged = _pipe_copy(source, target, copy_out, copy_in, mid_stream)
-    aggregates = sql.SQL(", ").join(
-        sql.SQL("pg_catalog.array_agg({})").format(sql.Identifier(c)) for c in EVENT_COLUMNS
-    )
-    ids = sql.SQL("pg_catalog.array_agg(ev_id)") if keep_event_id else sql.SQL("null::bigint[]")
-    # The aggregates read a subquery sorted by ord: PostgreSQL feeds them in that
-    # order, and unnest in the function inserts in array order. One COPY in one
-    # session hands out consecutive ords, so chunk k is the range after last_ord.
-    insert = sql.SQL(
-        "select pgq_ext.insert_event_chunk(%s::text, {}, {}), pg_catalog.count(*) from"
-        " (select * from {} where ord > %s::bigint and ord <= %s::bigint order by ord) c"
-    ).format(aggregates, ids, staging)
-    # Without statistics on the fresh temporary table the planner sorts a bitmap scan
-    # (wide rows, ~10% of the chunk's cost) where the primary key already gives the
-    # order: steer it to the index for these statements only, then put both settings
-    # back, so the caller's transaction plans as before.
-    steer = (
-        "select pg_catalog.set_config('enable_sort', 'off', true),"
-        " pg_catalog.set_config('enable_bitmapscan', 'off', true);"
-    )
-    query = insert.as_string(target)
-    written = 0
-    taken = 0
-    progress = _Progress("batch chunks", "events")
     with target.cursor() as cur:
-        first = True
-        while taken < staged:
-            cur.execute(steer + query if first else query, (target_queue, last_ord, last_ord + chunk_size))
-            first = False
-            result = cur.fetchone()
-            if result is None or not result[1]:
-                raise RuntimeError(
-                    f"staging table {STAGING_TABLE} lost rows: {staged} copied, {taken} found"
-                )
-            written += int(result[0] or 0)
-            taken += int(result[1])
-            progress.add(int(result[1]))
-            last_ord += chunk_size
-        if not first:
-            cur.execute(
-                "select pg_catalog.set_config('enable_sort', %s::text, true),"
-                " pg_catalog.set_config('enable_bitmapscan', %s::text, true)",
-                planner,
-            )
-    return written
+        cur.execute(
+            "select pgq_ext.insert_staged_events(%s::text, %s::bigint, %s::boolean)",
+            (target_queue, int(row[0]), keep_event_id),
+        )
+        written = cur.fetchone()
+    if written is None or written[0] != staged:
+        raise RuntimeError(
+            f"staging table {STAGING_TABLE} lost rows: {staged} copied, {written and written[0]} moved"
+        )
+    return int(written[0])
 
 
 def _insert_source_arrays(

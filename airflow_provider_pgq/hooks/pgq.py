@@ -11,7 +11,21 @@ from psycopg2.extensions import connection as Psycopg2Connection
 
 from airflow_provider_pgq.core import pgq, pgq_ext
 from airflow_provider_pgq.core.connect import connect
+from airflow_provider_pgq.core.errors import ConnectionFailed
 from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
+
+_CANNOT_CONNECT = "cannot connect to "
+
+
+def connection_error(conn_id: str, message: str) -> str:
+    """The core's connect error, led by the Airflow connection id it came through:
+    ``Airflow connection 'pgq_oltp' (host:port/db as user): <libpq's reason>; <what to check>``."""
+    where, reason = "", message
+    if message.startswith(_CANNOT_CONNECT) and ": " in message:
+        where, reason = message[len(_CANNOT_CONNECT):].split(": ", 1)
+    lead = f"Airflow connection {conn_id!r}" + (f" ({where})" if where else "")
+    return (f"{lead}: {' '.join(reason.split())}; check that connection's host, port, login, password, schema"
+            f" (the database) and extras, e.g. with 'airflow connections get {conn_id}'")
 
 
 class PgqHook(PostgresHook):
@@ -37,7 +51,11 @@ class PgqHook(PostgresHook):
         return str(getattr(self, self.conn_name_attr))
 
     def get_conn(self) -> Psycopg2Connection:
-        """A new psycopg2 connection, autocommit off; the caller closes it."""
+        """A new psycopg2 connection, autocommit off; the caller closes it.
+
+        A failure names the Airflow connection id beside the server it resolved to:
+        the server alone does not tell which of many connections holds the wrong field.
+        """
         c = self.connection
         args: dict[str, str] = {}
         for key, value in (("host", c.host), ("port", c.port), ("user", c.login),
@@ -47,7 +65,10 @@ class PgqHook(PostgresHook):
         for key, value in c.extra_dejson.items():
             if key not in self.ignored_extra_options and value is not None:
                 args[key] = str(value)
-        return connect("", application_name=self.application_name, **args)
+        try:
+            return connect("", self.application_name, None, f"Airflow connection {self.conn_id!r}", **args)
+        except ConnectionFailed as exc:
+            raise ConnectionFailed(connection_error(self.conn_id, str(exc))) from None
 
     @contextmanager
     def psycopg2_connection(self) -> Iterator[Psycopg2Connection]:

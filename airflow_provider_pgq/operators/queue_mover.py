@@ -15,6 +15,8 @@ from airflow_provider_pgq.core.mover import (
     MoverOptions,
     QueueMover,
     check_batching,
+    check_keep_lag,
+    normalize_table_filter,
     seconds_to_interval,
 )
 from airflow_provider_pgq.hooks.pgq import PgqHook
@@ -80,6 +82,12 @@ class PgqQueueMoverOperator(BaseOperator):
     :param min_batch_interval: coalesce ticks into batches spanning at least this long.
     :param keep_event_id: give target events the source's ``ev_id`` (the target queue
         must have no other producer).
+    :param table_filter: move only events whose ``ev_extra1`` names one of these tables
+        (skytools' ``table_filter``; a name without schema means ``public.<name>``). Events
+        of other tables are consumed, not moved, and counted as ``filtered`` in the report;
+        the filter runs on the source.
+    :param keep_lag: only move batches whose end tick is at least this old (seconds or a
+        timedelta; skytools' ``pgq_keep_lag``): the target stays that far behind.
     :param outlet_asset: declare ``pgq://<target_conn_id>/<target_queue>`` as outlet. An
         asset event is emitted only by a run that moved events; its ``extra`` holds the
         move report (events, batches, first_tick, last_tick, ...).
@@ -125,6 +133,8 @@ class PgqQueueMoverOperator(BaseOperator):
         min_batch_events: int | None = None,
         min_batch_interval: float | dt.timedelta | None = None,
         keep_event_id: bool = False,
+        table_filter: Sequence[str] | None = None,
+        keep_lag: float | dt.timedelta | None = None,
         outlet_asset: bool = False,
         reposition: str | None = None,
         **kwargs: Any,
@@ -144,6 +154,9 @@ class PgqQueueMoverOperator(BaseOperator):
         # Validated now, so a bad value fails at DAG parse time, not in the middle of a run.
         self.min_batch_interval = seconds_to_interval("min_batch_interval", min_batch_interval)
         check_batching(min_batch_events, self.min_batch_interval)
+        self.table_filter = normalize_table_filter(table_filter)
+        self.keep_lag = seconds_to_interval("keep_lag", keep_lag)
+        check_keep_lag(self.keep_lag)
         self.bounds = DrainBounds(
             max_batches=max_batches, max_events=max_events, max_runtime=self.max_runtime,
             force_tick=force_tick, run_ticker=run_ticker, tick_timeout=tick_timeout,
@@ -168,6 +181,8 @@ class PgqQueueMoverOperator(BaseOperator):
             keep_event_id=self.keep_event_id,
             min_batch_events=self.min_batch_events,
             min_batch_interval=self.min_batch_interval,
+            table_filter=self.table_filter,
+            keep_lag=self.keep_lag,
         )
 
     def _bounds(self, context: Context) -> DrainBounds:
@@ -215,9 +230,10 @@ class PgqQueueMoverOperator(BaseOperator):
             self._reposition(mover)
             report = mover.drain(bounds)
         self.log.info(
-            "moved %d events in %d batches (%d already applied, skipped) from %r to %r as %s"
-            " in %.2fs; stopped: %s; lag left %s s, ~%s events pending",
-            report.events, report.batches, report.skipped, options.source_queue,
+            "moved %d events in %d batches (%d already applied, skipped; %d of other tables"
+            " consumed, not moved) from %r to %r as %s in %.2fs; stopped: %s; lag left %s s,"
+            " ~%s events pending",
+            report.events, report.batches, report.skipped, report.filtered, options.source_queue,
             options.target_queue, options.key, report.seconds, report.stop_reason,
             report.lag_seconds, report.pending_events,
         )

@@ -47,6 +47,31 @@ APPLICATION_NAME = "airflow-pgq-trigger"
 #: Errors after which the poller reconnects on its next poll instead of failing.
 _TRANSIENT = (psycopg2.OperationalError, psycopg2.InterfaceError, ConnectionFailed)
 
+#: libpq's words for a connection the server answered and refused for good: waiting out
+#: a sensor's timeout after a password change, or on a dropped database, helps nobody.
+_PERMANENT = (
+    "authentication failed",  # password, scram, md5, peer, ident...
+    "no password supplied",
+    "no pg_hba.conf entry",
+    "is not permitted to log in",
+    "permission denied for database",
+    "does not exist",  # database "x" does not exist, role "x" does not exist
+)
+
+
+class PollingStopped(PgqError):
+    """A poll failed in a way no retry can fix (authentication, missing database or queue)."""
+
+
+def _permanent(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectionFailed) and any(words in str(exc) for words in _PERMANENT)
+
+
+def _describe(conn_id: str, exc: BaseException) -> str:
+    """One line; the hook's errors already lead with the connection id and server."""
+    text = " ".join(str(exc).split())
+    return text if text.startswith("Airflow connection") else f"Airflow connection {conn_id!r}: {text}"
+
 
 @dataclass(frozen=True)
 class QueueSnapshot:
@@ -106,23 +131,37 @@ class _Poller:
 
 
 async def poll_snapshots(conn_id: str, queue_name: str, poll_interval: float) -> AsyncIterator[QueueSnapshot]:
-    """Yields a snapshot every poll_interval seconds, forever; survives lost connections."""
+    """Yields a snapshot every poll_interval seconds, forever; survives lost connections.
+
+    A transient failure (server down, restarting, too many connections) is waited out,
+    logged once when it starts (and again only when it changes) and once when it
+    clears: an outage of hours stays two log lines. A failure no retry can fix
+    (authentication, database missing) raises PollingStopped at once.
+    """
     poller = _Poller(conn_id)
     failures = 0
+    problem: str | None = None
     try:
         while True:
             try:
                 snapshot = await poller.call(lambda c: read_snapshot(c, queue_name))
             except _TRANSIENT as exc:
                 failures += 1
-                # First failure and then every 20th: visible, but no log flood during an outage.
-                if failures == 1 or failures % 20 == 0:
-                    log.warning(
-                        "polling queue %r through connection %r failed (%d in a row), retrying: %s",
-                        queue_name, conn_id, failures, exc,
-                    )
+                text = _describe(conn_id, exc)
+                if _permanent(exc):
+                    raise PollingStopped(
+                        f"polling queue {queue_name!r} stopped: {text} (a retry cannot fix this: fix the"
+                        " connection, the role or the database, then clear the task)"
+                    ) from None
+                if text != problem:
+                    log.warning("polling queue %r failed, retrying every %ss until it works: %s",
+                                queue_name, poll_interval, text)
+                    problem = text
             else:
-                failures = 0
+                if problem is not None:
+                    log.info("polling queue %r through Airflow connection %r works again after %d failed"
+                             " polls (was: %s)", queue_name, conn_id, failures, problem)
+                failures, problem = 0, None
                 yield snapshot
             await asyncio.sleep(poll_interval)
     finally:
@@ -184,6 +223,14 @@ class PgqEventsTrigger(_WaitParameters, BaseTrigger):
     """
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            async for event in self._wait():
+                yield event
+        except PollingStopped as exc:
+            log.error("consumer %r: %s", self.consumer, exc)
+            yield _event({"status": "error", "message": str(exc)})
+
+    async def _wait(self) -> AsyncIterator[TriggerEvent]:
         async for snapshot in poll_snapshots(self.pgq_conn_id, self.queue_name, self.poll_interval):
             if snapshot.problem is not None:
                 yield _event({"status": "error", "message": snapshot.problem})
@@ -219,7 +266,9 @@ class PgqQueueEventTrigger(_WaitParameters, BaseEventTrigger):
     database: after a triggerer restart (memory lost) it fires again if work is still
     waiting, so a wake-up is never lost, at worst repeated, and a repeated run of
     the mover finds nothing to move. A missing queue or unregistered consumer is
-    logged and waited out (a setup DAG may create them later).
+    logged and waited out (a setup DAG may create them later), once when it starts and
+    once when it clears; a queue that existed and then disappears, and a connection the
+    server refuses for good (authentication, missing database), fail the trigger at once.
 
     Sibling watchers of the same connection, queue and poll interval share one poll in
     the triggerer (``shared_stream_key``): one query reads every consumer of the queue.
@@ -243,14 +292,24 @@ class PgqQueueEventTrigger(_WaitParameters, BaseEventTrigger):
         """This watcher's firings, from the shared snapshots."""
         fired_tick: int | None = None
         complaint: str | None = None
+        queue_seen = False
         async for snapshot in shared_stream:
+            if snapshot.problem is not None and queue_seen:
+                raise PollingStopped(
+                    f"queue {self.queue_name!r} (Airflow connection {self.pgq_conn_id!r}) existed and is"
+                    f" gone: {snapshot.problem}; consumer {self.consumer!r} can never get work from it."
+                    " Recreate the queue (and register the consumer), or remove this watcher"
+                )
+            queue_seen = queue_seen or snapshot.problem is None
             status = snapshot.status(self.consumer)
             problem = snapshot.problem or (None if status.registered else _not_registered(status))
             if problem is not None:
                 if problem != complaint:
-                    self.log.warning("waiting: %s", problem)
+                    log.warning("consumer %r on queue %r, waiting: %s", self.consumer, self.queue_name, problem)
                     complaint = problem
                 continue
+            if complaint is not None:
+                log.info("consumer %r on queue %r: resolved (was: %s)", self.consumer, self.queue_name, complaint)
             complaint = None
             if not status.ready(self.min_events, self.max_lag):
                 continue

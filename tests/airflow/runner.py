@@ -36,7 +36,16 @@ def main() -> int:
             XComModel.dag_run_id == run.id, XComModel.key == "return_value"
         ):
             xcoms[f"{row.task_id}[{row.map_index}]"] = row.value
-    print("RESULT " + json.dumps({"state": str(run.state), "tasks": states, "xcom": xcoms}, default=str))
+        from airflow.models.asset import AssetEvent, AssetModel
+
+        assets = [
+            {"uri": uri, "extra": extra, "task_id": task_id}
+            for uri, extra, task_id in session.query(AssetModel.uri, AssetEvent.extra, AssetEvent.source_task_id)
+            .join(AssetEvent, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetEvent.source_dag_id == dag_id, AssetEvent.source_run_id == run.run_id)
+        ]
+    print("RESULT " + json.dumps({"state": str(run.state), "tasks": states, "xcom": xcoms,
+                                  "asset_events": assets}, default=str))
     return 0
 
 

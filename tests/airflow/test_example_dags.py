@@ -55,7 +55,7 @@ def test_partition_consolidation_three_partitions_one_down(make_db, run_dag: Dag
     assert queue_events(central, "events_all") == expected
     assert sum(expected.values()) == 603
     summary = result["xcom"]["report_central[-1]"]
-    assert summary == {"partitions_moved": 3, "events_moved": 603, "central_events": 603}
+    assert summary == {"partitions_moved": 3, "partitions_failed": [], "events_moved": 603, "central_events": 603}
 
     # partition 1 goes down: only its own mapped task fails, the others still move
     for i, p in enumerate(parts):
@@ -66,6 +66,13 @@ def test_partition_consolidation_three_partitions_one_down(make_db, run_dag: Dag
     assert tasks["move_partition[1]"] == "failed"
     assert tasks["move_partition[0]"] == "success" and tasks["move_partition[2]"] == "success"
     assert tasks["report_central[-1]"] == "success"
+    # issue 14: a failed partition fails the run (the report still ran), and the report
+    # copes with the missing result without probing for it
+    assert down["state"] == "failed"
+    assert tasks["all_partitions_moved[-1]"] == "upstream_failed"
+    report = down["xcom"]["report_central[-1]"]
+    assert report["partitions_failed"] == ["pgq_part_1"] and report["partitions_moved"] == 2
+    assert "XCom not found" not in down["log"]
     assert "secret" not in down["log"]
     arrived = expected + queue_events(parts[0], "events") + queue_events(parts[2], "events")
     arrived -= expected  # partitions 0 and 2 in full, partition 1 as before

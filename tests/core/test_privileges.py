@@ -35,6 +35,8 @@ MOVER_PGQ_EXT_FUNCTIONS = (
     ("set_last_tick", "text, text, bigint"),
     ("bind_source", "text, text, text, text, text"),
     ("insert_event_chunk", "text, text[], text[], text[], text[], text[], text[], timestamptz[], bigint[]"),
+    ("stage_events", ""),
+    ("insert_staged_events", "text, bigint, boolean"),
 )
 
 
@@ -207,7 +209,7 @@ def test_hardened_pgq_ext_needs_exactly_the_listed_functions(
     source: Server, target: Server, login_in: LoginMaker
 ) -> None:
     """A DBA who revokes EXECUTE on pgq_ext from PUBLIC grants the mover's role these
-    five functions (docs/reliability.md) and nothing else: the move works."""
+    functions (docs/reliability.md) and nothing else: the move works."""
     reader = login_in(source, "pgq_reader")
     writer = login_in(target, "pgq_mover")
     target.execute("revoke execute on all functions in schema pgq_ext from public")

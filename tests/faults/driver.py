@@ -481,6 +481,8 @@ class Storm:
         args = [
             "--source-queue", self.source_queue, "--target-queue", self.target_queue,
             "--consumer", self.consumer, "--chunk-size", str(rng.choice([40, 300, 5000])),
+            # mostly one tick a batch (many places to fail), sometimes coalesced catch-up
+            "--batch-target-events", str(rng.choice([1, 1, 1, 500])),
             "--loop-seconds", f"{loop_seconds:.3f}",
         ]
         if pause_at:

@@ -101,6 +101,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--subconsumer", default="")
     p.add_argument("--app-name", required=True)
     p.add_argument("--chunk-size", type=int, default=5000)
+    p.add_argument("--batch-target-events", type=int, default=1)
     p.add_argument("--loop-seconds", type=float, default=0.0)
     p.add_argument("--pause-at", choices=faults.POINTS)
     p.add_argument("--pause-file", type=Path)
@@ -120,6 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = MoverOptions(
         source_queue=args.source_queue, target_queue=args.target_queue,
         consumer=args.consumer, subconsumer=args.subconsumer, chunk_size=args.chunk_size,
+        batch_target_events=args.batch_target_events,
     )
     env_fault = faults.from_environment()
     pause = Pause(args.pause_at, args.pause_file, args.pause_timeout, args.pause_min_events)

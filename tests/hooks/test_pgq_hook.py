@@ -85,3 +85,26 @@ def test_airflow_lists_the_provider_and_its_hook(airflow_home):
     hooks = subprocess.run([sys.executable, "-m", "airflow", "providers", "hooks", "-o", "json"],
                            env=env, capture_output=True, text=True, check=True).stdout
     assert any(h.get("connection_type") == "pgq" for h in json.loads(hooks))
+
+
+# -- issue 14, point 1: connection errors name the Airflow connection and the right server --
+
+
+def test_connection_error_names_the_connection_id_and_its_server(source, conn_env):
+    port = source.cluster.port
+    conn_env("pgq_oltp", source.uri(user="pgq_test_admin", password="Wr0ng-pass-4417"))
+    with pytest.raises(ConnectionFailed) as err:
+        PgqHook("pgq_oltp").get_conn()
+    text = str(err.value)
+    assert text.startswith(f"Airflow connection 'pgq_oltp' (127.0.0.1:{port}/{source.dbname} as pgq_test_admin): ")
+    assert "password authentication failed" in text and "airflow connections get pgq_oltp" in text
+    assert "local socket" not in text and "Wr0ng-pass-4417" not in text
+
+
+def test_refused_connection_names_the_connection_id_and_port(conn_env):
+    conn_env("pgq_down", "postgresql://mover:S3cret-9981@127.0.0.1:1/shop?connect_timeout=3")
+    with pytest.raises(ConnectionFailed) as err:
+        PgqHook("pgq_down").get_conn()
+    text = str(err.value)
+    assert text.startswith("Airflow connection 'pgq_down' (127.0.0.1:1/shop as mover): ")
+    assert "\n" not in text and "S3cret-9981" not in text

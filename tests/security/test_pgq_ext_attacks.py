@@ -39,6 +39,8 @@ WRITE_SIDE = (
     ("kept_ids_claim", "text, text, text"),
     ("kept_ids_commit", "text, text, text, bigint"),
     ("kept_ids_release", "text"),
+    ("stage_events", ""),
+    ("insert_staged_events", "text, bigint, boolean"),
 )
 
 #: Reading marks stays open to all, as in the classic pgq_ext.
@@ -363,3 +365,45 @@ def test_upgrade_from_mover_schema_2_takes_the_write_side_from_pgq_writer(make_d
     for fn, args in WRITE_SIDE:
         assert not target.execute("select has_function_privilege('pgq_writer', %s, 'execute')",
                                   (f"pgq_ext.{fn}({args})",))[0][0], fn
+
+
+# -- the staging table of the fast least-privilege path ---------------------------
+
+
+def test_a_staging_table_of_the_callers_own_is_refused(target: Server, login: Login) -> None:
+    """A table the caller made could carry row security, index predicates or statistics
+    whose code would run with pgq_ext's owner's rights while it is read."""
+    mover = login(target, "pgq_mover")
+    with mover.cursor() as cur:
+        cur.execute("create temporary table pgq_mover_rows (ord bigint generated always as identity primary key,"
+                    " ev_type text, ev_data text, ev_extra1 text, ev_extra2 text, ev_extra3 text,"
+                    " ev_extra4 text, ev_time timestamptz, ev_id bigint)")
+        cur.execute("insert into pg_temp.pgq_mover_rows (ev_type, ev_time) values ('t', now())")
+    mover.commit()
+    assert "not made by pgq_ext.stage_events" in denied(mover, "select pgq_ext.stage_events()")
+    assert "not made by pgq_ext.stage_events" in denied(
+        mover, "select pgq_ext.insert_staged_events('dst_q', 0, false)")
+    assert not queue_events(target, "dst_q")
+
+
+def test_the_staging_table_cannot_be_given_code_by_the_caller(target: Server, login: Login) -> None:
+    mover = login(target, "pgq_mover")
+    assert call(mover, "select pgq_ext.stage_events()") == 0
+    for attack in (
+        "alter table pg_temp.pgq_mover_rows enable row level security",
+        "create index on pg_temp.pgq_mover_rows (ev_id) where ev_id > 0",
+        "create statistics s on (ev_id + 1) from pg_temp.pgq_mover_rows",
+        "alter table pg_temp.pgq_mover_rows add check (ev_id > 0)",
+    ):
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            call(mover, attack)
+    # what it may do is add rows, and move them with their times
+    with mover.cursor() as cur:
+        cur.execute("select pgq_ext.stage_events()")
+        cur.execute("insert into pg_temp.pgq_mover_rows (ev_type, ev_data, ev_time)"
+                    " values ('t', 'staged', '2001-01-01 00:00+00')")
+        cur.execute("select pgq_ext.insert_staged_events('dst_q', 0, false)")
+        assert cur.fetchone() == (1,)
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="kept-id claim"):
+            cur.execute("select pgq_ext.insert_staged_events('dst_q', 0, true)")
+    mover.rollback()

@@ -39,6 +39,48 @@ create table if not exists pgq_ext.partial_batch (
     primary key (consumer_id, subconsumer_id)
 );
 
+-- Older layouts, brought to the one above with every row kept. skytools 2 made these
+-- tables without subconsumer_id (keys: consumer_id, and consumer_id, batch_id, event_id
+-- for completed_event); skytools 3.0 had the column but no default. A row of the old
+-- layout belongs to subconsumer '' (what the 2- and 3-argument functions read and write),
+-- and the key becomes (consumer_id, subconsumer_id[, batch_id, event_id]).
+do $upgrade$
+declare
+    t record;
+    pk name;
+begin
+    for t in
+        select v.tbl, v.keycols
+          from (values ('completed_tick', 'consumer_id, subconsumer_id'),
+                       ('completed_batch', 'consumer_id, subconsumer_id'),
+                       ('partial_batch', 'consumer_id, subconsumer_id'),
+                       ('completed_event', 'consumer_id, subconsumer_id, batch_id, event_id'))
+               as v (tbl, keycols)
+    loop
+        if not exists (select 1 from pg_catalog.pg_attribute a
+                        where a.attrelid = pg_catalog.format('pgq_ext.%I', t.tbl)::pg_catalog.regclass
+                          and a.attname = 'subconsumer_id' and not a.attisdropped) then
+            -- fills every existing row with '' and keeps it NOT NULL
+            execute pg_catalog.format(
+                'alter table pgq_ext.%I add column subconsumer_id text not null default %L', t.tbl, '');
+            select c.conname into pk from pg_catalog.pg_constraint c
+             where c.conrelid = pg_catalog.format('pgq_ext.%I', t.tbl)::pg_catalog.regclass
+               and c.contype = 'p';
+            if pk is not null then
+                execute pg_catalog.format('alter table pgq_ext.%I drop constraint %I', t.tbl, pk);
+            end if;
+            -- keycols is one of the fixed lists above, never input
+            execute pg_catalog.format('alter table pgq_ext.%I add primary key (%s)', t.tbl, t.keycols);
+        elsif not exists (select 1 from pg_catalog.pg_attribute a
+                           where a.attrelid = pg_catalog.format('pgq_ext.%I', t.tbl)::pg_catalog.regclass
+                             and a.attname = 'subconsumer_id' and a.atthasdef) then
+            execute pg_catalog.format(
+                'alter table pgq_ext.%I alter column subconsumer_id set default %L', t.tbl, '');
+        end if;
+    end loop;
+end
+$upgrade$;
+
 -- A classic installation taken over for the first time may name the arguments of these
 -- functions differently, which "create or replace" refuses: install drops those first.
 
@@ -104,10 +146,13 @@ begin
     if pgq_ext.is_batch_done(a_consumer, a_subconsumer, a_batch_id) then
         return false;
     end if;
-    insert into pgq_ext.completed_batch (consumer_id, subconsumer_id, last_batch_id)
-    values (a_consumer, a_subconsumer, a_batch_id)
-    on conflict (consumer_id, subconsumer_id)
-    do update set last_batch_id = excluded.last_batch_id;
+    -- as the classic: a batch id of 0 or below is answered true but not recorded
+    if a_batch_id > 0 then
+        insert into pgq_ext.completed_batch (consumer_id, subconsumer_id, last_batch_id)
+        values (a_consumer, a_subconsumer, a_batch_id)
+        on conflict (consumer_id, subconsumer_id)
+        do update set last_batch_id = excluded.last_batch_id;
+    end if;
     return true;
 end;
 $$;
@@ -135,8 +180,9 @@ set search_path = pg_catalog, pg_temp as $$
     select pgq_ext.is_event_done(a_consumer, '', a_batch_id, a_event_id);
 $$;
 
--- Events of older batches are forgotten when a new batch starts: only the batch
--- in progress can be retried. False when the event was already marked done.
+-- Events of the previous batch are forgotten when a new batch starts: only the batch
+-- in progress can be retried. False (and nothing changed) when the event was already
+-- marked done.
 create or replace function pgq_ext.set_event_done(a_consumer text, a_subconsumer text,
                                        a_batch_id bigint, a_event_id bigint)
 returns boolean language plpgsql security definer
@@ -144,6 +190,9 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     old_batch bigint;
 begin
+    if pgq_ext.is_event_done(a_consumer, a_subconsumer, a_batch_id, a_event_id) then
+        return false;
+    end if;
     select cur_batch_id into old_batch from pgq_ext.partial_batch
      where consumer_id = a_consumer and subconsumer_id = a_subconsumer
        for update;
@@ -152,7 +201,8 @@ begin
         values (a_consumer, a_subconsumer, a_batch_id);
     elsif old_batch <> a_batch_id then
         delete from pgq_ext.completed_event
-         where consumer_id = a_consumer and subconsumer_id = a_subconsumer;
+         where consumer_id = a_consumer and subconsumer_id = a_subconsumer
+           and batch_id = old_batch;
         update pgq_ext.partial_batch set cur_batch_id = a_batch_id
          where consumer_id = a_consumer and subconsumer_id = a_subconsumer;
     end if;

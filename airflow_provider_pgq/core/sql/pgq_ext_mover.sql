@@ -106,6 +106,93 @@ begin
 end;
 $$;
 
+-- The fast path for movers without pgq_admin: the batch is streamed by COPY into this
+-- session's temporary table pg_temp.pgq_mover_rows, then moved into the event table by
+-- one INSERT ... SELECT (insert_staged_events). The table is made here, so it belongs
+-- to this function's owner: the caller may add and read rows (granted to PUBLIC: no
+-- other session can see a temporary table) but cannot give it triggers, indexes,
+-- constraints, row security or statistics whose code would run with the owner's
+-- rights. Returns the last ord handed out so far (rows of an earlier batch in this
+-- transaction are at or below it), or NULL when the owner may not create temporary
+-- tables (then the mover falls back to insert_event_chunk).
+create or replace function pgq_ext.stage_events()
+returns bigint language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    rel oid := to_regclass('pg_temp.pgq_mover_rows');
+begin
+    if rel is null then
+        if not has_database_privilege(current_database(), 'TEMPORARY') then
+            return null;
+        end if;
+        create temporary table pgq_mover_rows (
+            ord bigint generated always as identity primary key,
+            ev_type text, ev_data text, ev_extra1 text, ev_extra2 text, ev_extra3 text,
+            ev_extra4 text, ev_time timestamptz, ev_id bigint
+        ) on commit delete rows;
+        grant insert, select on pg_temp.pgq_mover_rows to public;
+        return 0;
+    end if;
+    perform pgq_ext._require_own_staging(rel);
+    return coalesce(pg_sequence_last_value(pg_get_serial_sequence('pg_temp.pgq_mover_rows', 'ord')), 0);
+end;
+$$;
+
+-- The staging table must be the one stage_events made: a temporary table of this
+-- session owned by the function owner (a table the caller made could run the caller's
+-- code with the owner's rights while it is read).
+create or replace function pgq_ext._require_own_staging(a_rel oid)
+returns void language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+begin
+    if not exists (select 1 from pg_class c
+                    where c.oid = a_rel and c.relkind = 'r' and c.relpersistence = 't'
+                      and c.relnamespace = pg_my_temp_schema()
+                      and c.relowner = (select r.oid from pg_roles r where r.rolname = current_user)) then
+        raise exception 'pg_temp.pgq_mover_rows was not made by pgq_ext.stage_events: drop it (it is'
+                        ' this session''s own temporary table) and retry'
+              using errcode = 'insufficient_privilege';
+    end if;
+end;
+$$;
+
+-- Moves the staged rows after a_after_ord into the queue's current event table, in
+-- staging order, with their times (and ids, under this transaction's kept-id claim).
+-- The planner settings make it read the primary key in order instead of sorting.
+create or replace function pgq_ext.insert_staged_events(a_queue text, a_after_ord bigint, a_with_ids boolean)
+returns bigint language plpgsql security definer
+set search_path = pg_catalog, pg_temp
+set enable_sort = off
+set enable_bitmapscan = off as $$
+declare
+    rel oid := to_regclass('pg_temp.pgq_mover_rows');
+    cols text := 'ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time';
+    n bigint;
+begin
+    if rel is null then
+        raise exception 'insert_staged_events: no staging table: call pgq_ext.stage_events() first';
+    end if;
+    perform pgq_ext._require_own_staging(rel);
+    if a_with_ids then
+        if not exists (select 1 from pgq_ext.kept_ids_claims
+                        where target_queue = a_queue and claim_txid = txid_current()) then
+            raise exception 'insert_staged_events: explicit event ids into queue % need the queue''s'
+                            ' kept-id claim in this transaction (pgq_ext.kept_ids_claim)', a_queue
+                  using errcode = 'insufficient_privilege';
+        end if;
+        cols := cols || ', ev_id';
+    end if;
+    -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
+    perform txid_current();
+    execute format('insert into %s (%s) select %s from only pg_temp.pgq_mover_rows'
+                   ' where ord > $1 order by ord',
+                   pgq.quote_fqname(pgq.current_event_table(a_queue)), cols, cols)
+      using a_after_ord;
+    get diagnostics n = row_count;
+    return n;
+end;
+$$;
+
 -- Kept event ids (keep_event_id): the target events carry the source's ev_id. PgQ
 -- enforces no uniqueness, so such a queue must have exactly one writer: one tracking
 -- key, and no local producer. This table names that key per target queue and the
@@ -277,6 +364,7 @@ $$;
 
 -- The schema version the mover checks for. Bumped with every change of this file.
 -- 3: write side for pgq_mover only, kept-id claims proven by a row of the transaction.
+-- 4: stage_events / insert_staged_events, the fast path without pgq_admin.
 create or replace function pgq_ext.mover_schema_version()
 returns integer language sql immutable security definer
-set search_path = pg_catalog, pg_temp as $$ select 3 $$;
+set search_path = pg_catalog, pg_temp as $$ select 4 $$;

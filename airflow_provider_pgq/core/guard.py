@@ -1,0 +1,469 @@
+"""A bound on every network wait of a psycopg2 connection, enforced from the client.
+
+libpq waits for the server without any limit of its own: a server that stops
+answering, or a network that stops forwarding without closing (a stateful firewall
+dropping the flow, a frozen proxy, a half-open TCP connection), blocks a statement
+for as long as the kernel keeps the socket, hours with default keepalives. Server-side
+timeouts (statement_timeout, lock_timeout) do not help when their error cannot reach
+the client. So:
+
+- ``Timeouts`` holds the bounds; ``connect.connect`` turns them into libpq parameters
+  (connect_timeout, TCP keepalives, tcp_user_timeout) and session settings
+  (statement_timeout, lock_timeout, idle_in_transaction_session_timeout and the
+  server's own keepalives), each only where the connection string, the Airflow
+  connection's extras or a role/database setting did not choose a value already.
+- ``GuardedConnection`` (the connection class ``connect`` makes) times every
+  statement, fetch, commit and rollback on a watchdog thread. Past its bound the
+  watchdog cancels the statement (``conn.cancel()``); if no answer comes within
+  ``CANCEL_GRACE`` it shuts the socket down, which ends libpq's wait at once. The
+  statement then fails with ``WaitTimeout`` naming the side, the server and what
+  timed out. The transaction is lost on the server, never half-committed.
+- ``abort`` / ``abort_all`` close the sockets of running statements on purpose
+  (SIGTERM, Airflow's on_kill); ``interrupt_waits_on`` does that from a signal that
+  arrives while the main thread is blocked inside libpq, where no Python signal
+  handler can run until the wait ends.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.extensions
+
+from airflow_provider_pgq.core.errors import InvalidParameter, WaitAborted, WaitTimeout
+
+T = TypeVar("T")
+
+#: After a cancel request, how long the server gets to answer before the socket is shut.
+CANCEL_GRACE = 1.0
+#: Added to the server's statement_timeout for the client's own bound (or network_timeout,
+#: when smaller): on a working network the server's error arrives first, and says more.
+STATEMENT_GRACE = 5.0
+#: How often the watchdog looks at the clock.
+_TICK = 0.1
+
+
+def _check_seconds(name: str, value: object, allow_zero: bool) -> None:
+    good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not good or value < 0 or (value == 0 and not allow_zero) or value > 86400 * 7:  # type: ignore[operator]
+        allowed = ">= 0 (0: off)" if allow_zero else "> 0"
+        raise InvalidParameter(f"{name} must be a number of seconds {allowed} and at most a week, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds of the mover's network waits, in seconds.
+
+    connect_timeout: reaching the server and logging in (libpq connect_timeout).
+    network_timeout: how long a connection may be silent: TCP keepalives and
+        tcp_user_timeout find a dead peer within it, and a COPY that moves no byte
+        for this long is cancelled.
+    statement_timeout: one control statement (every statement but the COPY stream);
+        0: no bound (then a frozen network during a statement is found only by TCP).
+    lock_timeout: waiting for a lock (another mover on the same tracking key, a
+        table lock of the target queue); 0: no bound.
+    """
+
+    connect_timeout: float = 10.0
+    network_timeout: float = 60.0
+    statement_timeout: float = 120.0
+    lock_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check_seconds("connect_timeout", self.connect_timeout, allow_zero=False)
+        _check_seconds("network_timeout", self.network_timeout, allow_zero=False)
+        _check_seconds("statement_timeout", self.statement_timeout, allow_zero=True)
+        _check_seconds("lock_timeout", self.lock_timeout, allow_zero=True)
+
+    def libpq_parameters(self) -> dict[str, str]:
+        """Connection parameters: a silent peer is given up after about network_timeout
+        (keepalive idle + interval x count), unacknowledged data after exactly that."""
+        nt = self.network_timeout
+        return {
+            "connect_timeout": str(max(2, math.ceil(self.connect_timeout))),  # libpq: whole seconds, >= 2
+            "keepalives": "1",
+            "keepalives_idle": str(max(1, int(nt // 2))),
+            "keepalives_interval": str(max(1, int(nt // 6))),
+            "keepalives_count": "3",
+            "tcp_user_timeout": str(max(1, int(nt * 1000))),
+        }
+
+    def session_settings(self) -> dict[str, str]:
+        """Server settings (in ms / s as PostgreSQL takes them). The source's read
+        transaction is never idle longer than a statement on the target: a mover that
+        vanishes without closing cannot hold back PgQ's rotation for longer."""
+        nt = self.network_timeout
+        settings = {
+            "statement_timeout": str(int(self.statement_timeout * 1000)),
+            "lock_timeout": str(int(self.lock_timeout * 1000)),
+            "tcp_keepalives_idle": str(max(1, int(nt // 2))),
+            "tcp_keepalives_interval": str(max(1, int(nt // 6))),
+            "tcp_keepalives_count": "3",
+            "tcp_user_timeout": str(max(1, int(nt * 1000))),
+        }
+        if self.statement_timeout:
+            settings["idle_in_transaction_session_timeout"] = str(
+                int((self.statement_timeout + STATEMENT_GRACE + nt) * 1000)
+            )
+        return settings
+
+
+# -- the watchdog -------------------------------------------------------------------
+
+
+class Watch:
+    """One timed wait. The watchdog calls expire() once the deadline has passed."""
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+        self.deadline = time.monotonic() + bound
+        self.fired = False
+
+    def expire(self) -> float | None:
+        """Acts on the expiry; returns a new deadline to be called again, or None."""
+        return None
+
+
+class _Watchdog:
+    """One daemon thread for all watches of the process (restarted after a fork)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: set[Watch] = set()
+        self._pid = 0
+        self._thread: threading.Thread | None = None
+
+    def add(self, watch: Watch) -> None:
+        with self._lock:
+            self._watches.add(watch)
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="pgq-watchdog", daemon=True)
+                self._thread.start()
+
+    def discard(self, watch: Watch) -> None:
+        with self._lock:
+            self._watches.discard(watch)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(_TICK)
+            now = time.monotonic()
+            with self._lock:
+                due = [w for w in self._watches if w.deadline <= now]
+            for watch in due:
+                watch.fired = True
+                try:
+                    again = watch.expire()
+                except Exception:  # never let the watchdog die
+                    again = None
+                with self._lock:
+                    if again is None:
+                        self._watches.discard(watch)
+                    else:
+                        watch.deadline = again
+
+
+WATCHDOG = _Watchdog()
+
+
+def _cancel_in_background(conn: psycopg2.extensions.connection) -> None:
+    """conn.cancel() opens a connection of its own, which may block as long as the
+    network is broken: never on the caller's thread."""
+
+    def cancel() -> None:
+        try:
+            conn.cancel()
+        except Exception:  # noqa: S110 - best effort; the socket shutdown follows anyway
+            pass
+
+    threading.Thread(target=cancel, name="pgq-cancel", daemon=True).start()
+
+
+def shut_socket(conn: psycopg2.extensions.connection) -> None:
+    """Ends whatever libpq waits for on conn's socket at once (both directions): the
+    wait fails as a lost connection, and the server rolls the transaction back when it
+    sees the close. The file descriptor stays libpq's to close."""
+    try:
+        if conn.closed:
+            return
+        fd = conn.fileno()
+        sock = socket.socket(fileno=os.dup(fd))
+    except (psycopg2.Error, OSError, ValueError):
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class _StatementWatch(Watch):
+    """A statement past its bound: cancel first, then shut the socket."""
+
+    def __init__(self, conn: GuardedConnection, what: str, bound: float) -> None:
+        super().__init__(bound)
+        self.conn = conn
+        self.what = what
+        self.cancelled = False
+
+    def expire(self) -> float | None:
+        if self.conn._watch is not self:
+            return None
+        if not self.cancelled:
+            self.cancelled = True
+            _cancel_in_background(self.conn)
+            return time.monotonic() + CANCEL_GRACE
+        shut_socket(self.conn)
+        return None
+
+
+# -- the connection ---------------------------------------------------------------------
+
+_REGISTRY: weakref.WeakSet[GuardedConnection] = weakref.WeakSet()
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _statement_text(query: Any, cursor: psycopg2.extensions.cursor) -> str:
+    try:
+        text = query if isinstance(query, str) else query.as_string(cursor)
+    except Exception:
+        text = "?"
+    text = " ".join(str(text).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class GuardedConnection(psycopg2.extensions.connection):
+    """A psycopg2 connection whose every wait is timed (see the module docstring).
+
+    side: "source" / "target" / "database", for messages; statement_bound: the client's
+    bound of one statement (None: none); stream_bound: the longest a COPY may move no
+    byte; own_statement_timeout: the session's statement_timeout is ours (so a COPY
+    may lift it for itself), not one the user chose.
+    """
+
+    def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(dsn, *args, **kwargs)
+        self.cursor_factory = GuardedCursor
+        self.side = "database"
+        self.statement_bound: float | None = None
+        self.stream_bound: float | None = None
+        self.own_statement_timeout = False
+        self.streaming = False
+        self.aborted: str | None = None
+        self._watch: _StatementWatch | None = None
+        with _REGISTRY_LOCK:
+            _REGISTRY.add(self)
+
+    def server(self) -> str:
+        """host:port/dbname, never the password."""
+        try:
+            info = self.info
+            host = info.host or "local socket"
+            return f"{host}:{info.port}/{info.dbname}"
+        except Exception:
+            return "?"
+
+    def run(self, what: str, action: Callable[[], T], timed: bool = True) -> T:
+        """action() under the statement bound (timed=False: none, the caller bounds it):
+        WaitTimeout past it, WaitAborted when abort() cut it short."""
+        bound = self.statement_bound if timed else None
+        if bound is None or self._watch is not None:
+            try:
+                return action()
+            except psycopg2.Error as exc:
+                self._raise_aborted(what, exc)
+                raise
+        watch = _StatementWatch(self, what, bound)
+        self._watch = watch
+        WATCHDOG.add(watch)
+        try:
+            return action()
+        except psycopg2.Error as exc:
+            if watch.fired:
+                raise WaitTimeout(
+                    f"{self.side} {self.server()}: no answer to {what} within {bound:g}s"
+                    " (statement_timeout plus a grace): the statement was cancelled"
+                    f"{' and the connection closed' if self.closed else ''}; nothing of it was"
+                    " committed. A slow server or a broken network: raise statement_timeout if"
+                    " the statement is legitimately slow",
+                    self.side, self.server(), what,
+                ) from exc
+            self._raise_aborted(what, exc)
+            raise
+        finally:
+            self._watch = None
+            WATCHDOG.discard(watch)
+
+    def _raise_aborted(self, what: str, exc: BaseException) -> None:
+        if self.aborted is not None:
+            raise WaitAborted(
+                f"{self.side} {self.server()}: {what} cut short ({self.aborted}): the connection is"
+                " closed and its transaction rolled back"
+            ) from exc
+
+    def commit(self) -> None:
+        self.run("commit", super().commit)
+
+    def rollback(self) -> None:
+        """A rollback that fails (connection lost, or still inside a broken COPY) closes
+        the connection: the server then ends the transaction, so nothing is left open."""
+        try:
+            self.run("rollback", super().rollback)
+        except BaseException:
+            try:
+                self.close()
+            except psycopg2.Error:
+                pass
+            raise
+
+
+class GuardedCursor(psycopg2.extensions.cursor):
+    """Every call that waits for the server runs under the connection's bound."""
+
+    connection: GuardedConnection
+
+    def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - psycopg2's name
+        self.connection.run(
+            f"statement {_statement_text(query, self)!r}", lambda: super(GuardedCursor, self).execute(query, vars)
+        )
+
+    def executemany(self, query: Any, vars_list: Any) -> None:
+        self.connection.run(
+            f"statement {_statement_text(query, self)!r}",
+            lambda: super(GuardedCursor, self).executemany(query, vars_list),
+        )
+
+    def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> None:
+        """A COPY of the transfer is bounded by its progress (transfer.py), others as statements."""
+        if self.connection.streaming:
+            self.connection.run("COPY", lambda: super(GuardedCursor, self).copy_expert(sql, file, size), timed=False)
+            return
+        self.connection.run(
+            f"COPY {_statement_text(sql, self)!r}", lambda: super(GuardedCursor, self).copy_expert(sql, file, size)
+        )
+
+    def _fetch(self, action: Callable[[], T]) -> T:
+        if self.name is None:  # a client-side cursor holds its rows already
+            return action()
+        return self.connection.run(f"fetch from cursor {self.name}", action)
+
+    def fetchone(self) -> Any:
+        return self._fetch(lambda: super(GuardedCursor, self).fetchone())
+
+    def fetchmany(self, size: int | None = None) -> Any:
+        if size is None:
+            return self._fetch(lambda: super(GuardedCursor, self).fetchmany())
+        return self._fetch(lambda: super(GuardedCursor, self).fetchmany(size))
+
+    def fetchall(self) -> Any:
+        return self._fetch(lambda: super(GuardedCursor, self).fetchall())
+
+    def __iter__(self) -> GuardedCursor:
+        return self
+
+    def __next__(self) -> Any:
+        return self._fetch(lambda: super(GuardedCursor, self).__next__())
+
+
+# -- aborting on purpose ----------------------------------------------------------------------
+
+
+def abort(conns: Iterable[psycopg2.extensions.connection | None], reason: str) -> None:
+    """Cuts the current wait of each connection short: a cancel request (so the server
+    stops the statement) and a socket shutdown (so libpq stops waiting now). Safe from
+    any thread; a connection that is idle is closed the same way."""
+    for conn in conns:
+        if conn is None or conn.closed:
+            continue
+        if isinstance(conn, GuardedConnection):
+            conn.aborted = reason
+        _cancel_in_background(conn)
+        shut_socket(conn)
+
+
+def abort_all(reason: str) -> None:
+    """abort() for every open GuardedConnection of the process."""
+    with _REGISTRY_LOCK:
+        conns = list(_REGISTRY)
+    abort(conns, reason)
+
+
+@contextmanager
+def interrupt_waits_on(
+    signals: Iterable[signal.Signals],
+    conns: Callable[[], Iterable[psycopg2.extensions.connection | None]] | None = None,
+) -> Iterator[None]:
+    """While inside: when one of signals arrives, abort the connections (conns(), or all
+    of the process) from a helper thread, so that the main thread's blocked libpq wait
+    ends and the Python handler of the signal runs within a moment.
+
+    Python runs signal handlers only between bytecodes of the main thread, never while
+    it waits inside libpq (which retries its poll after EINTR). The signal's number
+    also reaches the wakeup fd, which a thread can read at once. Only the signals that
+    have a Python handler are seen. Outside the main thread this does nothing.
+    """
+    wanted = {int(s) for s in signals}
+    try:
+        read_fd, write_fd = os.pipe()
+    except OSError:
+        yield
+        return
+    os.set_blocking(write_fd, False)
+    try:
+        previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except ValueError:  # not the main thread
+        os.close(read_fd)
+        os.close(write_fd)
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            if previous >= 0:  # whoever listened before still hears every signal
+                try:
+                    os.write(previous, data)
+                except OSError:
+                    pass
+            hit = [b for b in data if b in wanted]
+            if hit and not stop.is_set():
+                reason = f"got {signal.Signals(hit[0]).name}"
+                abort(conns() if conns is not None else _all_open(), reason)
+
+    thread = threading.Thread(target=watch, name="pgq-signal-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        try:
+            signal.set_wakeup_fd(previous)
+        except ValueError:
+            pass
+        os.close(write_fd)  # the thread's read() sees the end
+        thread.join(timeout=1.0)
+        os.close(read_fd)
+
+
+def _all_open() -> list[GuardedConnection]:
+    with _REGISTRY_LOCK:
+        return [c for c in _REGISTRY if not c.closed]

@@ -1,0 +1,70 @@
+"""DAGs the deployment test drives through the REST API (see tests/system/test_deployment.py).
+
+Connections (environment of every Airflow process): ``pgq_sys_src`` and ``pgq_sys_dst``;
+each scenario has its own queue pair there, so the scenarios never share a consumer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Any
+
+from airflow.providers.common.messaging.triggers.msg_queue import MessageQueueTrigger
+from airflow.sdk import DAG, Asset, AssetWatcher, Context
+from psycopg2.extensions import connection as Psycopg2Connection
+
+from airflow_provider_pgq.core.mover import BatchResult, MoverOptions, QueueMover
+from airflow_provider_pgq.operators.queue_mover import PgqQueueMoverOperator
+from airflow_provider_pgq.sensors.pgq import PgqQueueSensor
+
+START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+CONNS: dict[str, Any] = {"source_conn_id": "pgq_sys_src", "target_conn_id": "pgq_sys_dst", "install_pgq_ext": True}
+
+
+class SlowMover(PgqQueueMoverOperator):
+    """Pauses after each batch, so the test can act on a task that is mid-drain (a real
+    worker slowed down, not a mock: every batch still goes through the real protocol)."""
+
+    pause = 1.0
+
+    def make_mover(self, source: Psycopg2Connection, target: Psycopg2Connection, options: MoverOptions,
+                   context: Context) -> QueueMover:
+        def after(result: BatchResult) -> None:
+            self._log_batch(result)
+            time.sleep(self.pause)
+
+        return QueueMover(source, target, options, on_batch=after)
+
+
+# Backfills: daily intervals, each run moves only batches ending inside its interval.
+with DAG("pgq_sys_backfill", schedule="@daily", start_date=START, catchup=False, max_active_runs=16) as bf:
+    PgqQueueMoverOperator(
+        task_id="move", **CONNS, source_queue="bf", target_queue="bf", consumer_name="bf_mover",
+        stop_at_interval_end=True, register_consumer=True,
+    )
+
+# Triggered, cleared, marked failed, killed.
+with DAG("pgq_sys_drain", schedule=None, start_date=START, catchup=False, max_active_runs=4) as drain:
+    # min_batch_events=1: one tick per batch (no catch-up coalescing), so a drain has steps.
+    SlowMover(task_id="move", **CONNS, source_queue="dr", target_queue="dr", consumer_name="dr_mover",
+              min_batch_events=1)
+
+# A deferred sensor woken by the triggerer, then the move.
+with DAG("pgq_sys_sensor", schedule=None, start_date=START, catchup=False) as sensor:
+    wait = PgqQueueSensor(
+        task_id="wait", pgq_conn_id="pgq_sys_src", queue_name="sn", consumer="sn_mover",
+        min_events=1, deferrable=True, poke_interval=1, timeout=180,
+    )
+    wait >> PgqQueueMoverOperator(task_id="move", **CONNS, source_queue="sn", target_queue="sn",
+                                  consumer_name="sn_mover")
+
+# Event-driven: the triggerer's watcher creates the runs.
+waiting: Any = Asset("pgq_sys_ed_waiting", watchers=[AssetWatcher(
+    name="pgq_sys_ed_waiting",
+    trigger=MessageQueueTrigger(scheme="pgq", pgq_conn_id="pgq_sys_src", queue_name="ed",
+                                consumer="ed_mover", min_events=1, poll_interval=1.0),
+)])
+
+with DAG("pgq_sys_event", schedule=[waiting], start_date=START, catchup=False, max_active_runs=1) as event:
+    PgqQueueMoverOperator(task_id="move", **CONNS, source_queue="ed", target_queue="ed", consumer_name="ed_mover")

@@ -1,0 +1,211 @@
+"""A real Airflow deployment for the system tests: api-server, scheduler, dag-processor and
+triggerer as separate processes, LocalExecutor, a PostgreSQL metadata database on the
+throwaway cluster, and a client that drives it only through the REST API, as the UI does.
+
+Authentication: SimpleAuthManager with ``[core] simple_auth_manager_all_admins``; the
+client still takes a JWT from ``GET /auth/token`` (what the UI does in that mode) and
+sends it as a bearer token. Every process is started in its own session (process group)
+and stopped by that group's id, SIGTERM first, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from airflow_provider_pgq.testing.cluster import SUPERUSER, ThrowawayCluster, free_port
+
+T = TypeVar("T")
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+class DeploymentError(AssertionError):
+    pass
+
+
+class Deployment:
+    """Start with start(), always stop() (the fixture does, even after a failure)."""
+
+    def __init__(self, cluster: ThrowawayCluster, home: Path, dags: Path, root: Path,
+                 conns: dict[str, str], env: dict[str, str] | None = None) -> None:
+        self.cluster = cluster
+        self.home = home
+        self.dags = dags
+        self.port = free_port()
+        self.metadata_db = f"airflow_meta_{secrets.token_hex(4)}"
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._token: str | None = None
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__"))}
+        pw = quote(cluster.password, safe="")
+        self.env.update({
+            "AIRFLOW_HOME": str(home),
+            "PYTHONPATH": str(root),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__AUTH_MANAGER":
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
+                f"postgresql+psycopg2://{SUPERUSER}:{pw}@127.0.0.1:{cluster.port}/{self.metadata_db}",
+            "AIRFLOW__API__BASE_URL": self.base,
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
+            "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+        })
+        self.env.update({f"AIRFLOW_CONN_{k.upper()}": v for k, v in conns.items()})
+        self.env.update(env or {})
+
+    # -- processes ------------------------------------------------------------------
+
+    def _airflow(self, *args: str, timeout: float = 300) -> str:
+        proc = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, cwd=self.home,
+                              capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise DeploymentError(f"airflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return proc.stdout
+
+    def start(self) -> Deployment:
+        self.cluster.create_database(self.metadata_db)
+        self._airflow("db", "migrate")
+        for name in COMPONENTS:
+            log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "airflow", name], env=self.env, cwd=self.home,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            log.close()
+        self.wait(lambda: self._health(), 120, "the api-server to answer")
+        return self
+
+    def _health(self) -> bool:
+        self.check_alive()
+        try:
+            return httpx.get(f"{self.base}/api/v2/monitor/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise DeploymentError(f"airflow {name} exited ({proc.returncode}):\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, chars: int = 4000) -> str:
+        path = self.home / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop(self) -> None:
+        """Every process group we started: SIGTERM, then SIGKILL what is left after 20 s."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc.pid, signal.SIGKILL)  # stragglers in the group (task processes)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.cluster.drop_database(self.metadata_db)
+
+    # -- REST API, as the UI uses it ----------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        if self._token is None:
+            r = httpx.get(f"{self.base}/auth/token", timeout=30)
+            if r.status_code >= 300:
+                raise DeploymentError(f"GET /auth/token: {r.status_code} {r.text}")
+            self._token = r.json()["access_token"]
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def api(self, method: str, path: str, body: dict[str, Any] | None = None, ok: tuple[int, ...] = (200, 201),
+            params: dict[str, Any] | None = None) -> Any:
+        r = httpx.request(method, f"{self.base}/api/v2{path}", json=body, params=params,
+                          headers=self._headers(), timeout=60)
+        if r.status_code not in ok:
+            raise DeploymentError(f"{method} {path}: {r.status_code} {r.text[:2000]}")
+        return r.json() if r.content else None
+
+    def wait(self, check: Callable[[], T | None | bool], timeout: float, what: str, poll: float = 0.5) -> T:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check()
+            if result:
+                return result  # type: ignore[return-value]
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"timed out after {timeout}s waiting for {what}\n"
+                                      f"--- scheduler:\n{self.log_tail('scheduler', 3000)}")
+            self.check_alive()
+            time.sleep(poll)
+
+    def wait_for_dags(self, dag_ids: list[str], timeout: float = 120) -> None:
+        def parsed() -> bool:
+            found = {d["dag_id"] for d in self.api("GET", "/dags", params={"limit": 100})["dags"]}
+            return set(dag_ids) <= found
+
+        self.wait(parsed, timeout, f"the dag-processor to parse {dag_ids}", poll=1)
+
+    def unpause(self, dag_id: str) -> None:
+        self.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        run = self.api("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
+        return str(run["dag_run_id"])
+
+    def runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return list(self.api("GET", f"/dags/{dag_id}/dagRuns", params={"limit": 100,
+                                                                     "order_by": "run_after"})["dag_runs"])
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return str(self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}")["state"])
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float = 90, states: tuple[str, ...] = ("success", "failed")
+                 ) -> str:
+        return self.wait(lambda: (s := self.run_state(dag_id, run_id)) in states and s, timeout,
+                         f"run {run_id} of {dag_id} to end")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        return list(self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances",
+                             params={"limit": 100})["task_instances"])
+
+    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+        return dict(self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"))
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
+        entry = self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"
+                                "/xcomEntries/return_value", params={"map_index": map_index, "deserialize": True})
+        return entry["value"]
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
