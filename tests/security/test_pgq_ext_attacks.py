@@ -242,7 +242,7 @@ grant all on schema pgq_ext to public;
 grant all on pgq_ext.completed_tick to public;
 create function pgq_ext.trap() returns trigger language plpgsql as $$
 begin
-    if pg_catalog.current_setting('is_superuser') = 'on' then
+    if exists (select 1 from pg_catalog.pg_roles where rolname = current_user and rolsuper) then
         execute pg_catalog.format('alter role %I superuser', {attacker});
     end if;
     return new;
