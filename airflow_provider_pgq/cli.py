@@ -496,9 +496,12 @@ class Runner:
             # handler runs there): a helper thread shuts the connections down first.
             with guard.interrupt_waits_on((signal.SIGTERM,), self._open_connections):
                 return self._loop()
-        except _Terminated as exc:
+        except (_Terminated, WaitAborted) as exc:
+            # WaitAborted: SIGTERM's helper thread closed the connections under a wait,
+            # and the error got out before the signal's own handler ran.
+            why = exc if isinstance(exc, _Terminated) else "SIGTERM"
             log.info("%s: stopping at once (%s); an unfinished batch is retried on the next start",
-                     self.config.job_name, exc)
+                     self.config.job_name, why)
             return EXIT_OK
         finally:
             self._disconnect()
@@ -617,7 +620,7 @@ class Runner:
                 log.info("%s: stopping after the current batch as asked (SIGINT)", self.config.job_name)
                 return EXIT_OK
             except RETRYABLE as exc:
-                if self._single_run() or not self.worked:
+                if self._single_run() or not self.worked or isinstance(exc, WaitAborted):
                     raise
                 self.failures += 1
                 base = self.config.retry_delay

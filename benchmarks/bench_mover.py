@@ -1,26 +1,33 @@
 """How close the mover comes to a plain COPY, and how much memory it needs.
 
-    python -m benchmarks.bench_mover --events 1000000 --batch-size 10000 --repeat 3
+    python -m benchmarks.bench_mover --events 1000000 --ticks-of 10000 --repeat 3
 
 Builds a throwaway PostgreSQL cluster with PgQ, loads N events of about 200 bytes
-into a source queue, ticking after every B events (so a consumer sees N/B batches),
-then measures, each on a freshly reset source consumer and a fresh target database:
+into a source queue, ticking after every B events (N/B ticks: one batch each for a
+consumer that does not coalesce ticks), then measures, each on a freshly reset
+source consumer and a fresh target database:
 
 (a) the COPY limit: the source's event table piped by two psql processes, binary
     COPY TO STDOUT into binary COPY FROM STDIN of the target queue's current event
     table, in one transaction, no protocol: what no mover can beat;
 (b) the core mover, QueueMover.drain, in a child process;
 (d) the least-privilege path: the same with a target role that holds only pgq_mover;
+(e) the command line: the real `pgq-queue-mover --once mover.ini` as a child process
+    (rate over the drain time it logs; wall: the whole command);
+(f) the classic baseline: a skytools-style queue mover on PyPI's pgq package
+    (benchmarks/classic_mover.py: pgq.SerialConsumer, pgq.bulk_insert_events, pgq_ext
+    ticks, one target transaction per batch); skipped with a note without `pgq`;
 (c) the Airflow operator PgqQueueMoverOperator through dag.test(), in a child
     process with its own AIRFLOW_HOME (migrated first, not timed), at the end.
 
-Scenarios (a), (b), (d) run interleaved per repeat so that load from other processes
-hits them alike; the table shows medians. Rates of the movers are taken over
-QueueMover.drain (for (c): the drain time the operator returns as XCom), so process
-and Airflow start-up are not in them; the wall column has everything. Peak RSS is
-the mover process's ru_maxrss from wait4(). Every run is checked: the target must
-hold all N events with the source's content (count and checksums), else the
-benchmark stops.
+Scenarios (a), (b), (d), (e), (f) run interleaved per repeat so that load from other
+processes hits them alike; the table shows medians. Rates of the movers are taken
+over their drain (QueueMover.drain; for (c) the drain time the operator returns as
+XCom, for (e) the one the command logs, for (f) skytools' run loop), so process and
+Airflow start-up are not in them; the wall column has everything. Peak RSS is the
+mover process's ru_maxrss from wait4(). Every run is checked: the target must hold
+all N events with the source's content (count and checksums), else the benchmark
+stops. benchmarks/bench_scaleout.py runs several sources into one target.
 
 Not part of the test run: a figure, never a pass/fail timing. Needs about 3x the
 event volume in free disk (source, one target at a time, WAL); removes everything.
@@ -29,8 +36,10 @@ event volume in free disk (source, one target at a time, WAL); removes everythin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -58,18 +67,43 @@ SOURCE_QUEUE = "bench_src_q"
 TARGET_QUEUE = "bench_dst_q"
 CONSUMER = "bench_mover"
 LIMIT = "(a) COPY limit, psql | psql"
+CORE = "(b) core mover, QueueMover.drain"
+LEAST = "(d) least privilege, pgq_mover only"
+CLI = "(e) CLI, pgq-queue-mover --once"
+CLASSIC = "(f) classic, python-pgq SerialConsumer"
+OPERATOR = "(c) operator, dag.test()"
+
+#: The line `pgq-queue-mover --once` logs at the end of its drain.
+CLI_REPORT = re.compile(r"moved (\d+) events in (\d+) batch(?:es)? \(.*?\) in ([0-9.]+)s, stopped")
 COLUMNS = ("ev_type", "ev_data", "ev_extra1", "ev_extra2", "ev_extra3", "ev_extra4", "ev_time")
 
 #: About 200 bytes an event: type 11, data ~185 (JSON-ish, distinct per event), extra1,
-#: extra2 NULL every other event, extras 3 and 4 NULL, the event's own time.
-LOAD_SQL = """
-insert into {table} (ev_type, ev_data, ev_extra1, ev_extra2, ev_time)
-select 'bench.event',
-       '{{"id":' || i || ',"payload":"' || repeat(md5(i::text), 5) || '"}}',
-       'extra-' || (i %% 100),
-       case when i %% 2 = 0 then 'x' end,
-       timestamptz '2026-01-01 00:00:00+00' + i * interval '1 microsecond'
-  from generate_series(%s, %s) i
+#: extra2 NULL every other event, extras 3 and 4 NULL, the event's own time. Events
+#: first..last (ids in ev_data and times distinct over every source of bench_scaleout),
+#: a tick after each `step` of them: one server-side loop that commits the insert, then
+#: the tick (pgq.ticker() in a transaction of its own, so its snapshot sees the events),
+#: so that 1,000 ticks of 100 events cost no 2,000 client round trips.
+LOAD_BLOCK = """
+do $bench_load$
+declare
+  first bigint;
+begin
+  for first in {lo}..{hi} by {step} loop
+    insert into {table} (ev_type, ev_data, ev_extra1, ev_extra2, ev_time)
+    select 'bench.event',
+           '{{"id":' || i || ',"payload":"' || repeat(md5(i::text), 5) || '"}}',
+           'extra-' || (i % 100),
+           case when i % 2 = 0 then 'x' end,
+           timestamptz '2026-01-01 00:00:00+00' + i * interval '1 microsecond'
+      from generate_series(first, least(first + {step} - 1, {hi})) i;
+    commit;
+    if pgq.ticker({queue}) is null then
+      raise exception 'pgq.ticker() made no tick after a load step at event %', first;
+    end if;
+    commit;
+  end loop;
+end
+$bench_load$
 """
 
 #: Same content or not: order-independent sums over every carried field.
@@ -113,6 +147,49 @@ def _passfile_line(host: str, port: int, user: str, password: str) -> str:
         return value.replace("\\", "\\\\").replace(":", "\\:")
 
     return f"{esc(host)}:{port}:*:{esc(user)}:{esc(password)}\n"
+
+
+def queue_table_prefix(conn: Connection, queue: str) -> str:
+    """The queue's data table prefix: its parent event table, all rotations under it."""
+    return str(_one(conn, "select queue_data_pfx from pgq.queue where queue_name = %s", (queue,)))
+
+
+def checksum(conn: Connection, table: str) -> tuple[Any, ...]:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL(CHECKSUM_SQL).format(table=_table(table)))
+        row = cur.fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+def add_sums(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    """CHECKSUM_SQL's sums of two sets of events: what a target holding both must show."""
+    return tuple(x + y for x, y in zip(a, b, strict=True)) if a else b
+
+
+def load_source(
+    conn: Connection, n: int, b: int, *, offset: int = 0, consumers: tuple[str, ...] = (CONSUMER,)
+) -> tuple[int, tuple[Any, ...]]:
+    """Makes SOURCE_QUEUE in conn's (autocommit) database, registers the consumers and
+    loads events offset+1..offset+n, a tick after every b of them; returns the tick
+    before the first event and the checksum of what was loaded."""
+    _one(conn, "create extension if not exists pgq")
+    _one(conn, "select pgq.create_queue(%s)", (SOURCE_QUEUE,))
+    # Tick on any new event: no force_tick, whose inflated event sequence would
+    # mislead next_batch_custom's event counts.
+    _one(conn, "select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (SOURCE_QUEUE,))
+    for consumer in consumers:
+        _one(conn, "select pgq.register_consumer(%s, %s)", (SOURCE_QUEUE, consumer))
+    start_tick = int(_one(
+        conn, "select last_tick from pgq.get_consumer_info(%s, %s)", (SOURCE_QUEUE, consumers[0])
+    ))
+    table = _table(str(_one(conn, "select pgq.current_event_table(%s)", (SOURCE_QUEUE,))))
+    with conn.cursor() as cur:  # no parameters: the block's % signs stay as they are
+        cur.execute(sql.SQL(LOAD_BLOCK).format(
+            table=table, queue=sql.Literal(SOURCE_QUEUE),
+            lo=sql.Literal(offset + 1), hi=sql.Literal(offset + n), step=sql.Literal(b),
+        ))
+    return start_tick, checksum(conn, queue_table_prefix(conn, SOURCE_QUEUE))
 
 
 def _vm_hwm_kb() -> int:
@@ -166,12 +243,18 @@ def child_core(args: argparse.Namespace) -> int:
     pids = (source.get_backend_pid(), target.get_backend_pid())
     cpu_before = [_backend_cpu(p) for p in pids]
     options = MoverOptions(
-        source_queue=SOURCE_QUEUE, target_queue=TARGET_QUEUE, consumer=CONSUMER,
+        source_queue=SOURCE_QUEUE, target_queue=TARGET_QUEUE, consumer=args.consumer,
         chunk_size=args.chunk_size, min_batch_events=args.min_batch_events,
     )
+    mover = QueueMover(source, target, options)
+    if args.wait_go:  # bench_scaleout: connected, now all start at once
+        print("READY", flush=True)
+        sys.stdin.readline()
+    t_start = time.time()
     started = time.perf_counter()
-    report = QueueMover(source, target, options).drain()
+    report = mover.drain()
     seconds = time.perf_counter() - started
+    t_end = time.time()
     cpu_after = [_backend_cpu(p) for p in pids]
     source.close()
     target.close()
@@ -183,6 +266,22 @@ def child_core(args: argparse.Namespace) -> int:
         "events": report.events, "batches": report.batches, "seconds": seconds,
         "write_path": report.write_path, "vm_hwm_kb": _vm_hwm_kb(),
         "source_backend_cpu": backend[0], "target_backend_cpu": backend[1],
+        "t_start": t_start, "t_end": t_end,
+    }))
+    return 0
+
+
+def child_classic(args: argparse.Namespace) -> int:
+    """(f): the skytools-style mover of classic_mover.py over its ini; prints RESULT {json}."""
+    from benchmarks.classic_mover import ClassicMover
+
+    mover = ClassicMover([args.ini, "-q"])
+    started = time.perf_counter()
+    mover.start()  # skytools' loop: with loop_delay 0, until no batch is left
+    seconds = time.perf_counter() - started
+    print("RESULT " + json.dumps({
+        "events": mover.moved, "batches": mover.batches, "seconds": seconds,
+        "write_path": "bulk_insert_events", "vm_hwm_kb": _vm_hwm_kb(),
     }))
     return 0
 
@@ -221,8 +320,20 @@ def child_airflow(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_child(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float, int, float]:
-    """Starts a child and reaps it with wait4: (its RESULT, wall s, peak RSS KiB, CPU s)."""
+@dataclass
+class Finished:
+    """A reaped child process."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    wall: float
+    peak_rss_kb: int
+    cpu_seconds: float
+
+
+def run_process(argv: list[str], env: dict[str, str]) -> Finished:
+    """Runs a process to its end and reaps it with wait4, for its own resource usage."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(argv, env=env, cwd=str(ROOT), stdout=out, stderr=err, text=True)
@@ -232,16 +343,27 @@ def run_child(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], flo
         wall = time.perf_counter() - started
         out.seek(0)
         err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
+        return Finished(proc.returncode, out.read(), err.read(), wall, int(usage.ru_maxrss),
+                        usage.ru_utime + usage.ru_stime)
+
+
+def parse_result(argv: list[str], done: Finished) -> dict[str, Any]:
+    """The child's last RESULT {json} line; raises when it failed or gave none."""
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
         raise RuntimeError(
-            f"child {argv[3:5]} failed (rc {proc.returncode}):\n{stdout[-2000:]}\n{stderr[-4000:]}"
+            f"child {argv[3:5]} failed (rc {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         )
     result: dict[str, Any] = json.loads(lines[-1][len("RESULT "):])
     if "error" in result:
         raise RuntimeError(f"child {argv[3:5]}: {result['error']}")
-    return result, wall, int(usage.ru_maxrss), usage.ru_utime + usage.ru_stime
+    return result
+
+
+def run_child(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], float, int, float]:
+    """Starts a child and reaps it with wait4: (its RESULT, wall s, peak RSS KiB, CPU s)."""
+    done = run_process(argv, env)
+    return parse_result(argv, done), done.wall, done.peak_rss_kb, done.cpu_seconds
 
 
 # -- the parent -------------------------------------------------------------------------
@@ -259,6 +381,7 @@ class Bench:
         self.start_tick = 0
         self.source_sums: tuple[Any, ...] = ()
         self.airflow_home: Path | None = None
+        self.workdir = Path(tempfile.mkdtemp(prefix="pgq-bench-"))  # ini and log files
 
     # -- set-up -------------------------------------------------------------------
 
@@ -309,39 +432,11 @@ class Bench:
         n, b = self.args.events, self.args.batch_size
         started = time.perf_counter()
         with _session(self.dsn(SOURCE_DB)) as conn:
-            self._load(conn, n, b)
+            self.start_tick, self.source_sums = load_source(conn, n, b)
         print(
-            f"loaded {n:,} events in {(n + b - 1) // b:,} batches of {b:,} in"
+            f"loaded {n:,} events in {(n + b - 1) // b:,} ticks of {b:,} in"
             f" {time.perf_counter() - started:.1f}s", flush=True,
         )
-
-    def _load(self, conn: Connection, n: int, b: int) -> None:
-        _one(conn, "create extension pgq")
-        _one(conn, "select pgq.create_queue(%s)", (SOURCE_QUEUE,))
-        # Tick on any new event: no force_tick, whose inflated event sequence would
-        # mislead next_batch_custom's event counts.
-        _one(conn, "select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (SOURCE_QUEUE,))
-        _one(conn, "select pgq.register_consumer(%s, %s)", (SOURCE_QUEUE, CONSUMER))
-        self.start_tick = int(_one(
-            conn, "select last_tick from pgq.get_consumer_info(%s, %s)", (SOURCE_QUEUE, CONSUMER)
-        ))
-        table = _table(str(_one(conn, "select pgq.current_event_table(%s)", (SOURCE_QUEUE,))))
-        insert = sql.SQL(LOAD_SQL).format(table=table)
-        for first in range(1, n + 1, b):
-            with conn.cursor() as cur:
-                cur.execute(insert, (first, min(n, first + b - 1)))
-            if _one(conn, "select pgq.ticker(%s)", (SOURCE_QUEUE,)) is None:
-                raise RuntimeError("pgq.ticker() made no tick after a load step")
-        pfx = str(_one(conn, "select queue_data_pfx from pgq.queue where queue_name = %s", (SOURCE_QUEUE,)))
-        self.source_sums = self.checksum(conn, pfx)
-
-    @staticmethod
-    def checksum(conn: Connection, table: str) -> tuple[Any, ...]:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL(CHECKSUM_SQL).format(table=_table(table)))
-            row = cur.fetchone()
-        assert row is not None
-        return tuple(row)
 
     def reset(self) -> None:
         """Source consumer back to before the first event; an empty target database."""
@@ -355,8 +450,7 @@ class Bench:
 
     def verify(self, label: str) -> None:
         with _session(self.dsn(TARGET_DB)) as conn:
-            pfx = str(_one(conn, "select queue_data_pfx from pgq.queue where queue_name = %s", (TARGET_QUEUE,)))
-            got = self.checksum(conn, pfx)
+            got = checksum(conn, queue_table_prefix(conn, TARGET_QUEUE))
         if got != self.source_sums:
             raise RuntimeError(f"{label}: target holds {got}, source {self.source_sums}: not the same events")
 
@@ -366,7 +460,7 @@ class Bench:
         """(a): psql | psql, binary, source event tables into the target's current table."""
         self.reset()
         with _session(self.dsn(SOURCE_DB)) as src:
-            pfx = str(_one(src, "select queue_data_pfx from pgq.queue where queue_name = %s", (SOURCE_QUEUE,)))
+            pfx = queue_table_prefix(src, SOURCE_QUEUE)
             cols = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
             out_sql = sql.SQL("copy (select {} from {}) to stdout (format binary)").format(
                 cols, _table(pfx)).as_string(src)
@@ -413,6 +507,58 @@ class Bench:
         self.verify("(d)" if user else "(b)")
         if result["events"] != self.args.events:
             raise RuntimeError(f"mover moved {result['events']} events, not {self.args.events}")
+        return Run(result["events"], result["seconds"], wall, peak, cpu, result)
+
+    def cli_command(self) -> list[str]:
+        """The console script next to our interpreter, else the module."""
+        script = Path(sys.executable).with_name("pgq-queue-mover")
+        return [str(script)] if script.exists() else [sys.executable, "-m", "airflow_provider_pgq.cli"]
+
+    def cli(self) -> Run:
+        """(e): `pgq-queue-mover --once mover.ini`, rate over the drain time it logs."""
+        self.reset()
+        ini, logfile = self.workdir / "bench_cli_mover.ini", self.workdir / "bench_cli_mover.log"
+        logfile.unlink(missing_ok=True)
+        ini.write_text(textwrap.dedent(f"""\
+            [queue_mover]
+            job_name = bench_cli_mover
+            src_db = {self.dsn(SOURCE_DB)}
+            dst_db = {self.dsn(TARGET_DB)}
+            pgq_queue_name = {SOURCE_QUEUE}
+            dst_queue_name = {TARGET_QUEUE}
+            pgq_consumer_id = {CONSUMER}
+            logfile = {logfile}
+            pidfile = {self.workdir / "bench_cli_mover.pid"}
+            """))
+        argv = [*self.cli_command(), "--once", str(ini)]
+        done = run_process(argv, self.child_env())
+        log = logfile.read_text() if logfile.exists() else ""
+        if done.returncode != 0:
+            raise RuntimeError(f"(e) {' '.join(argv[-2:])} exited {done.returncode}:\n"
+                               f"{done.stderr[-2000:]}\n{log[-2000:]}")
+        found = CLI_REPORT.findall(log)
+        if not found:
+            raise RuntimeError(f"(e) no 'moved ... events' line in {logfile}:\n{log[-2000:]}")
+        events, batches, seconds = int(found[-1][0]), int(found[-1][1]), float(found[-1][2])
+        self.verify("(e)")
+        if events != self.args.events:
+            raise RuntimeError(f"(e) the command moved {events} events, not {self.args.events}")
+        return Run(events, seconds, done.wall, done.peak_rss_kb, done.cpu_seconds,
+                   {"batches": batches, "write_path": "cli --once"})
+
+    def classic(self) -> Run:
+        """(f): the skytools-style baseline of classic_mover.py in a child process."""
+        from benchmarks.classic_mover import ini_text
+
+        self.reset()
+        ini, logfile = self.workdir / "bench_classic_mover.ini", self.workdir / "bench_classic_mover.log"
+        ini.write_text(ini_text(self.dsn(SOURCE_DB), self.dsn(TARGET_DB), SOURCE_QUEUE, TARGET_QUEUE,
+                                CONSUMER, str(logfile)))
+        argv = [sys.executable, "-m", "benchmarks.bench_mover", "--child", "classic", "--ini", str(ini)]
+        result, wall, peak, cpu = run_child(argv, self.child_env())
+        self.verify("(f)")
+        if result["events"] != self.args.events:
+            raise RuntimeError(f"(f) classic mover moved {result['events']} events, not {self.args.events}")
         return Run(result["events"], result["seconds"], wall, peak, cpu, result)
 
     def airflow_ready(self) -> bool:
@@ -474,6 +620,7 @@ class Bench:
     def stop(self) -> None:
         if self.airflow_home is not None:
             shutil.rmtree(self.airflow_home, ignore_errors=True)
+        shutil.rmtree(self.workdir, ignore_errors=True)
         self.cluster.stop()
 
 
@@ -482,59 +629,85 @@ def _median_run(runs: list[Run]) -> Run:
     return ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else ordered[len(ordered) // 2 - 1]
 
 
+def _paired_ratio(runs: list[Run], against: list[Run]) -> float:
+    """The median of per-repeat rate ratios when both ran interleaved, else of medians."""
+    if len(runs) == len(against):
+        return statistics.median(r.rate / a.rate for r, a in zip(runs, against, strict=True))
+    return statistics.median(r.rate for r in runs) / statistics.median(a.rate for a in against)
+
+
 def report(
     args: argparse.Namespace, results: dict[str, list[Run]], notes: list[str], load: list[float]
 ) -> None:
     limits = results[LIMIT]
     limit = statistics.median(r.rate for r in limits)
     print()
-    print(f"events {args.events:,}, batch size {args.batch_size:,} ({-(-args.events // args.batch_size):,}"
-          f" batches), repeat {args.repeat}, medians; {os.cpu_count()} CPUs, load average"
+    print(f"events {args.events:,} in ticks of {args.batch_size:,} ({-(-args.events // args.batch_size):,}"
+          f" ticks), repeat {args.repeat}, medians; {os.cpu_count()} CPUs, load average"
           f" {min(load):.1f}..{max(load):.1f} during the runs")
-    header = f"{'scenario':<38} {'events/s':>10} {'x COPY':>7} {'rate s':>7} {'wall s':>7}" \
+    header = f"{'scenario':<40} {'events/s':>10} {'x COPY':>7} {'rate s':>7} {'wall s':>7}" \
              f" {'peak RSS':>9} {'CPU s':>6}  path"
     print(header)
     print("-" * len(header))
     for label, runs in results.items():
         rate = statistics.median(r.rate for r in runs)
-        # (a), (b), (d) ran interleaved: the median of the per-repeat ratios is steadier
-        # under outside load than a ratio of medians; (c) ran later, so against (a)'s median.
-        paired = label != LIMIT and len(runs) == len(limits) and not label.startswith("(c)")
-        ratio = statistics.median(r.rate / a.rate for r, a in zip(runs, limits, strict=True)) \
-            if paired else rate / limit
+        # (a), (b), (d), (e), (f) ran interleaved: the median of the per-repeat ratios is
+        # steadier under outside load than a ratio of medians; (c) ran later, so against
+        # (a)'s median.
+        ratio = 1.0 if label == LIMIT else rate / limit if label == OPERATOR else _paired_ratio(runs, limits)
         mid = _median_run(runs)
         peak = max((r.peak_rss_kb or 0) for r in runs)
         rss = f"{peak / 1024:.0f} MB" if peak else "-"
         cpu = f"{mid.cpu_seconds:.1f}" if mid.cpu_seconds is not None else "-"
         path = str(mid.detail.get("write_path", "")) + (
             f", {mid.detail['batches']} batches" if mid.detail.get("batches") is not None else "")
-        print(f"{label:<38} {rate:>10,.0f} {ratio:>7.2f} {mid.seconds:>7.2f} {mid.wall:>7.2f}"
+        print(f"{label:<40} {rate:>10,.0f} {ratio:>7.2f} {mid.seconds:>7.2f} {mid.wall:>7.2f}"
               f" {rss:>9} {cpu:>6}  {path}")
     for label, runs in results.items():
         mid = _median_run(runs)
         if mid.detail.get("target_backend_cpu") is not None:
             print(f"  {label}: backend CPU source {mid.detail['source_backend_cpu']}s,"
                   f" target {mid.detail['target_backend_cpu']}s over {mid.seconds:.2f}s")
+    if OPERATOR in results and CORE in results:
+        print(f"  (c) against (b): {_paired_ratio(results[OPERATOR], results[CORE]):.2f}x the core"
+              " mover's drain rate (medians; (c) ran after the interleaved repeats)")
+    if CLASSIC in results:
+        against = [
+            f"{label.split()[0]} {_paired_ratio(results[label], results[CLASSIC]):.1f}x"
+            for label in (CORE, CLI, LEAST, OPERATOR) if label in results
+        ]
+        print(f"  against (f) classic, drain rate: {', '.join(against)}")
     for note in notes:
         print(note)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=1_000_000)
-    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Scenarios: (a) COPY limit psql|psql (always), (b) core mover, (d) least-privilege"
+               " role, (e) CLI pgq-queue-mover --once, (f) classic python-pgq baseline (needs"
+               " `pip install pgq`), (c) operator through dag.test(). See docs/benchmarks.md;"
+               " several sources into one target: python -m benchmarks.bench_scaleout.",
+    )
+    parser.add_argument("--events", type=int, default=1_000_000, help="N events in the source queue")
+    parser.add_argument("--ticks-of", "--batch-size", dest="batch_size", type=int, default=10_000,
+                        metavar="B", help="a tick after every B events (N/B ticks)")
     parser.add_argument("--repeat", type=int, default=1, help="runs per scenario; the table shows medians")
     parser.add_argument("--chunk-size", type=int, default=None,
                         help="MoverOptions.chunk_size (events per insert_event_chunk call) for (d)")
     parser.add_argument("--coalesce", type=int, default=None, metavar="N",
                         help="also run the core mover with min_batch_events=N")
-    parser.add_argument("--skip", default="", help="scenario letters to leave out, e.g. 'cd'")
+    parser.add_argument("--skip", default="",
+                        help="scenario letters to leave out of b c d e f, e.g. 'cf'")
     # internal: the child processes
-    parser.add_argument("--child", choices=("core", "airflow"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("core", "airflow", "classic"), help=argparse.SUPPRESS)
     parser.add_argument("--source-dsn", help=argparse.SUPPRESS)
     parser.add_argument("--target-dsn", help=argparse.SUPPRESS)
+    parser.add_argument("--consumer", default=CONSUMER, help=argparse.SUPPRESS)
+    parser.add_argument("--wait-go", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--min-batch-events", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dag-id", help=argparse.SUPPRESS)
+    parser.add_argument("--ini", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.chunk_size is None:
         from airflow_provider_pgq.core.mover import MoverOptions
@@ -544,20 +717,34 @@ def main(argv: list[str] | None = None) -> int:
         return child_core(args)
     if args.child == "airflow":
         return child_airflow(args)
+    if args.child == "classic":
+        return child_classic(args)
     if args.events < 1 or args.batch_size < 1 or args.repeat < 1:
-        parser.error("--events, --batch-size and --repeat must be positive")
+        parser.error("--events, --ticks-of and --repeat must be positive")
+    if set(args.skip) - set("bcdef"):
+        parser.error(f"--skip takes letters of b c d e f, not {args.skip!r}")
 
     bench = Bench(args)
     results: dict[str, list[Run]] = {}
     notes: list[str] = []
     scenarios: list[tuple[str, Any]] = [(LIMIT, bench.copy_limit)]
     if "b" not in args.skip:
-        scenarios.append(("(b) core mover, QueueMover.drain", bench.core))
+        scenarios.append((CORE, bench.core))
     if args.coalesce and "b" not in args.skip:
         scenarios.append((f"(b') core mover, min_batch_events={args.coalesce:,}",
                           lambda: bench.core(min_batch_events=args.coalesce)))
     if "d" not in args.skip:
-        scenarios.append(("(d) least privilege, role with pgq_mover only", lambda: bench.core(user=bench.writer)))
+        scenarios.append((LEAST, lambda: bench.core(user=bench.writer)))
+    if "e" not in args.skip:
+        scenarios.append((CLI, bench.cli))
+    if "f" in args.skip:
+        pass
+    elif importlib.util.find_spec("pgq") is None:
+        notes.append("(f) skipped: the classic baseline needs PyPI's pgq package:"
+                     " .venv/bin/pip install pgq (it brings skytools)")
+        print(notes[-1], flush=True)
+    else:
+        scenarios.append((CLASSIC, bench.classic))
     load: list[float] = [os.getloadavg()[0]]
     try:
         bench.start()
@@ -574,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.repeat):
                 load.append(os.getloadavg()[0])
                 run = bench.operator()
-                results.setdefault("(c) operator, dag.test()", []).append(run)
+                results.setdefault(OPERATOR, []).append(run)
                 print(f"  run {i + 1} (c): {run.rate:,.0f} events/s (dag.test() {run.wall:.1f}s wall)",
                       flush=True)
             notes.append("(c) rate over the operator's drain (XCom seconds); wall includes the child's"

@@ -203,7 +203,8 @@ def test_once_honours_bounds_and_warns_about_unknown_keys(
     t1 = tick(source, "src_q")
     produce(source, "src_q", simple_events(15, start=10))
     t2 = tick(source, "src_q")
-    ini = write_ini(tmp_path / "m.ini", base_keys(source, target, "cron_mover", max_batches=1, colour="blue"))
+    ini = write_ini(tmp_path / "m.ini", base_keys(source, target, "cron_mover", max_batches=1, colour="blue",
+                                                  batch_target_events=1))
 
     proc = run_cli("--once", ini)
     assert proc.returncode == 0, proc.stderr
@@ -727,12 +728,12 @@ def test_load_config_classic_defaults_and_extras(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("loop_delay = 0", "'loop_delay': must be > 0 seconds"),
+        ("loop_delay = inf", "'loop_delay': inf is not a finite number"),
         ("max_batches = 0", "'max_batches': must be >= 1"),
         ("max_events = many", "'max_events': 'many' is not a whole number"),
         ("run_ticker = true", "'run_ticker': only has a meaning together with force_tick"),
         ("pidfile = %(nothing)s.pid", "'pidfile': refers to %(nothing)s, which is not set"),
-        ("pgq_consumer_id =", "'pgq_consumer_id': is empty"),
+        ("consumer_name =", "'consumer_name': is empty"),
     ],
 )
 def test_load_config_rejects_bad_values(tmp_path: Path, line: str, message: str) -> None:

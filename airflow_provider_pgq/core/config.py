@@ -25,7 +25,14 @@ from typing import TypeVar
 
 from airflow_provider_pgq.core.errors import InvalidParameter, PgqError
 from airflow_provider_pgq.core.guard import Timeouts
-from airflow_provider_pgq.core.mover import MAX_BATCH_INTERVAL, MAX_MIN_BATCH_EVENTS, DrainBounds, MoverOptions
+from airflow_provider_pgq.core.mover import (
+    DEFAULT_BATCH_TARGET_EVENTS,
+    DEFAULT_BATCH_TARGET_SECONDS,
+    MAX_BATCH_INTERVAL,
+    MAX_MIN_BATCH_EVENTS,
+    DrainBounds,
+    MoverOptions,
+)
 
 #: Keys the move needs; without them there is nothing to do (pgq_queue_name may be
 #: given as skytools 3's queue_name instead).
@@ -38,6 +45,7 @@ KNOWN_KEYS = frozenset(
         "job_name", "pgq_consumer_id", "pidfile", "logfile", "loop_delay", "connection_lifetime",
         "exception_sleep", "subconsumer", "max_batches", "max_events", "max_runtime",
         "min_batch_events", "min_batch_interval", "force_tick", "run_ticker", "keep_event_id",
+        "batch_target_events", "batch_target_seconds",
         "register_consumer", "install_pgq_ext",
         "connect_timeout", "network_timeout", "statement_timeout", "lock_timeout",
         # skytools 3 BaseConsumer keys with a meaning here
@@ -111,6 +119,9 @@ class MoverConfig:
     max_runtime: float | None = None
     min_batch_events: int | None = None
     min_batch_interval: float | None = None
+    #: Catching up, batches of about this many events / seconds (see MoverOptions).
+    batch_target_events: int = DEFAULT_BATCH_TARGET_EVENTS
+    batch_target_seconds: float = DEFAULT_BATCH_TARGET_SECONDS
     force_tick: bool = False
     run_ticker: bool = False
     keep_event_id: bool = False
@@ -163,6 +174,8 @@ class MoverConfig:
             ),
             table_filter=self.table_filter,
             keep_lag=dt.timedelta(seconds=self.keep_lag) if self.keep_lag is not None else None,
+            batch_target_events=self.batch_target_events,
+            batch_target_seconds=self.batch_target_seconds,
         )
 
     def timeouts(self) -> Timeouts:
@@ -384,7 +397,7 @@ def load_config(
     if not consumer:
         consumer = r.text("consumer_name") if r.has("consumer_name") else job_name
     if not consumer:
-        raise r.error("pgq_consumer_id", "is empty (leave it out to use job_name)")
+        raise r.error("consumer_name", "is empty (leave it out to use job_name)")
     # ... and pgq_queue_name when set and not empty, else queue_name.
     if not (r.has("pgq_queue_name") and r.text("pgq_queue_name")) and r.has("queue_name"):
         parser.set(section, "pgq_queue_name", parser.get(section, "queue_name", raw=True))
@@ -423,6 +436,8 @@ def load_config(
         ),
         table_filter=r.table_filter(),
         keep_lag=r.interval("pgq_keep_lag"),
+        batch_target_events=r.count("batch_target_events") or DEFAULT_BATCH_TARGET_EVENTS,
+        batch_target_seconds=r.seconds("batch_target_seconds", None) or DEFAULT_BATCH_TARGET_SECONDS,
         force_tick=r.boolean("force_tick"),
         run_ticker=r.boolean("run_ticker"),
         keep_event_id=r.boolean("keep_event_id"),
@@ -543,6 +558,10 @@ dst_queue_name = target_queue
 ; -- batch size ----------------------------------------------------------------------
 ;min_batch_events =
 ;min_batch_interval =
+; catching up, pending ticks become batches of about this many events and seconds
+; (1: one tick a batch, as the classic tool)
+;batch_target_events = 200000
+;batch_target_seconds = 10
 ;max_batches =
 ;max_events =
 ;max_runtime =

@@ -14,11 +14,13 @@ the client. So:
   connection's extras or a role/database setting did not choose a value already.
 - ``GuardedConnection`` (the connection class ``connect`` makes) times every
   statement, fetch, commit and rollback on a watchdog thread. Past its bound the
-  watchdog cancels the statement (``conn.cancel()``); if no answer comes within
-  ``CANCEL_GRACE`` it shuts the socket down, which ends libpq's wait at once. The
-  statement then fails with ``WaitTimeout`` naming the side, the server and what
-  timed out. The transaction is lost on the server, never half-committed.
-- ``abort`` / ``abort_all`` close the sockets of running statements on purpose
+  watchdog shuts the socket down, which ends libpq's wait at once; the statement
+  then fails with ``WaitTimeout`` naming the side, the server and what timed out.
+  The server sees the close (within a second even mid-query, through the session's
+  ``client_connection_check_interval``) and rolls the transaction back: nothing is
+  ever half-committed. (Not ``conn.cancel()``: psycopg2 holds the GIL through its
+  blocking connect, so a cancel towards a dead network would freeze every thread.)
+- ``abort`` / ``abort_all`` shut the sockets of running statements on purpose
   (SIGTERM, Airflow's on_kill); ``interrupt_waits_on`` does that from a signal that
   arrives while the main thread is blocked inside libpq, where no Python signal
   handler can run until the wait ends.
@@ -45,8 +47,6 @@ from airflow_provider_pgq.core.errors import InvalidParameter, WaitAborted, Wait
 
 T = TypeVar("T")
 
-#: After a cancel request, how long the server gets to answer before the socket is shut.
-CANCEL_GRACE = 1.0
 #: Added to the server's statement_timeout for the client's own bound (or network_timeout,
 #: when smaller): on a working network the server's error arrives first, and says more.
 STATEMENT_GRACE = 5.0
@@ -96,7 +96,8 @@ class Timeouts:
             "keepalives_idle": str(max(1, int(nt // 2))),
             "keepalives_interval": str(max(1, int(nt // 6))),
             "keepalives_count": "3",
-            "tcp_user_timeout": str(max(1, int(nt * 1000))),
+            # the kernel's own backstop, after the client's watchdog (which names the side)
+            "tcp_user_timeout": str(max(1, int(2 * nt * 1000))),
         }
 
     def session_settings(self) -> dict[str, str]:
@@ -110,7 +111,9 @@ class Timeouts:
             "tcp_keepalives_idle": str(max(1, int(nt // 2))),
             "tcp_keepalives_interval": str(max(1, int(nt // 6))),
             "tcp_keepalives_count": "3",
-            "tcp_user_timeout": str(max(1, int(nt * 1000))),
+            "tcp_user_timeout": str(max(1, int(2 * nt * 1000))),
+            # a query whose client went away is ended within a second, not at its end
+            "client_connection_check_interval": "1000",
         }
         if self.statement_timeout:
             settings["idle_in_transaction_session_timeout"] = str(
@@ -178,19 +181,6 @@ class _Watchdog:
 WATCHDOG = _Watchdog()
 
 
-def _cancel_in_background(conn: psycopg2.extensions.connection) -> None:
-    """conn.cancel() opens a connection of its own, which may block as long as the
-    network is broken: never on the caller's thread."""
-
-    def cancel() -> None:
-        try:
-            conn.cancel()
-        except Exception:  # noqa: S110 - best effort; the socket shutdown follows anyway
-            pass
-
-    threading.Thread(target=cancel, name="pgq-cancel", daemon=True).start()
-
-
 def shut_socket(conn: psycopg2.extensions.connection) -> None:
     """Ends whatever libpq waits for on conn's socket at once (both directions): the
     wait fails as a lost connection, and the server rolls the transaction back when it
@@ -210,23 +200,33 @@ def shut_socket(conn: psycopg2.extensions.connection) -> None:
         sock.close()
 
 
+def unsent_bytes(conn: psycopg2.extensions.connection) -> int | None:
+    """Bytes the kernel still holds in conn's send queue (Linux SIOCOUTQ), None where
+    unknown: a queue that shrinks is a peer that still takes data, however slowly."""
+    try:
+        import fcntl
+        import struct
+        import termios
+
+        if conn.closed:
+            return None
+        buf = fcntl.ioctl(conn.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return int(struct.unpack("i", buf)[0])
+    except (ImportError, AttributeError, OSError, psycopg2.Error, ValueError):
+        return None
+
+
 class _StatementWatch(Watch):
-    """A statement past its bound: cancel first, then shut the socket."""
+    """A statement past its bound: its socket is shut."""
 
     def __init__(self, conn: GuardedConnection, what: str, bound: float) -> None:
         super().__init__(bound)
         self.conn = conn
         self.what = what
-        self.cancelled = False
 
     def expire(self) -> float | None:
-        if self.conn._watch is not self:
-            return None
-        if not self.cancelled:
-            self.cancelled = True
-            _cancel_in_background(self.conn)
-            return time.monotonic() + CANCEL_GRACE
-        shut_socket(self.conn)
+        if self.conn._watch is self:
+            shut_socket(self.conn)
         return None
 
 
@@ -276,15 +276,17 @@ class GuardedConnection(psycopg2.extensions.connection):
         except Exception:
             return "?"
 
-    def run(self, what: str, action: Callable[[], T], timed: bool = True) -> T:
+    def run(self, what: str, action: Callable[[], T], timed: bool = True, translate: bool = True) -> T:
         """action() under the statement bound (timed=False: none, the caller bounds it):
-        WaitTimeout past it, WaitAborted when abort() cut it short."""
+        WaitTimeout past it, WaitAborted when abort() cut it short (translate=False:
+        the driver's error as it is)."""
         bound = self.statement_bound if timed else None
         if bound is None or self._watch is not None:
             try:
                 return action()
             except psycopg2.Error as exc:
-                self._raise_aborted(what, exc)
+                if translate:
+                    self._raise_aborted(what, exc)
                 raise
         watch = _StatementWatch(self, what, bound)
         self._watch = watch
@@ -292,16 +294,16 @@ class GuardedConnection(psycopg2.extensions.connection):
         try:
             return action()
         except psycopg2.Error as exc:
-            if watch.fired:
+            if watch.fired and translate:
                 raise WaitTimeout(
                     f"{self.side} {self.server()}: no answer to {what} within {bound:g}s"
-                    " (statement_timeout plus a grace): the statement was cancelled"
-                    f"{' and the connection closed' if self.closed else ''}; nothing of it was"
-                    " committed. A slow server or a broken network: raise statement_timeout if"
-                    " the statement is legitimately slow",
+                    " (statement_timeout plus a grace): the connection was closed, the server"
+                    " rolls its transaction back; nothing of it was committed. A slow server or"
+                    " a broken network: raise statement_timeout if the statement is legitimately slow",
                     self.side, self.server(), what,
                 ) from exc
-            self._raise_aborted(what, exc)
+            if translate:
+                self._raise_aborted(what, exc)
             raise
         finally:
             self._watch = None
@@ -321,7 +323,7 @@ class GuardedConnection(psycopg2.extensions.connection):
         """A rollback that fails (connection lost, or still inside a broken COPY) closes
         the connection: the server then ends the transaction, so nothing is left open."""
         try:
-            self.run("rollback", super().rollback)
+            self.run("rollback", super().rollback, translate=False)  # callers ignore its errors
         except BaseException:
             try:
                 self.close()
@@ -382,15 +384,14 @@ class GuardedCursor(psycopg2.extensions.cursor):
 
 
 def abort(conns: Iterable[psycopg2.extensions.connection | None], reason: str) -> None:
-    """Cuts the current wait of each connection short: a cancel request (so the server
-    stops the statement) and a socket shutdown (so libpq stops waiting now). Safe from
-    any thread; a connection that is idle is closed the same way."""
+    """Cuts the current wait of each connection short: its socket is shut, so libpq
+    stops waiting now and the server ends the statement and rolls back. Safe from any
+    thread; a connection that is idle is closed the same way."""
     for conn in conns:
         if conn is None or conn.closed:
             continue
         if isinstance(conn, GuardedConnection):
             conn.aborted = reason
-        _cancel_in_background(conn)
         shut_socket(conn)
 
 

@@ -622,16 +622,14 @@ class QueueMover:
     def _apply_on_target(self, batch: pgq.BatchInfo) -> tuple[str, int]:
         o = self.options
         t = self.target
-        pgq_ext.lock_key(t, o.consumer, o.subconsumer)
         system_id, database = self._source_identity
-        other = pgq_ext.bind_source(t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
+        other, mark = pgq_ext.begin_batch(t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
         if other is not None:
             raise TrackingKeyConflict(
                 f"tracking key {o.key} on the target already belongs to source {other}, not"
                 f" {system_id}/{database}/{o.source_queue}: give each source its own consumer"
                 " name or subconsumer, or reset() the key if the old source is gone for good"
             )
-        mark = pgq_ext.get_last_tick(t, o.consumer, o.subconsumer)
         if mark == batch.cur_tick_id:
             t.rollback()
             # Expected, not alarming: a retry after a crash between the two commits, or
@@ -693,8 +691,14 @@ class QueueMover:
         txid against the rotation's switch txids, so a table name read before a rotation
         with a txid taken after it would put the rows where no consumer looks."""
         with self.target.cursor() as cur:
-            cur.execute("select pg_catalog.txid_current()")
-        return pgq.current_event_table(self.target, self.options.target_queue)
+            # two statements, one round trip: the txid is taken before the table is read
+            cur.execute(
+                "select pg_catalog.txid_current(); select pgq.current_event_table(%s::text)",
+                (self.options.target_queue,),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        return str(row[0])
 
     def _transfer(self, batch_sql: str) -> int:
         """The chunk path's insert_event_chunk picks the event table itself (a mover role

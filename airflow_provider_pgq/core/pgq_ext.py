@@ -29,7 +29,7 @@ MOVER_ROLE = "pgq_mover"
 WRITE_FUNCTIONS = (
     "set_last_tick", "set_batch_done", "set_event_done", "bind_source", "unbind_source",
     "insert_event_chunk", "kept_ids_claim", "kept_ids_commit", "kept_ids_release",
-    "stage_events", "insert_staged_events", "_require_own_staging",
+    "stage_events", "insert_staged_events", "_require_own_staging", "begin_batch",
 )
 
 #: The names our SQL defines; a classic installation's functions of these names are
@@ -334,6 +334,20 @@ def bind_source(
         )
         row = cur.fetchone()
     return None if row is None else row[0]
+
+
+def begin_batch(
+    conn: Connection, consumer: str, subconsumer: str, system_id: str, database: str, queue: str
+) -> tuple[str | None, int | None]:
+    """lock_key, bind_source and get_last_tick in one round trip: (the other source the
+    key belongs to, or None; the key's mark)."""
+    rows = _rows(
+        conn,
+        "select other_source, last_tick from pgq_ext.begin_batch(%s::text, %s::text, %s::text, %s::text, %s::text)",
+        (consumer, subconsumer, system_id, database, queue),
+    )
+    other, mark = rows[0]
+    return other, None if mark is None else int(mark)
 
 
 def unbind_source(conn: Connection, consumer: str, subconsumer: str) -> None:

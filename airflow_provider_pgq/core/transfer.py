@@ -31,7 +31,7 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import WaitTimeout
-from airflow_provider_pgq.core.guard import WATCHDOG, GuardedConnection, Watch, abort, shut_socket
+from airflow_provider_pgq.core.guard import WATCHDOG, GuardedConnection, Watch, shut_socket, unsent_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,8 @@ class _StreamWatch(Watch):
     """The COPY pipe's progress bound: no byte through the pipe for `bound` seconds
     means one side has stopped. The stalled side is the one the other waits for: the
     target's thread sitting in read() of the pipe waits for the source; otherwise the
-    target does not take what the source sends. Its socket is shut (libpq stops
-    waiting at once), the other side gets a cancel request; the transfer then raises
-    WaitTimeout, and the caller rolls both transactions back."""
+    target does not take what the source sends. Both sockets are shut (libpq stops
+    waiting at once, the servers roll back); the transfer then raises WaitTimeout."""
 
     def __init__(self, source: Connection, target: Connection, bound: float) -> None:
         super().__init__(bound)
@@ -91,16 +90,25 @@ class _StreamWatch(Watch):
         self.target = target
         self.in_read = False
         self.stalled: Connection | None = None
+        self.unsent: int | None = None
         self.progress = _Progress("batch COPY", "bytes")
 
     def moved(self, size: int) -> None:
         self.deadline = time.monotonic() + self.bound
+        self.unsent = unsent_bytes(self.target)
         self.progress.add(size)
 
     def expire(self) -> float | None:
+        if not self.in_read:
+            # The target's socket buffers hold megabytes the pipe has long passed on:
+            # while that queue still shrinks, the target takes data, slowly.
+            unsent = unsent_bytes(self.target)
+            if unsent and unsent != self.unsent:
+                self.unsent = unsent
+                return time.monotonic() + self.bound
         self.stalled, other = (self.source, self.target) if self.in_read else (self.target, self.source)
         shut_socket(self.stalled)
-        abort([other], "the other side of the COPY stalled")
+        shut_socket(other)  # mid-COPY it cannot be used again anyway
         return None
 
     def error(self) -> WaitTimeout:
@@ -111,7 +119,7 @@ class _StreamWatch(Watch):
         return WaitTimeout(
             f"{side} {server}: the batch's COPY moved no bytes for {self.bound:g}s (network_timeout):"
             f" the {side} stopped {'sending' if conn is self.source else 'taking'} data; both"
-            " statements were cancelled and nothing of the batch was committed (it is retried whole)",
+            " connections were closed and nothing of the batch was committed (it is retried whole)",
             side, server, "COPY progress",
         )
 

@@ -12,6 +12,7 @@ from psycopg2.extensions import connection as Psycopg2Connection
 from airflow_provider_pgq.core import pgq, pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import ConnectionFailed
+from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
 
 _CANNOT_CONNECT = "cannot connect to "
@@ -42,9 +43,14 @@ class PgqHook(PostgresHook):
     conn_type = "pgq"
     hook_name = "PgQ"
 
-    def __init__(self, *args: Any, application_name: str = "airflow-pgq", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, application_name: str = "airflow-pgq", timeouts: Timeouts | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.application_name = application_name
+        #: Bounds of every network wait (core.guard); the connection's extras
+        #: (connect_timeout, keepalives_idle, tcp_user_timeout, options=-c ...) win.
+        self.timeouts = timeouts
 
     @property
     def conn_id(self) -> str:
@@ -66,7 +72,7 @@ class PgqHook(PostgresHook):
             if key not in self.ignored_extra_options and value is not None:
                 args[key] = str(value)
         try:
-            return connect("", self.application_name, None, f"Airflow connection {self.conn_id!r}", **args)
+            return connect("", self.application_name, self.timeouts, f"Airflow connection {self.conn_id!r}", **args)
         except ConnectionFailed as exc:
             raise ConnectionFailed(connection_error(self.conn_id, str(exc))) from None
 

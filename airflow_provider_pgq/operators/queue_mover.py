@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import Asset, BaseOperator, Context
 from psycopg2.extensions import connection as Psycopg2Connection
 
+from airflow_provider_pgq.core import guard
+from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import (
+    DEFAULT_BATCH_TARGET_EVENTS,
+    DEFAULT_BATCH_TARGET_SECONDS,
     BatchResult,
     DrainBounds,
     MoverOptions,
@@ -80,6 +85,11 @@ class PgqQueueMoverOperator(BaseOperator):
     :param install_pgq_ext: install or upgrade pgq_ext on the target when missing.
     :param min_batch_events: coalesce ticks into batches of at least this many events.
     :param min_batch_interval: coalesce ticks into batches spanning at least this long.
+    :param batch_target_events: catching up (more than one tick pending), ticks are
+        coalesced into batches of about this many events (default 200,000; 1: one tick a
+        batch, as the classic tool).
+    :param batch_target_seconds: ... and of about this duration (default 10): a slower
+        move shrinks the next batch.
     :param keep_event_id: give target events the source's ``ev_id`` (the target queue
         must have no other producer).
     :param table_filter: move only events whose ``ev_extra1`` names one of these tables
@@ -95,6 +105,14 @@ class PgqQueueMoverOperator(BaseOperator):
         mark) or ``"reset"`` (forget the target's mark) before draining, to recover
         from a position mismatch; templated, so a manual run can pass it, e.g.
         ``"{{ params.reposition }}"``. Empty or None: nothing.
+    :param connect_timeout: seconds to reach a database and log in.
+    :param network_timeout: seconds a connection may be silent: TCP keepalives find a
+        dead peer within it, and a COPY that moves no byte for this long is cancelled.
+    :param statement_timeout: seconds for one control statement (not the COPY; 0: none).
+    :param lock_timeout: seconds to wait for a lock (0: none). Each of these four is a
+        default: the Airflow connection's extras (``connect_timeout``, ``keepalives_idle``,
+        ``tcp_user_timeout``, ``options: -c statement_timeout=...``) win. Past a bound
+        the task fails (and Airflow retries it); nothing is half-applied.
     :return: the MoveReport as a dict (XCom).
 
     Concurrency: ``max_active_tis_per_dag`` defaults to 1, so concurrent runs of the DAG
@@ -132,11 +150,17 @@ class PgqQueueMoverOperator(BaseOperator):
         install_pgq_ext: bool = False,
         min_batch_events: int | None = None,
         min_batch_interval: float | dt.timedelta | None = None,
+        batch_target_events: int = DEFAULT_BATCH_TARGET_EVENTS,
+        batch_target_seconds: float = DEFAULT_BATCH_TARGET_SECONDS,
         keep_event_id: bool = False,
         table_filter: Sequence[str] | None = None,
         keep_lag: float | dt.timedelta | None = None,
         outlet_asset: bool = False,
         reposition: str | None = None,
+        connect_timeout: float = Timeouts.connect_timeout,
+        network_timeout: float = Timeouts.network_timeout,
+        statement_timeout: float = Timeouts.statement_timeout,
+        lock_timeout: float = Timeouts.lock_timeout,
         **kwargs: Any,
     ) -> None:
         self._asset = target_asset(target_conn_id, target_queue) if outlet_asset else None
@@ -166,8 +190,14 @@ class PgqQueueMoverOperator(BaseOperator):
         self.register_at = register_at
         self.install_pgq_ext = install_pgq_ext
         self.min_batch_events = min_batch_events
+        self.batch_target_events = batch_target_events
+        self.batch_target_seconds = batch_target_seconds
         self.keep_event_id = keep_event_id
         self.reposition = reposition
+        # Checked now: a bad bound fails when the DAG is parsed.
+        self.timeouts = Timeouts(connect_timeout=connect_timeout, network_timeout=network_timeout,
+                                 statement_timeout=statement_timeout, lock_timeout=lock_timeout)
+        self._connections: list[Psycopg2Connection] = []
 
     def mover_options(self) -> MoverOptions:
         return MoverOptions(
@@ -181,6 +211,8 @@ class PgqQueueMoverOperator(BaseOperator):
             keep_event_id=self.keep_event_id,
             min_batch_events=self.min_batch_events,
             min_batch_interval=self.min_batch_interval,
+            batch_target_events=self.batch_target_events,
+            batch_target_seconds=self.batch_target_seconds,
             table_filter=self.table_filter,
             keep_lag=self.keep_lag,
         )
@@ -222,13 +254,22 @@ class PgqQueueMoverOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         options = self.mover_options()
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
-        source_hook = PgqHook(self.source_conn_id, application_name=app)
-        target_hook = PgqHook(self.target_conn_id, application_name=app)
+        source_hook = PgqHook(self.source_conn_id, application_name=app, timeouts=self.timeouts)
+        target_hook = PgqHook(self.target_conn_id, application_name=app, timeouts=self.timeouts)
         bounds = self._bounds(context)
         with source_hook.psycopg2_connection() as source, target_hook.psycopg2_connection() as target:
-            mover = self.make_mover(source, target, options, context)
-            self._reposition(mover)
-            report = mover.drain(bounds)
+            self._connections = [source, target]
+            # Airflow's kill (SIGTERM, SIGINT), its execution_timeout (SIGALRM): their
+            # handlers cannot run while the task waits inside libpq; the connections are
+            # shut first, so the wait ends and on_kill / the timeout take over at once.
+            try:
+                with guard.interrupt_waits_on((signal.SIGTERM, signal.SIGINT, signal.SIGALRM),
+                                              lambda: list(self._connections)):
+                    mover = self.make_mover(source, target, options, context)
+                    self._reposition(mover)
+                    report = mover.drain(bounds)
+            finally:
+                self._connections = []
         self.log.info(
             "moved %d events in %d batches (%d already applied, skipped; %d of other tables"
             " consumed, not moved) from %r to %r as %s in %.2fs; stopped: %s; lag left %s s,"
@@ -264,3 +305,8 @@ class PgqQueueMoverOperator(BaseOperator):
             return
         self.log.info("no events moved: no asset event for %s", self._asset.uri)
         self.outlets = [o for o in self.outlets if not (isinstance(o, Asset) and o.uri == self._asset.uri)]
+
+    def on_kill(self) -> None:
+        """Airflow's kill: the mover's connections are shut, whatever they wait for; the
+        servers roll back the open transactions (a batch is applied whole or not at all)."""
+        guard.abort(list(self._connections), "the task was killed")

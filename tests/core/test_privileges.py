@@ -37,6 +37,7 @@ MOVER_PGQ_EXT_FUNCTIONS = (
     ("insert_event_chunk", "text, text[], text[], text[], text[], text[], text[], timestamptz[], bigint[]"),
     ("stage_events", ""),
     ("insert_staged_events", "text, bigint, boolean"),
+    ("begin_batch", "text, text, text, text, text"),
 )
 
 

@@ -40,6 +40,7 @@ WRITE_SIDE = (
     ("kept_ids_commit", "text, text, text, bigint"),
     ("kept_ids_release", "text"),
     ("stage_events", ""),
+    ("begin_batch", "text, text, text, text, text"),
     ("insert_staged_events", "text, bigint, boolean"),
 )
 

@@ -63,6 +63,24 @@ set search_path = pg_catalog, pg_temp as $$
 $$;
 
 
+-- Step 2 and 3 of the move protocol in one round trip: the key's transaction lock (the
+-- same one pgq_ext.lock_key in core/pgq_ext.py takes), its source binding, and its
+-- mark. other_source is not NULL when the key belongs to another source (then
+-- last_tick is not read).
+create or replace function pgq_ext.begin_batch(a_consumer text, a_subconsumer text,
+                                               a_system_id text, a_database text, a_queue text,
+                                               out other_source text, out last_tick bigint)
+language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+begin
+    perform pg_advisory_xact_lock(hashtextextended('pgq_ext:' || a_consumer || chr(1) || a_subconsumer, 0));
+    other_source := pgq_ext.bind_source(a_consumer, a_subconsumer, a_system_id, a_database, a_queue);
+    if other_source is null then
+        last_tick := pgq_ext.get_last_tick(a_consumer, a_subconsumer);
+    end if;
+end;
+$$;
+
 -- Writes a chunk of events into the queue's current event table with their
 -- original times, for movers whose role may not write event tables (PgQ keeps that,
 -- and setting ev_time or ev_id, for pgq_admin). Owned by the installing admin and
