@@ -45,6 +45,10 @@ class PgqExtUntrusted(PgqError):
     """pgq_ext (or the mover role) is controlled by a role we do not trust: never adopted."""
 
 
+class TickNotFound(PgqError):
+    """A tick the consumer should be moved to is gone (rotated away)."""
+
+
 class PositionMismatch(PgqError):
     """The target's mark and the source consumer's position disagree."""
 

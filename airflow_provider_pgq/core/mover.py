@@ -32,6 +32,7 @@ from airflow_provider_pgq.core.errors import (
     PositionMismatch,
     QueueDisabled,
     QueueNotFound,
+    TickNotFound,
     TrackingKeyConflict,
     literal,
 )
@@ -539,7 +540,7 @@ class QueueMover:
             self.source.commit()
         except psycopg2.Error as exc:
             _quietly(self.source.rollback)
-            if "Not subscriber to queue" in str(exc):
+            if pgq.pgq_error(exc) is ConsumerNotRegistered:
                 raise ConsumerNotRegistered(
                     f"consumer {o.consumer!r} is not registered on source queue"
                     f" {o.source_queue!r} (any more): register it, or rewind it to the"
@@ -719,10 +720,10 @@ class QueueMover:
                 o.chunk_size, mid_stream if self._fault else None,
             )
         except psycopg2.Error as exc:
-            text = str(exc)
-            if "Writing to queue disabled" in text:
+            kind = pgq.pgq_error(exc)
+            if kind is QueueDisabled:
                 raise QueueDisabled(f"target queue {o.target_queue!r} has inserts disabled") from exc
-            if "Event queue not found" in text:
+            if kind is QueueNotFound:
                 raise QueueNotFound(f"target queue {o.target_queue!r} does not exist (any more)") from exc
             raise
 
@@ -819,7 +820,7 @@ class QueueMover:
             self.source.commit()
         except psycopg2.Error as exc:
             _quietly(self.source.rollback)
-            if "tick not found" in str(exc):
+            if pgq.pgq_error(exc) is TickNotFound:
                 raise PositionMismatch(
                     f"cannot rewind consumer {o.consumer!r} on {o.source_queue!r} to tick {mark}:"
                     " the tick was rotated away on the source; reset() the target's mark to"

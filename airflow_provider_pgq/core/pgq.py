@@ -8,13 +8,45 @@ Queue and consumer names always travel as bound parameters.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import PgqNotInstalled, QueueNotFound, literal
+from airflow_provider_pgq.core.errors import (
+    ConsumerNotRegistered,
+    PgqError,
+    PgqNotInstalled,
+    QueueDisabled,
+    QueueNotFound,
+    TickNotFound,
+    literal,
+)
+
+#: PgQ reports its own errors with RAISE EXCEPTION (SQLSTATE P0001) in its SQL and with
+#: elog(ERROR) (XX000) in its C parts: told apart only by their text. The one place that
+#: reads that text: PgQ 3.5's primary messages, and what each one means.
+_PGQ_ERRORS: tuple[tuple[str, re.Pattern[str], type[PgqError]], ...] = (
+    ("P0001", re.compile(r"Not subscriber to queue: "), ConsumerNotRegistered),  # next_batch_*
+    ("P0001", re.compile(r"cannot reposition, tick not found: "), TickNotFound),  # register_consumer_at
+    ("P0001", re.compile(r"Writing to queue disabled$"), QueueDisabled),  # current_event_table
+    ("XX000", re.compile(r"Insert into queue disallowed$"), QueueDisabled),  # insert_event (C)
+    ("P0001", re.compile(r"Event queue not found$"), QueueNotFound),  # current_event_table, insert_event
+)
+
+
+def pgq_error(exc: BaseException) -> type[PgqError] | None:
+    """Which of our errors a database error raised by PgQ stands for, or None."""
+    if not isinstance(exc, psycopg2.Error) or exc.diag is None:
+        return None
+    message = exc.diag.message_primary or ""
+    for sqlstate, pattern, kind in _PGQ_ERRORS:
+        if exc.pgcode == sqlstate and pattern.match(message):
+            return kind
+    return None
 
 
 @dataclass(frozen=True)

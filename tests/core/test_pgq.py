@@ -12,7 +12,14 @@ import pytest
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import pgq, ticking
-from airflow_provider_pgq.core.errors import PgqNotInstalled, QueueNotFound, TickerNotRunning
+from airflow_provider_pgq.core.errors import (
+    ConsumerNotRegistered,
+    PgqNotInstalled,
+    QueueDisabled,
+    QueueNotFound,
+    TickerNotRunning,
+    TickNotFound,
+)
 from tests.helpers import Server, produce, queue_events, register, simple_events, tick, tick_plain
 
 MakeDb = Callable[..., Server]
@@ -279,3 +286,34 @@ def test_force_tick_and_wait_refuses_external_ticker(source: Server) -> None:
     with connection(source) as conn:
         with pytest.raises(TickerNotRunning, match="external ticker"):
             ticking.force_tick_and_wait(conn, "src_q", run_ticker=True, timeout=10)
+
+
+def _raised(conn: Connection, call: Callable[[], object]) -> BaseException:
+    try:
+        call()
+    except psycopg2.Error as exc:
+        conn.rollback()
+        return exc
+    raise AssertionError("PgQ raised nothing")
+
+
+def test_pgq_errors_are_told_apart_by_sqlstate_and_pgq_own_messages(source: Server) -> None:
+    """The one translator of PgQ's RAISE EXCEPTION errors, against PgQ's real messages."""
+    with connection(source) as conn:
+        assert pgq.pgq_error(_raised(conn, lambda: pgq.next_batch_info(conn, "src_q", "nobody"))) \
+            is ConsumerNotRegistered
+        register(source, "src_q", "c")
+        assert pgq.pgq_error(_raised(conn, lambda: pgq.register_consumer_at(conn, "src_q", "c", 999999))) \
+            is TickNotFound
+        assert pgq.pgq_error(_raised(conn, lambda: pgq.current_event_table(conn, "no_such_q"))) is QueueNotFound
+        source.execute("update pgq.queue set queue_disable_insert = true where queue_name = 'src_q'")
+        assert pgq.pgq_error(_raised(conn, lambda: pgq.insert_event(conn, "src_q", "t", "d"))) is QueueDisabled
+        assert pgq.pgq_error(_raised(conn, lambda: pgq.current_event_table(conn, "src_q"))) is QueueDisabled
+        # other PgQ errors, and errors that are not PgQ's, are left alone
+        def unmapped() -> None:  # PgQ's 'batch not found' (P0001), none of ours
+            with conn.cursor() as cur:
+                cur.execute("select * from pgq.get_batch_events(424242)")
+
+        not_ours = _raised(conn, unmapped)
+        assert isinstance(not_ours, psycopg2.errors.RaiseException) and pgq.pgq_error(not_ours) is None
+        assert pgq.pgq_error(ValueError("Event queue not found")) is None
