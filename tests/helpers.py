@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extras import execute_values
 
-from airflow_provider_pgq.core import pgq
+from airflow_provider_pgq.core import faults, pgq
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import DrainBounds, MoveReport, MoverOptions, QueueMover
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster
@@ -199,6 +200,15 @@ def has_pgq_ext(server: Server) -> bool:
 
 _CHILD_ENV = "PGQ_TEST_MOVER_CHILD"
 
+#: Tells a mover child process of the tests where to die: "<point>[:<n>]" (faults.kill_at).
+#: Read by the tests' child processes only; the package never looks at it.
+FAULT_ENV = "PGQ_MOVER_FAULT"
+
+
+def fault_from_environment() -> faults.FaultHook | None:
+    spec = os.environ.get(FAULT_ENV)
+    return faults.kill_at(spec) if spec else None
+
 
 def spawn_mover(
     source: Server,
@@ -216,13 +226,11 @@ def spawn_mover(
     import sys
     from pathlib import Path
 
-    from airflow_provider_pgq.core import faults
-
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ)
-    env.pop(faults.ENV_VAR, None)
+    env.pop(FAULT_ENV, None)
     if fault:
-        env[faults.ENV_VAR] = fault
+        env[FAULT_ENV] = fault
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
     env[_CHILD_ENV] = json.dumps(
         {"source": source.dsn, "target": target.dsn, "consumer": consumer, "options": options}
@@ -259,7 +267,7 @@ def mover_child_main() -> None:
     )
     s, t = connect(spec["source"]), connect(spec["target"])
     try:
-        report = QueueMover(s, t, options).drain()
+        report = QueueMover(s, t, options, fault=fault_from_environment()).drain()
     finally:
         s.close()
         t.close()

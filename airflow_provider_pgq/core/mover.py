@@ -331,7 +331,7 @@ class QueueMover:
             if isinstance(conn, guard.GuardedConnection):
                 conn.side = side
         self.options = options
-        self._fault = fault or faults.from_environment()
+        self._fault = fault
         self._on_batch = on_batch
         self._target_events = options.batch_target_events
         self.held_back = False

@@ -54,6 +54,7 @@ from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import DrainBounds, MoverOptions, QueueMover
 from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 from tests.faults import mover_child
+from tests.helpers import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -294,9 +295,9 @@ def start_child(
     """Starts tests.faults.mover_child: DSNs through the environment, output to files
     in workdir, --app-name and (with --pause-at) --pause-file filled in."""
     env = dict(os.environ)
-    env.pop(faults.ENV_VAR, None)
+    env.pop(FAULT_ENV, None)
     if fault_env:
-        env[faults.ENV_VAR] = fault_env
+        env[FAULT_ENV] = fault_env
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env[mover_child.ENV_SOURCE] = source_dsn
     env[mover_child.ENV_TARGET] = target_dsn

@@ -42,6 +42,7 @@ from airflow_provider_pgq.core import faults, pgq
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import PgqError
 from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
+from tests.helpers import fault_from_environment
 
 ENV_SOURCE = "PGQ_FAULT_SOURCE_DSN"
 ENV_TARGET = "PGQ_FAULT_TARGET_DSN"
@@ -54,8 +55,8 @@ class ObservedMover(QueueMover):
     count_events = False
     current_events = 0
 
-    def next_batch(self) -> pgq.BatchInfo | None:
-        batch = super().next_batch()
+    def next_batch(self, *args: Any, **kwargs: Any) -> pgq.BatchInfo | None:
+        batch = super().next_batch(*args, **kwargs)
         self.current_events = 0
         if batch is not None and self.count_events:
             # An exact count in a transaction of its own, ended before the protocol goes on.
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         consumer=args.consumer, subconsumer=args.subconsumer, chunk_size=args.chunk_size,
         batch_target_events=args.batch_target_events,
     )
-    env_fault = faults.from_environment()
+    env_fault = fault_from_environment()
     pause = Pause(args.pause_at, args.pause_file, args.pause_timeout, args.pause_min_events)
 
     def fault(point: str) -> None:
