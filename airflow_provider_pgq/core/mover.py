@@ -14,6 +14,7 @@ A crash anywhere leaves either batch+mark on the target or neither: both retry s
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import logging
 import math
 import time
@@ -308,6 +309,25 @@ def _quietly(action: Callable[[], Any]) -> None:
         action()
     except (psycopg2.Error, OSError):
         pass
+
+
+class Decision(enum.Enum):
+    """What step 3 of the protocol makes of a batch, given the target's mark."""
+
+    APPLY = "apply"  # no mark yet, or the mark is the batch's start
+    SKIP = "skip"  # the mark is the batch's end: applied before, finish it only
+    STALE = "stale"  # another mover applied and finished it meanwhile
+    MISMATCH = "mismatch"  # the positions disagree: never guess
+
+
+def decide(mark: int | None, prev_tick: int, cur_tick: int, batch_active: Callable[[], bool]) -> Decision:
+    """The decision from the mark and the batch's ticks; batch_active (does the source
+    still hold this batch open?) is asked only when they disagree."""
+    if mark is None or mark == prev_tick:
+        return Decision.APPLY
+    if mark == cur_tick:
+        return Decision.SKIP
+    return Decision.MISMATCH if batch_active() else Decision.STALE
 
 
 class QueueMover:
@@ -631,7 +651,8 @@ class QueueMover:
                 f" {system_id}/{database}/{o.source_queue}: give each source its own consumer"
                 " name or subconsumer, or reset() the key if the old source is gone for good"
             )
-        if mark == batch.cur_tick_id:
+        decision = decide(mark, batch.prev_tick_id, batch.cur_tick_id, lambda: self._batch_still_active(batch))
+        if decision is Decision.SKIP:
             t.rollback()
             # Expected, not alarming: a retry after a crash between the two commits, or
             # another run of the same mover (a backfill running intervals in parallel) that
@@ -642,15 +663,15 @@ class QueueMover:
                 batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, o.key,
             )
             return "skipped", 0
-        if mark is not None and mark != batch.prev_tick_id:
-            if not self._batch_still_active(batch):
-                t.rollback()
-                log.info(
-                    "batch %s (ticks %s..%s) was applied and finished by a concurrent run of the same"
-                    " mover (%s) meanwhile: nothing to do, the target holds it once",
-                    batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, o.key,
-                )
-                return "stale", 0
+        if decision is Decision.STALE:
+            t.rollback()
+            log.info(
+                "batch %s (ticks %s..%s) was applied and finished by a concurrent run of the same"
+                " mover (%s) meanwhile: nothing to do, the target holds it once",
+                batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, o.key,
+            )
+            return "stale", 0
+        if decision is Decision.MISMATCH:
             raise PositionMismatch(
                 f"position lost for {o.key} on queues {o.source_queue!r} -> {o.target_queue!r}:"
                 f" the target's last applied tick is {mark}, but the source offers a batch of"
