@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+#: The one version source: pyproject.toml reads it (dynamic version), and so does Airflow.
+__version__ = "0.2.0"
 
 
 def get_provider_info() -> dict[str, Any]:

@@ -75,6 +75,10 @@ def test_provider_info_is_found_through_the_entry_point():
     assert info == get_provider_info()
     assert info["package-name"] == "airflow-provider-pgq"
     assert info["connection-types"][0]["hook-class-name"] == "airflow_provider_pgq.hooks.pgq.PgqHook"
+    # one version source: the installed distribution's and the one Airflow is told agree
+    from importlib.metadata import version
+
+    assert info["versions"] == [version("airflow-provider-pgq")]
 
 
 def test_airflow_lists_the_provider_and_its_hook(airflow_home):
