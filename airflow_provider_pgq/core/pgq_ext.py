@@ -29,7 +29,7 @@ MOVER_ROLE = "pgq_mover"
 WRITE_FUNCTIONS = (
     "set_last_tick", "set_batch_done", "set_event_done", "bind_source", "unbind_source",
     "insert_event_chunk", "kept_ids_claim", "kept_ids_commit", "kept_ids_release",
-    "stage_events", "insert_staged_events", "_require_own_staging", "begin_batch",
+    "stage_events", "insert_staged_events", "_require_own_staging", "_require_kept_ids_claim", "begin_batch",
 )
 
 #: The names our SQL defines; a classic installation's functions of these names are

@@ -98,12 +98,8 @@ declare
     tbl text;
     n bigint;
 begin
-    if a_id is not null and not exists (
-            select 1 from pgq_ext.kept_ids_claims
-             where target_queue = a_queue and claim_txid = txid_current()) then
-        raise exception 'insert_event_chunk: explicit event ids into queue % need the queue''s'
-                        ' kept-id claim in this transaction (pgq_ext.kept_ids_claim)', a_queue
-              using errcode = 'insufficient_privilege';
+    if a_id is not null then
+        perform pgq_ext._require_kept_ids_claim(a_queue);
     end if;
     -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
     perform txid_current();
@@ -175,6 +171,22 @@ begin
 end;
 $$;
 
+-- Explicit event ids only under the queue's kept-id claim taken in this transaction:
+-- a row of kept_ids_claims stamped with this transaction's txid, which only
+-- kept_ids_claim writes and no other transaction can have.
+create or replace function pgq_ext._require_kept_ids_claim(a_queue text)
+returns void language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+begin
+    if not exists (select 1 from pgq_ext.kept_ids_claims
+                    where target_queue = a_queue and claim_txid = txid_current()) then
+        raise exception 'explicit event ids into queue % need the queue''s kept-id claim in this'
+                        ' transaction (pgq_ext.kept_ids_claim)', a_queue
+              using errcode = 'insufficient_privilege';
+    end if;
+end;
+$$;
+
 -- Moves the staged rows after a_after_ord into the queue's current event table, in
 -- staging order, with their times (and ids, under this transaction's kept-id claim).
 create or replace function pgq_ext.insert_staged_events(a_queue text, a_after_ord bigint, a_with_ids boolean)
@@ -190,12 +202,7 @@ begin
     end if;
     perform pgq_ext._require_own_staging(rel);
     if a_with_ids then
-        if not exists (select 1 from pgq_ext.kept_ids_claims
-                        where target_queue = a_queue and claim_txid = txid_current()) then
-            raise exception 'insert_staged_events: explicit event ids into queue % need the queue''s'
-                            ' kept-id claim in this transaction (pgq_ext.kept_ids_claim)', a_queue
-                  using errcode = 'insufficient_privilege';
-        end if;
+        perform pgq_ext._require_kept_ids_claim(a_queue);
         cols := cols || ', ev_id';
     end if;
     -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
