@@ -94,7 +94,12 @@ class _StreamWatch(Watch):
         self.progress = _Progress("batch COPY", "bytes")
 
     def moved(self, size: int) -> None:
-        self.deadline = time.monotonic() + self.bound
+        bound = self.bound
+        if not size:
+            # End of the source's data: what is left is the target's answer to the COPY,
+            # after the tail still in flight; bounded like a statement on top.
+            bound += getattr(self.target, "statement_bound", None) or self.bound
+        self.deadline = time.monotonic() + bound
         self.unsent = unsent_bytes(self.target)
         self.progress.add(size)
 

@@ -19,7 +19,7 @@ def _batches(source: Server, prefix: str, n: int = 3) -> None:
 def test_cli_then_operator_then_cli(make_db, run_dag: DagRunner, tmp_path: Path) -> None:
     source, target = make_db(queue="src_q"), make_db(queue="dst_q", ext=True)
     conns = {"pgq_src": source.uri(), "pgq_dst": target.uri()}
-    ini = write_ini(tmp_path / "mover.ini", base_keys(source, target, "mover", max_batches=2))
+    ini = write_ini(tmp_path / "mover.ini", base_keys(source, target, "mover", max_batches=2, batch_target_events=1))
     register(source, "src_q", "mover")
     _batches(source, "a")
 

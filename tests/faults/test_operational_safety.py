@@ -29,7 +29,8 @@ from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
 from tests.faults.driver import Storm, start_child
 from tests.helpers import Server, mark_of, produce, queue_events, register, run_mover, simple_events, tick
 
-OPTIONS = MoverOptions(source_queue="src_q", target_queue="dst_q", consumer="mover")
+# built at import, before tests/conftest.py's classic_batches: one tick a batch, said here
+OPTIONS = MoverOptions(source_queue="src_q", target_queue="dst_q", consumer="mover", batch_target_events=1)
 
 
 def backend_state(server: Server, pid: int) -> tuple[str, Any]:

@@ -47,6 +47,7 @@ with DAG("pgq_test_retry", schedule=None, start_date=START, catchup=False) as re
         retries=1,
         retry_delay=dt.timedelta(seconds=1),
         max_batches=1000,
+        batch_target_events=1,  # one tick a batch: the fault hits the second of four
     )
 
 with DAG(
@@ -75,4 +76,5 @@ with DAG(
         target_queue="dst_q",
         consumer_name="mover",
         reposition="{{ params.reposition }}",
+        batch_target_events=1,  # one tick a batch, as the CLI of the switch test
     )
