@@ -19,8 +19,8 @@ import pytest
 from psycopg2 import sql
 
 from airflow_provider_pgq.cli import pid_alive
+from airflow_provider_pgq.cli.config import ConfigError, load_config
 from airflow_provider_pgq.core import pgq, pgq_ext
-from airflow_provider_pgq.core.config import ConfigError, load_config
 from airflow_provider_pgq.core.errors import PgqError
 from airflow_provider_pgq.core.mover import DrainBounds
 from airflow_provider_pgq.testing.cluster import free_port, wait_until

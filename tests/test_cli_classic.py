@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_pgq.cli.config import ConfigError, load_config, parse_interval
 from airflow_provider_pgq.core import pgq
-from airflow_provider_pgq.core.config import ConfigError, load_config, parse_interval
 from tests.helpers import Server, mark_of, produce, queue_events, register, tick
 from tests.test_cli import WAIT, base_keys, consumer_info, run_cli, write_ini
 

@@ -395,12 +395,8 @@ class QueueMover:
             _quietly(self.source.rollback)
             _quietly(self.target.rollback)
             raise
-        # Daemons drain in a loop: say it once, not every loop.
-        log.log(
-            logging.DEBUG if self._prepared else logging.INFO,
-            "moving %s -> %s as %s, writing through %s",
-            o.source_queue, o.target_queue, o.key, self.write_path,
-        )
+        # Said on every drain: a caller that drains in a loop (the CLI) shows it once.
+        log.info("moving %s -> %s as %s, writing through %s", o.source_queue, o.target_queue, o.key, self.write_path)
         self._prepared = True
 
     def _ensure_registered(self) -> None:

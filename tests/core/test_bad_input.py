@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from psycopg2 import sql
 
+from airflow_provider_pgq.cli.config import ConfigError, load_config
 from airflow_provider_pgq.core import pgq_ext
-from airflow_provider_pgq.core.config import ConfigError, load_config
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import (
     ConnectionFailed,

@@ -1,0 +1,108 @@
+"""The one-shot admin commands (--install-pgq-ext, --register, --unregister, --reset,
+--rewind, --status) and what they print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from airflow_provider_pgq.cli.common import EXIT_OK
+from airflow_provider_pgq.cli.config import MoverConfig
+from airflow_provider_pgq.cli.connections import Connections
+from airflow_provider_pgq.cli.daemon import PidFile
+from airflow_provider_pgq.core import pgq, pgq_ext
+from airflow_provider_pgq.core.connect import describe
+from airflow_provider_pgq.core.mover import QueueMover
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.3f}s"
+    return str(value)
+
+
+def admin(config: MoverConfig, args: argparse.Namespace) -> int:
+    """--install-pgq-ext, --register, --reset, --rewind, --status, in that order."""
+    conns = Connections(config)
+    out = sys.stdout
+    try:
+        if args.install_pgq_ext:
+            report = pgq_ext.install(conns.target)
+            print(f"pgq_ext is installed and current in {describe(config.dst_db)} (marks kept):"
+                  f" {report.summary()}", file=out)
+        if args.register:
+            pgq.require_queue(conns.source, config.pgq_queue_name, "source")
+            new = pgq.register_consumer(conns.source, config.pgq_queue_name, config.pgq_consumer_id)
+            conns.source.commit()
+            state = "registered" if new else "was already registered"
+            print(f"consumer {config.pgq_consumer_id!r} {state} on queue {config.pgq_queue_name!r}", file=out)
+        if args.unregister:
+            _unregister(config, conns, out)
+        if args.reset or args.rewind or args.status:
+            mover = QueueMover(conns.source, conns.target, config.options())
+            if args.reset:
+                old = mover.reset()
+                print(
+                    f"target mark of consumer {config.pgq_consumer_id!r} cleared (was {_fmt(old)}):"
+                    " the next run continues from the source consumer's position", file=out,
+                )
+            if args.rewind:
+                tick = mover.rewind()
+                print(
+                    f"consumer {config.pgq_consumer_id!r} on queue {config.pgq_queue_name!r}"
+                    f" rewound to the target's mark, tick {tick}", file=out,
+                )
+            if args.status:
+                pgq_ext.require(conns.target)
+                conns.target.rollback()
+                _print_status(config, mover.status())
+    finally:
+        conns.close()
+    return EXIT_OK
+
+
+def _unregister(config: MoverConfig, conns: Connections, out: Any) -> None:
+    """--unregister, as skytools' SerialConsumer did it: the consumer leaves the source
+    queue, and the target forgets its mark (and the source it was bound to), so that a
+    later --register starts clean instead of meeting a mark that no longer fits."""
+    pgq.require_queue(conns.source, config.pgq_queue_name, "source")
+    was = pgq.is_registered(conns.source, config.pgq_queue_name, config.pgq_consumer_id)
+    if was:
+        pgq.unregister_consumer(conns.source, config.pgq_queue_name, config.pgq_consumer_id)
+    conns.source.commit()
+    old = QueueMover(conns.source, conns.target, config.options()).reset()
+    state = "unregistered from" if was else "was not registered on"
+    print(
+        f"consumer {config.pgq_consumer_id!r} {state} queue {config.pgq_queue_name!r}; target mark"
+        f" cleared (was {_fmt(old)}): events queued from now on are not moved until it registers again",
+        file=out,
+    )
+
+
+def _print_status(config: MoverConfig, status: dict[str, Any]) -> None:
+    running = "-"
+    if config.pidfile is not None:
+        pid = PidFile(config.pidfile).running_pid()
+        running = f"yes, pid {pid}" if pid else "no"
+    rows = [
+        ("job", config.job_name),
+        ("running", running),
+        ("source", f"{describe(config.src_db)} queue {status['source_queue']}"),
+        ("target", f"{describe(config.dst_db)} queue {status['target_queue']}"),
+        ("consumer", status["consumer"] + (f" / {status['subconsumer']}" if status["subconsumer"] else "")),
+        ("registered", _fmt(status["registered"])),
+        ("consumer last tick", _fmt(status["last_tick"])),
+        ("current batch", _fmt(status["current_batch"])),
+        ("source last tick", _fmt(status["source_last_tick"])),
+        ("target mark", _fmt(status["target_mark"])),
+        ("lag", _fmt(status["lag_seconds"])),
+        ("pending events", _fmt(status["pending_events"])),
+    ]
+    width = max(len(name) for name, _ in rows) + 1
+    for name, value in rows:
+        print(f"{name + ':':<{width}} {value}")
