@@ -14,7 +14,7 @@ import pytest
 
 from airflow_provider_pgq.cli.config import ConfigError, load_config, parse_interval
 from airflow_provider_pgq.core import pgq
-from tests.helpers import Server, mark_of, produce, queue_events, register, tick
+from tests.helpers import Server, mark_of, produce, queue_events, register, simple_events, tick
 from tests.test_cli import WAIT, base_keys, consumer_info, run_cli, write_ini
 
 TABLES3 = ("public.orders", "public.users", "public.audit")
@@ -239,3 +239,18 @@ def test_unregister_leaves_the_queue_and_clears_the_mark(source: Server, target:
     # register again: a clean start, no position mismatch
     assert run_cli("--register", "--once", ini, timeout=WAIT).returncode == 0
     assert run_cli("--unregister", "--rewind", ini, timeout=WAIT).returncode == 2
+
+
+def test_register_at_oldest_in_the_ini_moves_what_the_queue_holds(
+    source: Server, target: Server, tmp_path: Path
+) -> None:
+    """--register with register_at = oldest: events queued before the registration move too."""
+    produce(source, "src_q", simple_events(30))
+    tick(source, "src_q")
+    ini = write_ini(tmp_path / "m.ini", base_keys(source, target, "late_mover", register_at="oldest"))
+    assert run_cli("--register", ini).returncode == 0
+    assert run_cli("--once", ini).returncode == 0
+    assert queue_events(target, "dst_q") == queue_events(source, "src_q")
+    bad = write_ini(tmp_path / "bad.ini", base_keys(source, target, "late_mover", register_at="yesterday"))
+    proc = run_cli("--once", bad)
+    assert proc.returncode == 2 and "register_at" in proc.stderr and "'yesterday'" in proc.stderr

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -14,6 +15,7 @@ from airflow_provider_pgq.cli.daemon import PidFile
 from airflow_provider_pgq.core import pgq, pgq_ext
 from airflow_provider_pgq.core.connect import describe
 from airflow_provider_pgq.core.mover import QueueMover
+from airflow_provider_pgq.core.pending import MoverStatus
 
 
 def _fmt(value: Any) -> str:
@@ -37,8 +39,8 @@ def admin(config: MoverConfig, args: argparse.Namespace) -> int:
                   f" {report.summary()}", file=out)
         if args.register:
             pgq.require_queue(conns.source, config.pgq_queue_name, "source")
-            new = pgq.register_consumer(conns.source, config.pgq_queue_name, config.pgq_consumer_id)
-            conns.source.commit()
+            options = dataclasses.replace(config.options(), register_consumer=True)
+            new = QueueMover(conns.source, conns.target, options).ensure_registered()
             state = "registered" if new else "was already registered"
             print(f"consumer {config.pgq_consumer_id!r} {state} on queue {config.pgq_queue_name!r}", file=out)
         if args.unregister:
@@ -84,7 +86,7 @@ def _unregister(config: MoverConfig, conns: Connections, out: Any) -> None:
     )
 
 
-def _print_status(config: MoverConfig, status: dict[str, Any]) -> None:
+def _print_status(config: MoverConfig, status: MoverStatus) -> None:
     running = "-"
     if config.pidfile is not None:
         pid = PidFile(config.pidfile).running_pid()
@@ -92,16 +94,16 @@ def _print_status(config: MoverConfig, status: dict[str, Any]) -> None:
     rows = [
         ("job", config.job_name),
         ("running", running),
-        ("source", f"{describe(config.src_db)} queue {status['source_queue']}"),
-        ("target", f"{describe(config.dst_db)} queue {status['target_queue']}"),
-        ("consumer", status["consumer"] + (f" / {status['subconsumer']}" if status["subconsumer"] else "")),
-        ("registered", _fmt(status["registered"])),
-        ("consumer last tick", _fmt(status["last_tick"])),
-        ("current batch", _fmt(status["current_batch"])),
-        ("source last tick", _fmt(status["source_last_tick"])),
-        ("target mark", _fmt(status["target_mark"])),
-        ("lag", _fmt(status["lag_seconds"])),
-        ("pending events", _fmt(status["pending_events"])),
+        ("source", f"{describe(config.src_db)} queue {status.queue_name}"),
+        ("target", f"{describe(config.dst_db)} queue {status.target_queue}"),
+        ("consumer", status.consumer_name + (f" / {status.subconsumer}" if status.subconsumer else "")),
+        ("registered", _fmt(status.registered)),
+        ("consumer last tick", _fmt(status.last_tick)),
+        ("current batch", _fmt(status.current_batch)),
+        ("source newest tick", _fmt(status.newest_tick)),
+        ("target mark", _fmt(status.target_mark)),
+        ("lag", _fmt(status.lag_seconds)),
+        ("pending events", _fmt(status.pending_events)),
     ]
     width = max(len(name) for name, _ in rows) + 1
     for name, value in rows:

@@ -37,6 +37,7 @@ from airflow_provider_pgq.core.errors import (
     TrackingKeyConflict,
     literal,
 )
+from airflow_provider_pgq.core.pending import MoverStatus, pending_status
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ class MoveReport:
 
     source_queue: str
     target_queue: str
-    consumer: str
+    consumer_name: str
     subconsumer: str
     batches: int = 0
     skipped: int = 0
@@ -387,7 +388,7 @@ class QueueMover:
             # a consumer behind that holds back the source's event-table rotation.
             self.write_path = self._choose_write_path()
             self.target.rollback()
-            self._ensure_registered()
+            self.ensure_registered()
             self._source_identity = self._identify_source()
             self.source.rollback()
             self.target.rollback()
@@ -399,10 +400,12 @@ class QueueMover:
         log.info("moving %s -> %s as %s, writing through %s", o.source_queue, o.target_queue, o.key, self.write_path)
         self._prepared = True
 
-    def _ensure_registered(self) -> None:
+    def ensure_registered(self) -> bool:
+        """Registers the consumer (register_at says where) when it is not; True when it
+        did. The CLI's --register and every drain's prepare() share it."""
         o = self.options
         if pgq.is_registered(self.source, o.source_queue, o.consumer):
-            return
+            return False
         if not o.register_consumer:
             raise ConsumerNotRegistered(
                 f"consumer {o.consumer!r} is not registered on source queue {o.source_queue!r}:"
@@ -418,7 +421,7 @@ class QueueMover:
             )
         if pgq.is_registered(self.source, o.source_queue, o.consumer):
             self.source.rollback()
-            return
+            return False
         at = pgq.oldest_tick_id(self.source, o.source_queue) if o.register_at == "oldest" else None
         if at is not None:
             pgq.register_consumer_at(self.source, o.source_queue, o.consumer, at)
@@ -441,6 +444,7 @@ class QueueMover:
                 " and register again with register_at='oldest'" if o.register_at == "now" else
                 " They came before the queue's oldest retained tick; none older can be reached",
             )
+        return True
 
     def _refuse_same_queue(self) -> None:
         """Source and target the same queue of one database: each batch moved would come
@@ -878,26 +882,15 @@ class QueueMover:
         log.info("reset the target's mark for %s (was %s)", o.key, mark)
         return mark
 
-    def status(self) -> dict[str, Any]:
-        """Queue, consumer, lag and the target's mark, for --status and dashboards."""
+    def status(self) -> MoverStatus:
+        """The source consumer's position and lag (the same ``PendingStatus`` the sensor,
+        the triggers and ``PgqHook.get_lag`` give) and the target's mark, for --status
+        and dashboards. QueueNotFound when the source queue is missing."""
         o = self.options
         try:
-            info = pgq.get_consumer_info(self.source, o.source_queue, o.consumer)
-            queue = pgq.get_queue_info(self.source, o.source_queue)
+            position = pending_status(self.source, o.source_queue, o.consumer)
             mark = pgq_ext.get_last_tick(self.target, o.consumer, o.subconsumer)
         finally:
             _quietly(self.source.rollback)
             _quietly(self.target.rollback)
-        return {
-            "source_queue": o.source_queue,
-            "target_queue": o.target_queue,
-            "consumer": o.consumer,
-            "subconsumer": o.subconsumer,
-            "registered": info is not None,
-            "last_tick": info.last_tick if info else None,
-            "current_batch": info.current_batch if info else None,
-            "lag_seconds": info.lag.total_seconds() if info and info.lag is not None else None,
-            "pending_events": info.pending_events if info else None,
-            "source_last_tick": queue.last_tick_id,
-            "target_mark": mark,
-        }
+        return MoverStatus.of(position, o.target_queue, o.subconsumer, mark)

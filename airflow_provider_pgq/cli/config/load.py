@@ -24,6 +24,7 @@ from airflow_provider_pgq.core.mover import (
     DEFAULT_BATCH_TARGET_SECONDS,
     MAX_BATCH_INTERVAL,
     MAX_MIN_BATCH_EVENTS,
+    REGISTER_AT,
 )
 
 
@@ -144,6 +145,7 @@ def load_config(
         run_ticker=r.boolean("run_ticker"),
         keep_event_id=r.boolean("keep_event_id"),
         register_consumer=r.boolean("register_consumer"),
+        register_at=r.choice("register_at", REGISTER_AT, "now"),
         install_pgq_ext=r.boolean("install_pgq_ext"),
         **timeout_keys(r),
         unknown_keys=tuple(sorted(own_keys - KNOWN_KEYS - IGNORED_CLASSIC_KEYS - BUILTIN_KEYS)),

@@ -27,7 +27,7 @@ KNOWN_KEYS = frozenset(
         "exception_sleep", "subconsumer", "max_batches", "max_events", "max_runtime",
         "min_batch_events", "min_batch_interval", "force_tick", "run_ticker", "keep_event_id",
         "batch_target_events", "batch_target_seconds",
-        "register_consumer", "install_pgq_ext",
+        "register_consumer", "register_at", "install_pgq_ext",
         "connect_timeout", "network_timeout", "statement_timeout", "lock_timeout",
         # skytools 3 BaseConsumer keys with a meaning here
         "queue_name", "consumer_name", "table_filter", "pgq_keep_lag",
@@ -105,6 +105,8 @@ class MoverConfig:
     run_ticker: bool = False
     keep_event_id: bool = False
     register_consumer: bool = False
+    #: where a new registration starts: "now" (PgQ's rule) or "oldest" (what the queue holds)
+    register_at: str = "now"
     install_pgq_ext: bool = False
     #: table_filter: move only events whose ev_extra1 is one of these (schema-qualified) names.
     table_filter: tuple[str, ...] = ()
@@ -143,6 +145,7 @@ class MoverConfig:
             consumer=self.pgq_consumer_id,
             subconsumer=self.subconsumer,
             register_consumer=self.register_consumer,
+            register_at=self.register_at,
             install_pgq_ext=self.install_pgq_ext,
             keep_event_id=self.keep_event_id,
             min_batch_events=self.min_batch_events,

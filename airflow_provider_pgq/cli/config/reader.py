@@ -31,6 +31,14 @@ class Reader:
     def has(self, key: str) -> bool:
         return self.parser.has_option(self.section, key)
 
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        if not self.has(key):
+            return default
+        value = self.text(key)
+        if value not in choices:
+            raise self.error(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
     def text(self, key: str) -> str:
         try:
             value = self.parser.get(self.section, key).strip()

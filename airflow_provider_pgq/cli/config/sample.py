@@ -51,6 +51,9 @@ dst_queue_name = target_queue
 ;force_tick = false
 ;run_ticker = false
 ;register_consumer = false
+; where a new consumer starts: now (what comes after; PgQ's rule) or oldest (also
+; the events the queue still holds)
+;register_at = now
 ;install_pgq_ext = false
 
 ; -- network bounds (seconds) --------------------------------------------------------
