@@ -58,6 +58,16 @@ def _uri_parts(uri: str) -> dict[str, str]:
 TEMPLATE = "pgq_test_template"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers, so that -m "not airflow and not storm and not system" is a fast loop:
+    tests that start Airflow (they use its metadata database) and the fault suites."""
+    for item in items:
+        if "airflow_home" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.airflow)
+        if item.path.name in ("test_fast_faults.py", "test_quiet_faults.py"):
+            item.add_marker(pytest.mark.storm)
+
+
 @pytest.fixture(autouse=True)
 def classic_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """MoverOptions built in tests move one tick a batch unless they say otherwise (see
