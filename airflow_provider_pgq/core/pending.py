@@ -1,4 +1,6 @@
-"""Is there work for a consumer? The check behind the sensor, the triggers and lag dashboards.
+"""Is there work for a consumer? The check behind the sensor, the triggers, the hook's
+lag and the mover's status, and the one typed answer they all give (``PendingStatus``;
+``MoverStatus`` adds the target's side where there is one).
 
 Reads positions only: the consumer's last finished tick against the queue's newest
 tick, plus PgQ's own pending-events estimate. It never allocates a batch (that would
@@ -10,7 +12,7 @@ transaction holds back PgQ's event-table rotation).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from psycopg2.extensions import connection as Connection
@@ -23,6 +25,11 @@ from airflow_provider_pgq.core.errors import ConsumerNotRegistered, InvalidParam
 class PendingStatus:
     """One consumer's position on one queue, and what lies ahead of it.
 
+    The names are PgQ's: ``queue_name``, ``consumer_name``, ``last_tick`` (the
+    consumer's last finished tick), ``current_batch``, ``pending_events``; the queue's
+    newest tick is ``newest_tick`` everywhere in this package (PgQ's get_queue_info
+    calls it ``last_tick_id``).
+
     ``pending_events`` is PgQ's estimate (the event sequence between the consumer's
     last tick and the newest tick): exact for plain inserts, inflated by
     ``pgq.force_tick`` and by rolled-back inserts. Use it to decide when to wake a
@@ -30,7 +37,7 @@ class PendingStatus:
     """
 
     queue_name: str
-    consumer: str
+    consumer_name: str
     registered: bool
     last_tick: int | None
     newest_tick: int | None
@@ -72,6 +79,22 @@ class PendingStatus:
         out = asdict(self)
         out["batch_available"] = self.batch_available
         return out
+
+
+@dataclass(frozen=True)
+class MoverStatus(PendingStatus):
+    """A mover's status: its source consumer's ``PendingStatus`` (``queue_name`` is the
+    source queue) plus the target's side, ``target_queue`` and the tracking key's mark
+    in the target's pgq_ext (``target_mark``, None when nothing was applied yet)."""
+
+    target_queue: str = ""
+    subconsumer: str = ""
+    target_mark: int | None = None
+
+    @classmethod
+    def of(cls, source: PendingStatus, target_queue: str, subconsumer: str, target_mark: int | None) -> MoverStatus:
+        position = {f.name: getattr(source, f.name) for f in fields(PendingStatus)}
+        return cls(**position, target_queue=target_queue, subconsumer=subconsumer, target_mark=target_mark)
 
 
 def validate_thresholds(min_events: int, max_lag: float | None) -> None:
@@ -125,7 +148,7 @@ def pending_status(conn: Connection, queue: str, consumer: str) -> PendingStatus
     if found is not None:
         return found
     _require_queue(conn, queue)
-    return PendingStatus(queue, consumer, False, None, pgq.last_tick_id(conn, queue), None, None, None)
+    return PendingStatus(queue, consumer, False, None, pgq.newest_tick(conn, queue), None, None, None)
 
 
 def queue_statuses(conn: Connection, queue: str) -> dict[str, PendingStatus]:
@@ -156,8 +179,8 @@ def require_registered(status: PendingStatus, database: str | None = None) -> No
         return
     where = f" in database {database!r}" if database else ""
     raise ConsumerNotRegistered(
-        f"consumer {status.consumer!r} is not registered on queue {status.queue_name!r}{where}:"
+        f"consumer {status.consumer_name!r} is not registered on queue {status.queue_name!r}{where}:"
         " nothing will ever be pending for it. Register it first (PgqRegisterConsumerOperator,"
         f" register_consumer=True on the mover, or select pgq.register_consumer("
-        f"{literal(status.queue_name)}, {literal(status.consumer)}))"
+        f"{literal(status.queue_name)}, {literal(status.consumer_name)}))"
     )

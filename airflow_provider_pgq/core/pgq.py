@@ -70,7 +70,8 @@ class QueueInfo:
     ticker_idle_period: dt.timedelta
     ticker_lag: dt.timedelta | None
     ev_new: int | None
-    last_tick_id: int | None
+    #: the queue's newest tick (PgQ's get_queue_info column last_tick_id)
+    newest_tick: int | None
     disable_insert: bool
 
 
@@ -340,7 +341,8 @@ def ticker(conn: Connection, queue: str) -> int | None:
     return _value(conn, "select pgq.ticker(%s::text)", (queue,))  # type: ignore[no-any-return]
 
 
-def last_tick_id(conn: Connection, queue: str) -> int | None:
+def newest_tick(conn: Connection, queue: str) -> int | None:
+    """The queue's newest tick (PgQ's ``last_tick_id``); None without ticks or queue."""
     return _value(  # type: ignore[no-any-return]
         conn,
         "select pg_catalog.max(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"

@@ -61,7 +61,7 @@ def force_tick_and_wait(
     while True:
         if run_ticker:
             ticker_pass(conn, queue)
-        last = pgq.last_tick_id(conn, queue)
+        last = pgq.newest_tick(conn, queue)
         conn.rollback()
         if last is not None and (before is None or last > before):
             return int(last)

@@ -6,6 +6,7 @@ rerun) without harm: what exists is reported as existing and left alone.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,25 +84,35 @@ class PgqRegisterConsumerOperator(BaseOperator):
 
     :param pgq_conn_id: connection to the database with the queue (templated).
     :param queue_name: the queue (templated).
-    :param consumer: a consumer name or a list of them (templated).
+    :param consumer_name: a consumer name or a list of them (templated). ``consumer=``
+        is its old name: still accepted, with a DeprecationWarning.
     :return: ``{"registered": [...], "existing": [...]}`` (XCom).
     """
 
-    template_fields: Sequence[str] = ("pgq_conn_id", "queue_name", "consumer")
+    template_fields: Sequence[str] = ("pgq_conn_id", "queue_name", "consumer_name")
     ui_color = "#fff9c4"
 
-    def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer: str | Sequence[str],
-                 **kwargs: Any) -> None:
+    def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer_name: str | Sequence[str] | None = None,
+                 consumer: str | Sequence[str] | None = None, **kwargs: Any) -> None:
+        if consumer is not None:
+            warnings.warn("PgqRegisterConsumerOperator(consumer=...) is deprecated: use consumer_name=...",
+                          DeprecationWarning, stacklevel=2)
+            if consumer_name is not None and consumer_name != consumer:
+                raise InvalidParameter(
+                    f"give consumer_name only, not also consumer ({consumer_name!r} != {consumer!r})")
+            consumer_name = consumer
+        if consumer_name is None:
+            raise TypeError("PgqRegisterConsumerOperator needs consumer_name: a name or a list of names")
         super().__init__(**kwargs)
         self.pgq_conn_id = pgq_conn_id
         self.queue_name = queue_name
-        self.consumer = consumer
+        self.consumer_name = consumer_name
 
     def execute(self, context: Context) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {"registered": [], "existing": []}
         with _hook(self.pgq_conn_id, self).psycopg2_connection() as conn:
             pgq.require_queue(conn, self.queue_name, "the")
-            for consumer in _names(self.consumer, "consumer"):
+            for consumer in _names(self.consumer_name, "consumer_name"):
                 done = pgq.register_consumer(conn, self.queue_name, consumer)
                 conn.commit()
                 out["registered" if done else "existing"].append(consumer)

@@ -11,6 +11,7 @@ from airflow.sdk import Asset, BaseOperator, Context
 from psycopg2.extensions import connection as Psycopg2Connection
 
 from airflow_provider_pgq.core import guard
+from airflow_provider_pgq.core.errors import InvalidParameter
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import (
     DEFAULT_BATCH_TARGET_EVENTS,
@@ -32,8 +33,24 @@ except ImportError:  # pragma: no cover - older Airflow 3 releases
     from airflow.stats import Stats
 
 
+_JINJA_MARKERS = ("{{", "{%", "{#")
+
+
 def target_asset(target_conn_id: str, target_queue: str) -> Asset:
-    """The Asset a mover updates: downstream DAGs can be scheduled on it."""
+    """The Asset a mover updates: downstream DAGs can be scheduled on it.
+
+    Built when the DAG is parsed, before templates are rendered: a templated connection
+    id or queue would put ``{{ ... }}`` into the Asset's URI (an asset no run ever
+    updates under its real name), so templates are refused here with InvalidParameter.
+    """
+    for name, value in (("target_conn_id", target_conn_id), ("target_queue", target_queue)):
+        if not isinstance(value, str) or any(marker in value for marker in _JINJA_MARKERS):
+            raise InvalidParameter(
+                f"outlet_asset=True needs a plain {name}, got {value!r}: the outlet Asset"
+                f" pgq://<target_conn_id>/<target_queue> is built when the DAG is parsed, before"
+                " templates are rendered. Give the literal value, or drop outlet_asset and declare"
+                " outlets=[Asset(...)] yourself"
+            )
     return Asset(f"pgq://{target_conn_id}/{target_queue}")
 
 
@@ -100,7 +117,9 @@ class PgqQueueMoverOperator(BaseOperator):
         timedelta; skytools' ``pgq_keep_lag``): the target stays that far behind.
     :param outlet_asset: declare ``pgq://<target_conn_id>/<target_queue>`` as outlet. An
         asset event is emitted only by a run that moved events; its ``extra`` holds the
-        move report (events, batches, first_tick, last_tick, ...).
+        move report (events, batches, first_tick, last_tick, ...). Built when the DAG is
+        parsed, so ``target_conn_id`` and ``target_queue`` must then be literal: a
+        template there is refused (InvalidParameter).
     :param reposition: ``"rewind"`` (move the source consumer back to the target's
         mark) or ``"reset"`` (forget the target's mark) before draining, to recover
         from a position mismatch; templated, so a manual run can pass it, e.g.
@@ -279,7 +298,7 @@ class PgqQueueMoverOperator(BaseOperator):
             report.lag_seconds, report.pending_events,
         )
         tags = {"source_queue": options.source_queue, "target_queue": options.target_queue,
-                "consumer": options.consumer}
+                "consumer_name": options.consumer}
         Stats.incr("pgq.mover.events", report.events, tags=tags)
         Stats.incr("pgq.mover.batches", report.batches, tags=tags)
         if report.lag_seconds is not None:
@@ -298,7 +317,7 @@ class PgqQueueMoverOperator(BaseOperator):
             return
         if report["events"] > 0:
             context["outlet_events"][self._asset].extra = {
-                k: report[k] for k in ("source_queue", "target_queue", "consumer", "subconsumer",
+                k: report[k] for k in ("source_queue", "target_queue", "consumer_name", "subconsumer",
                                        "events", "batches", "skipped", "first_tick", "last_tick",
                                        "stop_reason")
             }

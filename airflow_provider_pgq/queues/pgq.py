@@ -5,7 +5,7 @@ With apache-airflow-providers-common-messaging installed, ::
     Asset("pgq_orders", watchers=[AssetWatcher(
         name="orders_waiting",
         trigger=MessageQueueTrigger(scheme="pgq", pgq_conn_id="pgq_source",
-                                    queue_name="orders", consumer="orders_mover"),
+                                    queue_name="orders", consumer_name="orders_mover"),
     )])
 
 resolves to ``PgqQueueEventTrigger`` with those keyword arguments (``min_events``,

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import psycopg2
+import psycopg2.errors
 from airflow.sdk import BaseHook
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 from psycopg2.extensions import connection as Psycopg2Connection
 
 from airflow_provider_pgq.core import pgq
-from airflow_provider_pgq.core.errors import ConnectionFailed, PgqError, QueueNotFound
+from airflow_provider_pgq.core.errors import ConnectionFailed, PgqError, PgqNotInstalled, QueueNotFound
 from airflow_provider_pgq.core.pending import (
     PendingStatus,
     queue_statuses,
@@ -36,7 +37,7 @@ from airflow_provider_pgq.core.pending import (
     status_for,
     validate_thresholds,
 )
-from airflow_provider_pgq.hooks.pgq import PgqHook
+from airflow_provider_pgq.hooks.pgq import PgqHook, UnsupportedConnection
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,28 @@ class QueueSnapshot:
         return status_for(self.statuses, self.queue_name, consumer, self.newest_tick)
 
 
+#: What a query of PgQ's functions and tables raises where the pgq schema is missing.
+_NO_PGQ = (psycopg2.errors.UndefinedFunction, psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName)
+
+
 def read_snapshot(conn: Psycopg2Connection, queue_name: str) -> QueueSnapshot:
-    """One poll, all consumers of the queue in one query (blocking; run it in a thread)."""
+    """One poll, all consumers of the queue in one query (blocking; run it in a thread).
+
+    A missing queue, and a database without the pgq extension, are problems of the
+    snapshot (a setup DAG may create them later), not errors. Needs an autocommit
+    connection: the failed query must not leave an aborted transaction behind.
+    """
     try:
         statuses = queue_statuses(conn, queue_name)
     except QueueNotFound as exc:
         return QueueSnapshot(queue_name, problem=str(exc))
-    newest = next(iter(statuses.values())).newest_tick if statuses else pgq.last_tick_id(conn, queue_name)
+    except _NO_PGQ:
+        try:
+            pgq.require_pgq(conn, "polled")
+        except PgqNotInstalled as missing:
+            return QueueSnapshot(queue_name, problem=f"queue {queue_name!r}: {missing}")
+        raise  # pgq is there: something else is wrong, say it as it is
+    newest = next(iter(statuses.values())).newest_tick if statuses else pgq.newest_tick(conn, queue_name)
     return QueueSnapshot(queue_name, newest, statuses)
 
 
@@ -136,7 +152,8 @@ async def poll_snapshots(conn_id: str, queue_name: str, poll_interval: float) ->
     A transient failure (server down, restarting, too many connections) is waited out,
     logged once when it starts (and again only when it changes) and once when it
     clears: an outage of hours stays two log lines. A failure no retry can fix
-    (authentication, database missing) raises PollingStopped at once.
+    (authentication, database missing, a connection PgqHook cannot use) raises
+    PollingStopped at once.
     """
     poller = _Poller(conn_id)
     failures = 0
@@ -145,6 +162,8 @@ async def poll_snapshots(conn_id: str, queue_name: str, poll_interval: float) ->
         while True:
             try:
                 snapshot = await poller.call(lambda c: read_snapshot(c, queue_name))
+            except UnsupportedConnection as exc:
+                raise PollingStopped(f"polling queue {queue_name!r} stopped: {exc}") from None
             except _TRANSIENT as exc:
                 failures += 1
                 text = _describe(conn_id, exc)
@@ -173,12 +192,24 @@ def _event(payload: dict[str, Any]) -> TriggerEvent:
 
 
 class _WaitParameters:
-    """The parameters both triggers share, checked at construction and serialized."""
+    """The parameters both triggers share, checked at construction and serialized.
 
-    def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer: str, min_events: int = 1,
-                 max_lag: float | None = None, poll_interval: float = 5.0) -> None:
+    ``consumer`` is the old name of ``consumer_name`` (0.2.0 and before): triggers a
+    running deployment serialized under it (the metadata database stores classpath and
+    kwargs) must still deserialize, so it stays accepted; serialize() writes
+    ``consumer_name`` only.
+    """
+
+    def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer_name: str | None = None,
+                 min_events: int = 1, max_lag: float | None = None, poll_interval: float = 5.0,
+                 consumer: str | None = None) -> None:
         super().__init__()
-        for name, value in (("pgq_conn_id", pgq_conn_id), ("queue_name", queue_name), ("consumer", consumer)):
+        if consumer is not None:
+            if consumer_name is not None and consumer_name != consumer:
+                raise ValueError(f"give consumer_name only, not also consumer ({consumer_name!r} != {consumer!r})")
+            consumer_name = consumer
+        for name, value in (("pgq_conn_id", pgq_conn_id), ("queue_name", queue_name),
+                            ("consumer_name", consumer_name)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
         validate_thresholds(min_events, max_lag)
@@ -186,7 +217,7 @@ class _WaitParameters:
             raise ValueError(f"poll_interval must be positive seconds, got {poll_interval!r}")
         self.pgq_conn_id = pgq_conn_id
         self.queue_name = queue_name
-        self.consumer = consumer
+        self.consumer_name = str(consumer_name)
         self.min_events = min_events
         self.max_lag = max_lag
         self.poll_interval = float(poll_interval)
@@ -197,7 +228,7 @@ class _WaitParameters:
             {
                 "pgq_conn_id": self.pgq_conn_id,
                 "queue_name": self.queue_name,
-                "consumer": self.consumer,
+                "consumer_name": self.consumer_name,
                 "min_events": self.min_events,
                 "max_lag": self.max_lag,
                 "poll_interval": self.poll_interval,
@@ -206,7 +237,7 @@ class _WaitParameters:
 
 
 class PgqEventsTrigger(_WaitParameters, BaseTrigger):
-    """Fires once when ``consumer`` on ``queue_name`` has at least ``min_events`` waiting
+    """Fires once when ``consumer_name`` on ``queue_name`` has at least ``min_events`` waiting
     in an available batch (or any events once it lags ``max_lag`` seconds).
 
     The event's payload is the consumer's status (``PendingStatus.to_dict()``) with
@@ -216,7 +247,8 @@ class PgqEventsTrigger(_WaitParameters, BaseTrigger):
 
     :param pgq_conn_id: Airflow connection to the database holding the queue.
     :param queue_name: the PgQ queue.
-    :param consumer: the registered consumer whose backlog is watched (the mover's).
+    :param consumer_name: the registered consumer whose backlog is watched (the mover's);
+        ``consumer`` is accepted as its old name.
     :param min_events: estimated events that must wait; 0 fires on any available batch.
     :param max_lag: also fire when events wait and the consumer lags this many seconds.
     :param poll_interval: seconds between polls.
@@ -227,7 +259,7 @@ class PgqEventsTrigger(_WaitParameters, BaseTrigger):
             async for event in self._wait():
                 yield event
         except PollingStopped as exc:
-            log.error("consumer %r: %s", self.consumer, exc)
+            log.error("consumer %r: %s", self.consumer_name, exc)
             yield _event({"status": "error", "message": str(exc)})
 
     async def _wait(self) -> AsyncIterator[TriggerEvent]:
@@ -235,14 +267,14 @@ class PgqEventsTrigger(_WaitParameters, BaseTrigger):
             if snapshot.problem is not None:
                 yield _event({"status": "error", "message": snapshot.problem})
                 return
-            status = snapshot.status(self.consumer)
+            status = snapshot.status(self.consumer_name)
             if not status.registered:
                 yield _event({"status": "error", "message": _not_registered(status)})
                 return
             if status.ready(self.min_events, self.max_lag):
                 self.log.info(
                     "consumer %r on %r: %s events pending up to tick %s",
-                    self.consumer, self.queue_name, status.pending_events, status.newest_tick,
+                    self.consumer_name, self.queue_name, status.pending_events, status.newest_tick,
                 )
                 yield _event({"status": "ready", **status.to_dict()})
                 return
@@ -257,7 +289,7 @@ def _not_registered(status: PendingStatus) -> str:
 
 
 class PgqQueueEventTrigger(_WaitParameters, BaseEventTrigger):
-    """Event-driven scheduling on a PgQ queue: fires each time new work appears for ``consumer``.
+    """Event-driven scheduling on a PgQ queue: fires each time new work appears for ``consumer_name``.
 
     Fires when the consumer's status is ready (as in ``PgqEventsTrigger``) and the
     queue's newest tick is newer than the tick of its previous firing: one asset event
@@ -265,16 +297,17 @@ class PgqQueueEventTrigger(_WaitParameters, BaseEventTrigger):
     arrive before the DAG run starts into that run. It is level-triggered from the
     database: after a triggerer restart (memory lost) it fires again if work is still
     waiting, so a wake-up is never lost, at worst repeated, and a repeated run of
-    the mover finds nothing to move. A missing queue or unregistered consumer is
-    logged and waited out (a setup DAG may create them later), once when it starts and
-    once when it clears; a queue that existed and then disappears, and a connection the
-    server refuses for good (authentication, missing database), fail the trigger at once.
+    the mover finds nothing to move. A database without the pgq extension, a missing
+    queue or an unregistered consumer is logged and waited out (a setup DAG may create
+    them later), once when it starts (and when it changes) and once when it clears; a
+    queue that existed and then disappears, and a connection the server refuses for
+    good (authentication, missing database), fail the trigger at once.
 
     Sibling watchers of the same connection, queue and poll interval share one poll in
     the triggerer (``shared_stream_key``): one query reads every consumer of the queue.
 
     Reached through ``MessageQueueTrigger(scheme="pgq", pgq_conn_id=..., queue_name=...,
-    consumer=...)``; parameters as in ``PgqEventsTrigger``. The payload (stored in the
+    consumer_name=...)``; parameters as in ``PgqEventsTrigger``. The payload (stored in the
     asset event's extra) is the consumer's status with ``pgq_conn_id``.
     """
 
@@ -297,19 +330,19 @@ class PgqQueueEventTrigger(_WaitParameters, BaseEventTrigger):
             if snapshot.problem is not None and queue_seen:
                 raise PollingStopped(
                     f"queue {self.queue_name!r} (Airflow connection {self.pgq_conn_id!r}) existed and is"
-                    f" gone: {snapshot.problem}; consumer {self.consumer!r} can never get work from it."
+                    f" gone: {snapshot.problem}; consumer {self.consumer_name!r} can never get work from it."
                     " Recreate the queue (and register the consumer), or remove this watcher"
                 )
             queue_seen = queue_seen or snapshot.problem is None
-            status = snapshot.status(self.consumer)
+            status = snapshot.status(self.consumer_name)
             problem = snapshot.problem or (None if status.registered else _not_registered(status))
             if problem is not None:
                 if problem != complaint:
-                    log.warning("consumer %r on queue %r, waiting: %s", self.consumer, self.queue_name, problem)
+                    log.warning("consumer %r on queue %r, waiting: %s", self.consumer_name, self.queue_name, problem)
                     complaint = problem
                 continue
             if complaint is not None:
-                log.info("consumer %r on queue %r: resolved (was: %s)", self.consumer, self.queue_name, complaint)
+                log.info("consumer %r on queue %r: resolved (was: %s)", self.consumer_name, self.queue_name, complaint)
             complaint = None
             if not status.ready(self.min_events, self.max_lag):
                 continue
@@ -318,7 +351,7 @@ class PgqQueueEventTrigger(_WaitParameters, BaseEventTrigger):
             fired_tick = status.newest_tick
             self.log.info(
                 "consumer %r on %r: ~%s events pending up to tick %s: firing",
-                self.consumer, self.queue_name, status.pending_events, status.newest_tick,
+                self.consumer_name, self.queue_name, status.pending_events, status.newest_tick,
             )
             yield _event({"pgq_conn_id": self.pgq_conn_id, **status.to_dict()})
 

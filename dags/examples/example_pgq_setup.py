@@ -46,7 +46,7 @@ with DAG(
         task_id="create_target_queue", pgq_conn_id="pgq_target", queue_name="orders"
     )
     consumer = PgqRegisterConsumerOperator(
-        task_id="register_mover", pgq_conn_id="pgq_source", queue_name="orders", consumer="orders_mover"
+        task_id="register_mover", pgq_conn_id="pgq_source", queue_name="orders", consumer_name="orders_mover"
     )
     source_queue >> consumer
 

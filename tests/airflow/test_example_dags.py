@@ -138,7 +138,7 @@ def test_templated_fields_render_and_xcom_has_the_report(make_db, run_dag: DagRu
     assert result["state"] == "success", result["log"][-3000:]
     report = result["xcom"]["move[-1]"]
     assert report["source_queue"] == "src_q" and report["target_queue"] == "dst_q"
-    assert report["consumer"] == "mover_x" and report["subconsumer"] == "pgq_test_templated"
+    assert report["consumer_name"] == "mover_x" and report["subconsumer"] == "pgq_test_templated"
     for key in ("batches", "skipped", "events", "first_tick", "last_tick", "seconds", "lag_seconds",
                 "pending_events", "stop_reason", "write_path"):
         assert key in report

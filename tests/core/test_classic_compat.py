@@ -268,7 +268,7 @@ def consumer_done(source: Server, consumer: str) -> pgq.ConsumerInfo:
     conn = source.connect()
     try:
         info = pgq.get_consumer_info(conn, "src_q", consumer)
-        newest = pgq.last_tick_id(conn, "src_q")
+        newest = pgq.newest_tick(conn, "src_q")
     finally:
         conn.close()
     assert info is not None and info.last_tick == newest and info.current_batch is None

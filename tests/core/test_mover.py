@@ -32,6 +32,7 @@ from airflow_provider_pgq.core.errors import (
     TrackingKeyConflict,
 )
 from airflow_provider_pgq.core.mover import BatchResult, DrainBounds, MoveReport, MoverOptions, QueueMover
+from airflow_provider_pgq.core.pending import PendingStatus
 from tests.helpers import (
     Event,
     Server,
@@ -870,7 +871,7 @@ def test_force_tick_with_own_ticker_drains_what_was_committed(source: Server, ta
 def pgq_last_tick(server: Server, queue: str = "src_q") -> int:
     conn = server.connect()
     try:
-        last = pgq.last_tick_id(conn, queue)
+        last = pgq.newest_tick(conn, queue)
         conn.rollback()
     finally:
         conn.close()
@@ -915,7 +916,7 @@ def test_report_fields(source: Server, target: Server) -> None:
         (start, ticks[0], "moved", 10), (ticks[0], ticks[1], "moved", 0), (ticks[1], ticks[2], "moved", 25),
     ]
     assert seen == report.batch_results
-    assert (report.source_queue, report.target_queue, report.consumer, report.subconsumer) == (
+    assert (report.source_queue, report.target_queue, report.consumer_name, report.subconsumer) == (
         "src_q", "dst_q", "mover", "",
     )
     assert report.write_path == "copy" and report.stop_reason == "drained"
@@ -945,14 +946,21 @@ def test_status_shows_position_mark_and_lag(source: Server, target: Server) -> N
     ticks, _ = rounds(source, [10, 10])
     with open_mover(source, target) as mover:
         before = mover.status()
-        assert (before["registered"], before["target_mark"], before["current_batch"]) == (True, None, None)
-        assert before["source_last_tick"] == ticks[-1] and before["last_tick"] < ticks[0]
+        assert (before.registered, before.target_mark, before.current_batch) == (True, None, None)
+        assert before.newest_tick == ticks[-1] and before.last_tick is not None and before.last_tick < ticks[0]
+        assert before.batch_available and before.ready(10)  # PgQ's estimate: one low on a fresh queue
         mover.drain()
         after = mover.status()
         assert_idle(mover)
         # the mark agrees with the source consumer: a reset (e.g. a retried one) keeps it
         assert mover.reset() == ticks[-1]
-        assert mover.status()["target_mark"] == ticks[-1]
-    assert (after["last_tick"], after["target_mark"], after["source_last_tick"]) == (ticks[-1],) * 3
-    assert after["pending_events"] == 0 and after["lag_seconds"] is not None
-    assert (after["source_queue"], after["target_queue"], after["consumer"]) == ("src_q", "dst_q", "mover")
+        assert mover.status().target_mark == ticks[-1]
+    assert (after.last_tick, after.target_mark, after.newest_tick) == (ticks[-1],) * 3
+    assert after.pending_events == 0 and after.lag_seconds is not None and not after.batch_available
+    assert (after.queue_name, after.target_queue, after.consumer_name) == ("src_q", "dst_q", "mover")
+    # one status model: the mover's is the sensor's PendingStatus plus the target's side
+    assert isinstance(after, PendingStatus)
+    as_dict = after.to_dict()
+    assert as_dict["newest_tick"] == ticks[-1] and as_dict["target_mark"] == ticks[-1]
+    assert as_dict["consumer_name"] == "mover" and as_dict["batch_available"] is False
+    json.dumps(as_dict)

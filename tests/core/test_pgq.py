@@ -204,18 +204,18 @@ def test_force_tick_ticker_and_last_tick(source: Server) -> None:
     quiet_ticker(source)
     tick(source, "src_q")  # with a single tick, the ticker ticks even when idle
     with connection(source) as conn:
-        newest = pgq.last_tick_id(conn, "src_q")
+        newest = pgq.newest_tick(conn, "src_q")
         assert newest is not None
         assert pgq.ticker(conn, "src_q") is None  # nothing new: no reason to tick
         conn.commit()
         assert pgq.force_tick(conn, "src_q") == newest  # marks only, returns the newest tick
         conn.commit()
-        assert pgq.last_tick_id(conn, "src_q") == newest
+        assert pgq.newest_tick(conn, "src_q") == newest
         made = pgq.ticker(conn, "src_q")
         conn.commit()
         assert made is not None and made > newest
-        assert pgq.last_tick_id(conn, "src_q") == made
-        assert pgq.last_tick_id(conn, "no_such_q") is None
+        assert pgq.newest_tick(conn, "src_q") == made
+        assert pgq.newest_tick(conn, "no_such_q") is None
 
 
 def test_queue_info_and_config(source: Server) -> None:
@@ -223,7 +223,7 @@ def test_queue_info_and_config(source: Server) -> None:
         info = pgq.get_queue_info(conn, "src_q")
         assert info.queue_name == "src_q"
         assert (info.external_ticker, info.ticker_paused, info.disable_insert) == (False, False, False)
-        assert info.last_tick_id == pgq.last_tick_id(conn, "src_q")
+        assert info.newest_tick == pgq.newest_tick(conn, "src_q")
         assert isinstance(info.ticker_max_lag, dt.timedelta)
         pgq.set_queue_config(conn, "src_q", "ticker_max_count", "123")
         pgq.set_queue_config(conn, "src_q", "ticker_paused", "true")
@@ -273,11 +273,11 @@ def test_current_event_table_insert_event_and_count(source: Server) -> None:
 
 def test_force_tick_and_wait_with_own_ticker(source: Server) -> None:
     with connection(source) as conn:
-        before = pgq.last_tick_id(conn, "src_q")
+        before = pgq.newest_tick(conn, "src_q")
         conn.rollback()
         made = ticking.force_tick_and_wait(conn, "src_q", run_ticker=True, timeout=10)
         assert before is not None and made > before
-        assert pgq.last_tick_id(conn, "src_q") == made
+        assert pgq.newest_tick(conn, "src_q") == made
         conn.rollback()
 
 

@@ -706,7 +706,7 @@ class Storm:
             )
             self.log(f"final drain: {report.batches} batches, {report.skipped} skipped, {report.events} events")
             result.write_paths[report.write_path] += 1
-            last_tick = pgq.last_tick_id(s, self.source_queue)
+            last_tick = pgq.newest_tick(s, self.source_queue)
             info = pgq.get_consumer_info(s, self.source_queue, self.consumer)
             s.rollback()
             mark = pgq_ext.get_last_tick(t, self.consumer, "")

@@ -11,7 +11,7 @@ import pytest
 
 from airflow_provider_pgq import get_provider_info
 from airflow_provider_pgq.core.errors import ConnectionFailed
-from airflow_provider_pgq.hooks.pgq import PgqHook
+from airflow_provider_pgq.hooks.pgq import PgqHook, UnsupportedConnection
 from tests.helpers import produce, simple_events, tick
 
 
@@ -47,8 +47,10 @@ def test_hook_queue_operations(source, conn_env):
     produce(source, "src_q", simple_events(7))
     tick(source, "src_q")
     lag = hook.get_lag("src_q", "c1")
-    assert lag["registered"] is True and lag["pending_events"] == 7 and lag["lag_seconds"] >= 0
-    assert hook.get_lag("src_q", "nobody") == {"registered": False, "lag_seconds": None, "pending_events": None}
+    assert lag.registered is True and lag.pending_events == 7 and (lag.lag_seconds or 0) >= 0
+    assert lag.batch_available and lag.newest_tick == hook.get_queue_info("src_q").newest_tick
+    nobody = hook.get_lag("src_q", "nobody")
+    assert (nobody.registered, nobody.lag_seconds, nobody.pending_events) == (False, None, None)
     assert hook.count_events("src_q") == 8
     assert hook.get_queue_info("src_q").queue_name == "src_q"
 
@@ -112,3 +114,55 @@ def test_refused_connection_names_the_connection_id_and_port(conn_env):
     text = str(err.value)
     assert text.startswith("Airflow connection 'pgq_down' (127.0.0.1:1/shop as mover): ")
     assert "\n" not in text and "S3cret-9981" not in text
+
+
+# -- issue 13: a BaseHook of its own, not a PostgresHook whose inherited methods misbehave --
+
+
+def test_hook_is_no_postgres_hook_and_reads_pgq_and_postgres_connections(source, conn_env):
+    """Composition: nothing of PostgresHook's psycopg 3 surface is inherited; both the
+    ``pgq`` and the ``postgres`` connection type work (the same fields, the same URI)."""
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+    from airflow.sdk import BaseHook
+
+    assert issubclass(PgqHook, BaseHook) and not issubclass(PgqHook, PostgresHook)
+    assert not hasattr(PgqHook, "copy_expert") and not hasattr(PgqHook, "get_sqlalchemy_engine")
+    conn_env("pgq_as_postgres", source.uri())  # postgresql://... -> conn_type postgres
+    conn_env("pgq_as_pgq", "pgq://" + source.uri().split("://", 1)[1])
+    for conn_id, conn_type in (("pgq_as_postgres", "postgres"), ("pgq_as_pgq", "pgq")):
+        hook = PgqHook(conn_id)
+        assert hook.connection.conn_type == conn_type
+        with hook.psycopg2_connection() as conn, conn.cursor() as cur:
+            cur.execute("select current_database()")
+            assert cur.fetchone() == (source.dbname,)
+        ok, message = hook.test_connection()
+        assert ok and message.startswith("connected; pgq "), message
+
+
+def test_hook_refuses_other_connection_types(conn_env):
+    conn_env("pgq_mysql", "mysql://u:p@127.0.0.1:3306/db")
+    with pytest.raises(UnsupportedConnection, match="'pgq_mysql' is of type 'mysql'.*'pgq' or 'postgres'"):
+        PgqHook("pgq_mysql").get_conn()
+
+
+@pytest.mark.parametrize("iam", ["true", "True", "1"])
+def test_hook_refuses_iam_token_logins_instead_of_dropping_them(source, conn_env, iam):
+    """PostgresHook turns ``iam`` into a token login; a psycopg2 hook that silently drops
+    it would log in with no password. Refused, saying what to do."""
+    conn_env("pgq_iam", source.uri() + f"?iam={iam}&aws_conn_id=aws_default&redshift=false")
+    with pytest.raises(UnsupportedConnection, match="IAM / Entra ID token login.*remove the 'iam' extra"):
+        PgqHook("pgq_iam").get_conn()
+    ok, message = PgqHook("pgq_iam").test_connection()
+    assert not ok and "IAM" in message
+
+
+def test_hook_leaves_airflow_only_extras_out_of_libpq(source, conn_env):
+    """iam=false, cursor, sqlalchemy_scheme... configure Airflow's SQL hooks: passed to
+    libpq they would fail the login with 'invalid connection option'."""
+    conn_env("pgq_extras", source.uri() + "?iam=false&cursor=dictcursor&sqlalchemy_scheme=postgresql"
+             "&enable_log_db_messages=true&sslmode=disable")
+    hook = PgqHook("pgq_extras")
+    assert hook.connect_parameters()["sslmode"] == "disable"
+    assert {"iam", "cursor", "sqlalchemy_scheme", "enable_log_db_messages"}.isdisjoint(hook.connect_parameters())
+    with hook.psycopg2_connection() as conn:
+        assert conn.get_dsn_parameters()["sslmode"] == "disable"

@@ -98,7 +98,7 @@ def test_create_and_register_take_lists(db):
     assert db.execute("select queue_name, extract(epoch from queue_rotation_period)::int from pgq.queue"
                       " where queue_name in ('q2', 'q3') order by 1") == [("q2", 3600), ("q3", 3600)]
     registered = PgqRegisterConsumerOperator(task_id="r", pgq_conn_id="pgq_db", queue_name="q3",
-                                             consumer=["a", "b"]).execute({})  # type: ignore[arg-type]
+                                             consumer_name=["a", "b"]).execute({})  # type: ignore[arg-type]
     assert registered == {"registered": ["a", "b"], "existing": []}
 
 
@@ -108,4 +108,12 @@ def test_bad_parameters_are_refused(db):
                                queue_config={"queue_ticker_max_lag": "1s"})
     with pytest.raises(Exception, match="queue 'nope' does not exist"):
         PgqRegisterConsumerOperator(task_id="r", pgq_conn_id="pgq_db", queue_name="nope",
-                                    consumer="a").execute({})  # type: ignore[arg-type]
+                                    consumer_name="a").execute({})  # type: ignore[arg-type]
+
+
+def test_register_consumer_old_parameter_name_warns(db):
+    with pytest.warns(DeprecationWarning, match="consumer_name"):
+        op = PgqRegisterConsumerOperator(task_id="r", pgq_conn_id="pgq_db", queue_name="q3", consumer="old")
+    assert op.consumer_name == "old" and "consumer_name" in op.template_fields
+    PgqCreateQueueOperator(task_id="c", pgq_conn_id="pgq_db", queue_name="q3").execute({})  # type: ignore[arg-type]
+    assert op.execute({}) == {"registered": ["old"], "existing": []}  # type: ignore[arg-type]

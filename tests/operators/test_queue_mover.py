@@ -126,5 +126,27 @@ def test_outlet_asset_event_only_when_events_moved_with_the_report(source, targe
     [event] = moved["asset_events"]
     assert event["uri"] == "pgq://pgq_dst/dst_q"
     extra = event["extra"]
-    assert extra["events"] == 77 and extra["batches"] >= 1 and extra["consumer"] == "outlet_mover"
+    assert extra["events"] == 77 and extra["batches"] >= 1 and extra["consumer_name"] == "outlet_mover"
     assert extra["last_tick"] > extra["first_tick"]
+
+
+# -- issue 13: the outlet Asset is built at parse time, before templates are rendered ------
+
+
+@pytest.mark.parametrize("templated", [
+    {"target_conn_id": "{{ var.value.pgq_target }}"},
+    {"target_queue": "{{ params.queue }}"},
+    {"target_queue": "dst_{% if true %}q{% endif %}"},
+])
+def test_outlet_asset_refuses_templated_target(templated):
+    kwargs = {"task_id": "m", "source_conn_id": "s", "target_conn_id": "pgq_dst", "source_queue": "src_q",
+              "target_queue": "dst_q", "consumer_name": "c", **templated}
+    name = next(iter(templated))
+    with pytest.raises(InvalidParameter, match=f"outlet_asset=True needs a plain {name}.*before templates"):
+        PgqQueueMoverOperator(outlet_asset=True, **kwargs)
+    # without the outlet the same templates are fine: they are rendered at run time
+    mover = PgqQueueMoverOperator(**kwargs)
+    assert getattr(mover, name) == templated[name] and not mover.outlets
+    plain = PgqQueueMoverOperator(**{**kwargs, "target_conn_id": "pgq_dst", "target_queue": "dst_q"},
+                                  outlet_asset=True)
+    assert [o.uri for o in plain.outlets] == ["pgq://pgq_dst/dst_q"]

@@ -755,7 +755,7 @@ def test_search_path_hijack_reaches_nothing(arena: Arena, tmp_path: Path, monkey
     src_hook, dst_hook = PgqHook("sp_src"), PgqHook("sp_dst")
     with arena.step("PgqRegisterConsumerOperator and PgqHook.register_consumer"):
         PgqRegisterConsumerOperator(task_id="sp_register", pgq_conn_id="sp_src", queue_name="src_q",
-                                    consumer="operator").execute({})
+                                    consumer_name="operator").execute({})
         assert src_hook.register_consumer("src_q", "hooked") is True
 
     # 2. events: 40 ticked by the test, 30 left for the mover's own ticker
@@ -792,29 +792,29 @@ def test_search_path_hijack_reaches_nothing(arena: Arena, tmp_path: Path, monkey
     with arena.step("PgqHook"):
         assert src_hook.get_queue_info("src_q").queue_name == "src_q"
         assert src_hook.get_consumer_info("src_q", "hooked") is not None
-        assert src_hook.get_lag("src_q", "hooked")["pending_events"] > 0
+        assert (src_hook.get_lag("src_q", "hooked").pending_events or 0) > 0
         assert src_hook.count_events("src_q") == 70
         assert dst_hook.create_queue("hook_q") is True
         dst_hook.install_pgq_ext()
         options = MoverOptions(source_queue="src_q", target_queue="dst_q", consumer="mover")
-        assert src_hook.status(dst_hook, options)["target_mark"] == mark
+        assert src_hook.status(dst_hook, options).target_mark == mark
         assert src_hook.rewind(dst_hook, options) == mark
         assert src_hook.reset(dst_hook, options) == mark  # the mark agrees: nothing is forgotten
     with arena.step("QueueMover.status/rewind/reset"):
-        assert _mover_call(arena, "status")["registered"] is True
+        assert _mover_call(arena, "status").registered is True
         assert _mover_call(arena, "rewind") == mark
         assert _mover_call(arena, "reset") == mark
     with arena.step("the pending check and PgqQueueSensor.poke"):
         with closing(connect(src)) as conn:
             assert pending_status(conn, "src_q", "hooked").ready()
         poke = PgqQueueSensor(task_id="sp_wait", pgq_conn_id="sp_src", queue_name="src_q",
-                              consumer="hooked").poke({})
+                              consumer_name="hooked").poke({})
         assert poke.is_done and poke.xcom_value["pending_events"] > 0
     with arena.step("PgqEventsTrigger and PgqQueueEventTrigger"):
         for trigger_class in (PgqEventsTrigger, PgqQueueEventTrigger):
             payload = asyncio.run(_first_event(trigger_class(
-                pgq_conn_id="sp_src", queue_name="src_q", consumer="hooked", poll_interval=0.05)))
-            assert payload["batch_available"] is True and payload["consumer"] == "hooked"
+                pgq_conn_id="sp_src", queue_name="src_q", consumer_name="hooked", poll_interval=0.05)))
+            assert payload["batch_available"] is True and payload["consumer_name"] == "hooked"
 
     # 5. nothing more was moved since the repositioning
     with arena.step("the last drain"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -35,18 +36,25 @@ def _status(db: Server, consumer: str = "mover", queue: str = "src_q") -> Pendin
 
 def test_get_lag_reflects_pending_events(src, make_db):
     hook = PgqHook("pgq_src")
-    assert hook.get_lag("src_q", "mover")["pending_events"] == 0
+    assert hook.get_lag("src_q", "mover").pending_events == 0
     produce(src, "src_q", simple_events(12))
-    assert hook.get_lag("src_q", "mover")["pending_events"] == 0  # not ticked: not pending yet
+    assert hook.get_lag("src_q", "mover").pending_events == 0  # not ticked: not pending yet
     tick_plain(src, "src_q")
     lag = hook.get_lag("src_q", "mover")
-    assert lag["registered"] is True and lag["pending_events"] == 12 and lag["lag_seconds"] >= 0
+    assert lag.registered and lag.pending_events == 12 and lag.lag_seconds is not None and lag.lag_seconds >= 0
+    # one status model: the hook's answer is the sensor's and the triggers' check
+    assert isinstance(lag, PendingStatus)
+    assert dataclasses.replace(lag, lag_seconds=None) == dataclasses.replace(_status(src), lag_seconds=None)
     produce(src, "src_q", simple_events(5, start=12))
     tick_plain(src, "src_q")
-    assert hook.get_lag("src_q", "mover")["pending_events"] == 17
+    assert hook.get_lag("src_q", "mover").pending_events == 17
     run_mover(src, make_db(queue="dst_q", ext=True), consumer="mover")
-    assert hook.get_lag("src_q", "mover")["pending_events"] == 0
-    assert hook.get_lag("src_q", "nobody") == {"registered": False, "lag_seconds": None, "pending_events": None}
+    assert hook.get_lag("src_q", "mover").pending_events == 0
+    nobody = hook.get_lag("src_q", "nobody").to_dict()
+    assert (nobody["registered"], nobody["lag_seconds"], nobody["pending_events"]) == (False, None, None)
+    assert nobody["consumer_name"] == "nobody" and nobody["newest_tick"] is not None
+    with pytest.raises(QueueNotFound):
+        hook.get_lag("no_such_q", "mover")
 
 
 def test_status_thresholds_and_positions(src):

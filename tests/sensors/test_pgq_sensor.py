@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,9 +79,51 @@ def test_deferrable_mode_waits_in_the_trigger_then_resumes(src, run_dag: DagRunn
     assert result["state"] == "success", result["log"][-3000:]
     assert "running trigger in line" in result["log"]
     status = result["xcom"]["wait[-1]"]
-    assert status["pending_events"] == 5 and status["consumer"] == "mover" and "status" not in status
+    assert status["pending_events"] == 5 and status["consumer_name"] == "mover" and "status" not in status
 
 
 def test_bad_threshold_fails_at_parse_time():
     with pytest.raises(ValueError):
-        PgqQueueSensor(task_id="x", pgq_conn_id="c", queue_name="q", consumer="m", min_events=-1)
+        PgqQueueSensor(task_id="x", pgq_conn_id="c", queue_name="q", consumer_name="m", min_events=-1)
+
+
+def test_old_consumer_parameter_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="consumer_name"):
+        sensor = PgqQueueSensor(task_id="x", pgq_conn_id="c", queue_name="q", consumer="m")
+    assert sensor.consumer_name == "m" and "consumer_name" in sensor.template_fields
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="consumer_name only"):
+        PgqQueueSensor(task_id="y", pgq_conn_id="c", queue_name="q", consumer="m", consumer_name="n")
+    with pytest.raises(TypeError, match="needs consumer_name"):
+        PgqQueueSensor(task_id="z", pgq_conn_id="c", queue_name="q")
+
+
+def test_old_consumer_parameter_polls_the_same_consumer(src, monkeypatch):
+    """The deprecated name reaches the real check: the poke reads that consumer."""
+    monkeypatch.setenv("AIRFLOW_CONN_PGQ_SRC", src.uri())
+    produce(src, "src_q", simple_events(2))
+    tick_plain(src, "src_q")
+    with pytest.warns(DeprecationWarning):
+        sensor = PgqQueueSensor(task_id="old", pgq_conn_id="pgq_src", queue_name="src_q", consumer="mover2")
+    poke = sensor.poke({})  # type: ignore[arg-type]
+    assert poke.is_done and poke.xcom_value["consumer_name"] == "mover2"
+    assert poke.xcom_value["pending_events"] == 2
+
+
+_DEFERRABLE_DEFAULT = (
+    "from airflow_provider_pgq.sensors.pgq import PgqQueueSensor;"
+    "s = PgqQueueSensor(task_id='x', pgq_conn_id='c', queue_name='q', consumer_name='m');"
+    "print('DEFERRABLE', s.deferrable)"
+)
+
+
+@pytest.mark.parametrize("setting", [None, "True", "False"])
+def test_deferrable_defaults_to_operators_default_deferrable(airflow_home, setting):
+    """As Airflow's own sensors: ``[operators] default_deferrable`` decides when the DAG
+    does not say (read when the module is imported, hence a fresh interpreter)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
+    env["AIRFLOW_HOME"] = str(airflow_home)
+    if setting is not None:
+        env["AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE"] = setting
+    out = subprocess.run([sys.executable, "-c", _DEFERRABLE_DEFAULT], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert f"DEFERRABLE {setting == 'True'}" in out, out

@@ -57,7 +57,7 @@ def test_event_driven_example(make_db, run_dag: DagRunner, monkeypatch):  # noqa
     assert isinstance(watched, MessageQueueTrigger)
     classpath, kwargs = watched.serialize()
     assert import_string(classpath) is PgqQueueEventTrigger
-    assert kwargs["queue_name"] == "orders" and kwargs["consumer"] == "orders_mover"
+    assert kwargs["queue_name"] == "orders" and kwargs["consumer_name"] == "orders_mover"
     # as the triggerer would run it, polling faster for the test
     trigger = import_string(classpath)(**{**kwargs, "poll_interval": 0.02})
 

@@ -42,7 +42,7 @@ def queue_db(make_db, monkeypatch) -> Server:
 
 
 def _kwargs(**over: Any) -> dict[str, Any]:
-    return {"pgq_conn_id": "pgq_src", "queue_name": "src_q", "consumer": "mover",
+    return {"pgq_conn_id": "pgq_src", "queue_name": "src_q", "consumer_name": "mover",
             "poll_interval": POLL, **over}
 
 
@@ -76,11 +76,25 @@ def test_serialize_round_trips(cls):
     assert import_string(classpath) is cls
     again = import_string(classpath)(**kwargs)
     assert again.serialize() == (classpath, kwargs)
-    assert kwargs == {"pgq_conn_id": "pgq_src", "queue_name": "src_q", "consumer": "mover",
+    assert kwargs == {"pgq_conn_id": "pgq_src", "queue_name": "src_q", "consumer_name": "mover",
                       "min_events": 7, "max_lag": 60.0, "poll_interval": POLL}
 
 
-@pytest.mark.parametrize("bad", [{"min_events": -1}, {"max_lag": 0}, {"consumer": ""}, {"poll_interval": 0}])
+@pytest.mark.parametrize("cls", [PgqEventsTrigger, PgqQueueEventTrigger])
+def test_triggers_serialized_by_0_2_0_still_load(cls):
+    """What 0.2.0 stored in the metadata database (classpath and kwargs, ``consumer=``)
+    still builds the trigger, which serializes itself under the new name from then on."""
+    classpath = f"{cls.__module__}.{cls.__qualname__}"
+    stored = {"pgq_conn_id": "pgq_src", "queue_name": "src_q", "consumer": "mover",
+              "min_events": 7, "max_lag": 60.0, "poll_interval": POLL}
+    trigger = import_string(classpath)(**stored)
+    assert trigger.consumer_name == "mover"
+    assert trigger.serialize() == cls(**_kwargs(min_events=7, max_lag=60.0)).serialize()
+    with pytest.raises(ValueError, match="consumer_name only"):
+        cls(**{**stored, "consumer_name": "other"})
+
+
+@pytest.mark.parametrize("bad", [{"min_events": -1}, {"max_lag": 0}, {"consumer_name": ""}, {"poll_interval": 0}])
 def test_bad_parameters_refused(bad):
     with pytest.raises(ValueError):
         PgqEventsTrigger(**_kwargs(**bad))
@@ -130,7 +144,7 @@ def test_unregistered_consumer_and_missing_queue_end_with_an_error(queue_db):
         await _stop(agen)
         return dict(event.payload)
 
-    nobody = asyncio.run(first(consumer="nobody"))
+    nobody = asyncio.run(first(consumer_name="nobody"))
     assert nobody["status"] == "error"
     assert "'nobody' is not registered on queue 'src_q'" in nobody["message"]
     missing = asyncio.run(first(queue_name="no_such_q"))
@@ -170,7 +184,7 @@ def test_message_queue_trigger_scheme_pgq_fires_once_per_new_work(queue_db, make
 
 def test_event_trigger_waits_out_a_missing_consumer(queue_db):
     async def scenario() -> None:
-        agen = PgqQueueEventTrigger(**_kwargs(consumer="later")).run()
+        agen = PgqQueueEventTrigger(**_kwargs(consumer_name="later")).run()
         task = asyncio.ensure_future(agen.__anext__())
         await _quiet(task)  # not registered yet: the trigger waits, it does not fail
         await _in_thread(register, queue_db, "src_q", "later")
@@ -178,7 +192,7 @@ def test_event_trigger_waits_out_a_missing_consumer(queue_db):
         await _in_thread(tick_plain, queue_db, "src_q")
         event = await asyncio.wait_for(task, FIRE_TIMEOUT)
         await _stop(agen)
-        assert event.payload["consumer"] == "later" and event.payload["pending_events"] == 1
+        assert event.payload["consumer_name"] == "later" and event.payload["pending_events"] == 1
 
     _run(scenario)
 
@@ -192,8 +206,8 @@ def _poll_sessions(db: Server) -> int:
 def test_watchers_of_one_queue_share_one_poll(queue_db):
     """Through Airflow's own SharedStreamManager, as the triggerer runs them."""
     register(queue_db, "src_q", "other")
-    few = PgqQueueEventTrigger(**_kwargs(consumer="mover"))
-    many = PgqQueueEventTrigger(**_kwargs(consumer="other", min_events=5))
+    few = PgqQueueEventTrigger(**_kwargs(consumer_name="mover"))
+    many = PgqQueueEventTrigger(**_kwargs(consumer_name="other", min_events=5))
     assert few.shared_stream_key() == many.shared_stream_key()
 
     async def scenario() -> None:
@@ -206,13 +220,13 @@ def test_watchers_of_one_queue_share_one_poll(queue_db):
         await _in_thread(produce, queue_db, "src_q", simple_events(2))
         await _in_thread(tick_plain, queue_db, "src_q")
         got = await asyncio.wait_for(few_task, FIRE_TIMEOUT)
-        assert got.payload["consumer"] == "mover" and got.payload["pending_events"] == 2
+        assert got.payload["consumer_name"] == "mover" and got.payload["pending_events"] == 2
         await _quiet(many_task)  # 2 < 5 for the other watcher
         assert await _in_thread(_poll_sessions, queue_db) == 1
         await _in_thread(produce, queue_db, "src_q", simple_events(3, start=2))
         await _in_thread(tick_plain, queue_db, "src_q")
         got = await asyncio.wait_for(many_task, FIRE_TIMEOUT)
-        assert got.payload["consumer"] == "other" and got.payload["pending_events"] == 5
+        assert got.payload["consumer_name"] == "other" and got.payload["pending_events"] == 5
         await _stop(few_events)
         await _stop(many_events)
         await manager.unsubscribe(1, key)

@@ -122,7 +122,7 @@ def test_event_trigger_logs_a_missing_consumer_once_and_its_resolution(reader, c
     caplog.set_level(logging.INFO, logger=TRIGGER_LOG)
 
     async def scenario() -> None:
-        agen = PgqQueueEventTrigger(**_kwargs(consumer="later")).run()
+        agen = PgqQueueEventTrigger(**_kwargs(consumer_name="later")).run()
         task = asyncio.ensure_future(agen.__anext__())
         await _quiet(task)
         await _in_thread(register, db, "src_q", "later")
@@ -136,3 +136,58 @@ def test_event_trigger_logs_a_missing_consumer_once_and_its_resolution(reader, c
     assert len(warned) == 1 and "'later' is not registered" in warned[0]
     assert any("resolved" in m and "'later'" in m for m in _messages(caplog, logging.INFO))
 
+
+
+# -- issue 13: a database without the pgq extension is a problem waited out, not a crash --
+
+_INSTALL_PGQ = ("create extension pgq; select pgq.create_queue('src_q');"
+                " select pgq.set_queue_config('src_q', 'ticker_max_count', '1');"
+                " select pgq.register_consumer('src_q', 'mover')")
+
+
+@pytest.fixture
+def bare(make_db, monkeypatch) -> Server:
+    """A database without the pgq extension, polled through pgq_src."""
+    db = make_db(pgq=False)
+    monkeypatch.setenv("AIRFLOW_CONN_PGQ_SRC", db.uri())
+    return db
+
+
+def test_event_trigger_waits_out_a_database_without_pgq(bare, caplog):
+    """The shared stream lives on; the problem is logged once when it starts and once
+    when it clears, and the watcher fires once a setup creates extension, queue and consumer."""
+    caplog.set_level(logging.INFO, logger=TRIGGER_LOG)
+
+    async def scenario() -> dict[str, Any]:
+        agen = PgqQueueEventTrigger(**_kwargs()).run()
+        task = asyncio.ensure_future(agen.__anext__())
+        await _quiet(task)  # ~20 polls of a database without pgq: waited out, not fatal
+        await _in_thread(bare.execute, _INSTALL_PGQ)  # one transaction: no half-made state is seen
+        await _in_thread(produce, bare, "src_q", simple_events(3))
+        await _in_thread(tick_plain, bare, "src_q")
+        event = await asyncio.wait_for(task, FIRE_TIMEOUT)
+        await _stop(agen)
+        return dict(event.payload)
+
+    payload = asyncio.run(scenario())
+    assert payload["consumer_name"] == "mover" and payload["batch_available"] is True
+    assert payload["pgq_conn_id"] == "pgq_src"
+    warned = _messages(caplog, logging.WARNING)
+    assert len(warned) == 1, warned
+    assert "the pgq extension is not installed" in warned[0] and repr(bare.dbname) in warned[0]
+    assert "create extension pgq" in warned[0]
+    cleared = [m for m in _messages(caplog, logging.INFO) if "resolved" in m]
+    assert len(cleared) == 1 and "pgq extension is not installed" in cleared[0]
+    assert not _messages(caplog, logging.ERROR)
+
+
+def test_sensor_trigger_ends_with_a_clear_error_on_a_database_without_pgq(bare):
+    async def scenario() -> dict[str, Any]:
+        agen = PgqEventsTrigger(**_kwargs()).run()
+        event = await asyncio.wait_for(agen.__anext__(), FIRE_TIMEOUT)
+        await _stop(agen)
+        return dict(event.payload)
+
+    payload = asyncio.run(scenario())
+    assert payload["status"] == "error"
+    assert "the pgq extension is not installed" in payload["message"] and "create extension pgq" in payload["message"]

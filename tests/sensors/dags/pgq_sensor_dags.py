@@ -20,11 +20,11 @@ START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 COMMON = {"pgq_conn_id": "pgq_src", "queue_name": "src_q", "poke_interval": 0.2, "timeout": 120}
 
 with DAG("pgq_test_sensor_poke", schedule=None, start_date=START, catchup=False) as poke_dag:
-    PgqQueueSensor(task_id="wait", consumer="mover", min_events=3, **COMMON)  # type: ignore[arg-type]
-    PgqQueueSensor(task_id="too_few", consumer="mover2", min_events=100,
+    PgqQueueSensor(task_id="wait", consumer_name="mover", min_events=3, **COMMON)  # type: ignore[arg-type]
+    PgqQueueSensor(task_id="too_few", consumer_name="mover2", min_events=100,
                    **{**COMMON, "timeout": 1})  # type: ignore[arg-type]
-    PgqQueueSensor(task_id="nobody", consumer="nobody", **COMMON)  # type: ignore[arg-type]
+    PgqQueueSensor(task_id="nobody", consumer_name="nobody", **COMMON)  # type: ignore[arg-type]
 
 with DAG("pgq_test_sensor_deferrable", schedule=None, start_date=START, catchup=False) as deferrable_dag:
-    PgqQueueSensor(task_id="wait", consumer="mover", min_events=3, deferrable=True,
+    PgqQueueSensor(task_id="wait", consumer_name="mover", min_events=3, deferrable=True,
                    **COMMON)  # type: ignore[arg-type]

@@ -53,7 +53,7 @@ with DAG("pgq_sys_drain", schedule=None, start_date=START, catchup=False, max_ac
 # A deferred sensor woken by the triggerer, then the move.
 with DAG("pgq_sys_sensor", schedule=None, start_date=START, catchup=False) as sensor:
     wait = PgqQueueSensor(
-        task_id="wait", pgq_conn_id="pgq_sys_src", queue_name="sn", consumer="sn_mover",
+        task_id="wait", pgq_conn_id="pgq_sys_src", queue_name="sn", consumer_name="sn_mover",
         min_events=1, deferrable=True, poke_interval=1, timeout=180,
     )
     wait >> PgqQueueMoverOperator(task_id="move", **CONNS, source_queue="sn", target_queue="sn",
@@ -63,7 +63,7 @@ with DAG("pgq_sys_sensor", schedule=None, start_date=START, catchup=False) as se
 waiting: Any = Asset("pgq_sys_ed_waiting", watchers=[AssetWatcher(
     name="pgq_sys_ed_waiting",
     trigger=MessageQueueTrigger(scheme="pgq", pgq_conn_id="pgq_sys_src", queue_name="ed",
-                                consumer="ed_mover", min_events=1, poll_interval=1.0),
+                                consumer_name="ed_mover", min_events=1, poll_interval=1.0),
 )])
 
 with DAG("pgq_sys_event", schedule=[waiting], start_date=START, catchup=False, max_active_runs=1) as event:
