@@ -371,7 +371,7 @@ def run_child(argv: list[str], env: dict[str, str]) -> tuple[dict[str, Any], flo
 
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
-        from airflow_provider_pgq.testing.cluster import SUPERUSER, ThrowawayCluster
+        from tests.support.cluster import SUPERUSER, ThrowawayCluster
 
         self.args = args
         self.cluster = ThrowawayCluster()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from airflow_provider_pgq.core import pgq
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
-from airflow_provider_pgq.testing.pgqd import Pgqd
+from tests.support.cluster import ThrowawayCluster
+from tests.support.pgqd import Pgqd
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 20_000

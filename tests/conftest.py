@@ -23,9 +23,9 @@ from psycopg2.extensions import parse_dsn
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import MoverOptions
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
-from airflow_provider_pgq.testing.pgqd import Pgqd
 from tests.helpers import CLASSIC_BATCHES, EXAMPLES, ROOT, DagRunner, Server, create_queue
+from tests.support.cluster import ThrowawayCluster
+from tests.support.pgqd import Pgqd
 
 
 class _ExistingServer(ThrowawayCluster):

@@ -17,7 +17,7 @@ from psycopg2.extras import execute_values
 from airflow_provider_pgq.core import faults, pgq
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import DrainBounds, MoveReport, MoverOptions, QueueMover
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
+from tests.support.cluster import ThrowawayCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "dags" / "examples"

@@ -23,8 +23,8 @@ from airflow_provider_pgq.cli.config import ConfigError, load_config
 from airflow_provider_pgq.core import pgq, pgq_ext
 from airflow_provider_pgq.core.errors import PgqError
 from airflow_provider_pgq.core.mover import DrainBounds
-from airflow_provider_pgq.testing.cluster import free_port, wait_until
 from tests.helpers import Server, mark_of, produce, queue_events, register, simple_events, tick
+from tests.support.cluster import free_port, wait_until
 
 CLI = [sys.executable, "-m", "airflow_provider_pgq.cli"]
 WAIT = 30.0

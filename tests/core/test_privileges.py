@@ -23,9 +23,9 @@ from psycopg2 import sql
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import ConnectionFailed, PgqError
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, DrainBounds, MoveReport, MoverOptions, QueueMover
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
-from airflow_provider_pgq.testing.pgqd import Pgqd
 from tests.helpers import Server, mark_of, produce, queue_events, register, simple_events, tick
+from tests.support.cluster import ThrowawayCluster
+from tests.support.pgqd import Pgqd
 
 #: The functions a hardened pgq_ext (EXECUTE revoked from PUBLIC) must grant the
 #: target role: exactly what the mover calls.

@@ -25,8 +25,8 @@ from psycopg2.extensions import connection as Connection
 from airflow_provider_pgq.core import faults, kept_ids, pgq, pgq_ext, transfer
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoveReport, MoverOptions, QueueMover
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster, wait_until
 from tests.helpers import Server, produce, register, tick
+from tests.support.cluster import ThrowawayCluster, wait_until
 
 UTC = dt.timezone.utc
 COLUMNS = "ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time"

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 from tests.faults.driver import Database
+from tests.support.cluster import ThrowawayCluster
 
 
 @pytest.fixture(scope="module")

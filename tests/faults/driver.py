@@ -52,9 +52,9 @@ from psycopg2 import sql
 from airflow_provider_pgq.core import faults, pgq, pgq_ext, ticking
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import DrainBounds, MoverOptions, QueueMover
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 from tests.faults import mover_child
 from tests.helpers import FAULT_ENV
+from tests.support.cluster import ThrowawayCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 from tests.faults.driver import Database, Storm
+from tests.support.cluster import ThrowawayCluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,9 +28,9 @@ from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import ConnectionFailed, WaitTimeout
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster, wait_until
 from tests.faults.proxy import FaultProxy
 from tests.helpers import ROOT, Server, produce, queue_events, register, run_mover, tick
+from tests.support.cluster import ThrowawayCluster, wait_until
 
 TIMEOUTS = Timeouts(connect_timeout=2, network_timeout=1.5, statement_timeout=1.5, lock_timeout=1)
 #: What a return may take beyond its bound: the watchdog's tick, the cancel grace, rollbacks.

@@ -22,8 +22,8 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.errors import PgqExtUntrusted
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 from tests.helpers import Server, mark_of, produce, queue_events, register, run_mover, simple_events, tick
+from tests.support.cluster import ThrowawayCluster
 
 #: (name, argument types) of every function of pgq_ext's write side.
 WRITE_SIDE = (

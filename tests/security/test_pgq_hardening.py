@@ -11,8 +11,8 @@ from pathlib import Path
 import psycopg2
 from psycopg2 import sql
 
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 from tests.helpers import ROOT, Server, produce, queue_events, register, run_mover, simple_events, tick
+from tests.support.cluster import ThrowawayCluster
 
 # PgQ's consumer info joins its tables on integer ids: a look-alike integer "=" runs
 # inside it, with the rights of PgQ's owner.

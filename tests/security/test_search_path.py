@@ -49,8 +49,8 @@ from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, DrainBounds, MoverOptions, QueueMover
 from airflow_provider_pgq.core.pending import pending_status
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
 from tests.helpers import Server, create_queue, mark_of, produce, queue_events, simple_events, tick
+from tests.support.cluster import ThrowawayCluster
 
 PACKAGE = Path(airflow_provider_pgq.__file__).resolve().parent
 CLI = [sys.executable, "-m", "airflow_provider_pgq.cli"]

@@ -24,8 +24,8 @@ from psycopg2 import sql
 
 from airflow_provider_pgq.core.connect import connect, describe, redact
 from airflow_provider_pgq.core.errors import ConnectionFailed
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster, wait_until
 from tests.helpers import Server, mark_of, produce, register, simple_events, tick
+from tests.support.cluster import ThrowawayCluster, wait_until
 from tests.test_cli import WAIT, base_keys, daemons, one_error_line, read_pid, run_cli, write_ini
 
 __all__ = ["daemons"]  # the fixture, imported for the daemon test

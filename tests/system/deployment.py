@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
-from airflow_provider_pgq.testing.cluster import SUPERUSER, ThrowawayCluster, free_port
+from tests.support.cluster import SUPERUSER, ThrowawayCluster, free_port
 
 T = TypeVar("T")
 

@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 
 from airflow_provider_pgq.core import pgq_ext
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
-from airflow_provider_pgq.testing.pgqd import Pgqd
 from tests.conftest import TEMPLATE
 from tests.helpers import EXAMPLES, ROOT, Server, create_queue, produce, queue_events, register, simple_events, tick
+from tests.support.cluster import ThrowawayCluster
+from tests.support.pgqd import Pgqd
 from tests.system.deployment import Deployment
 
 pytestmark = pytest.mark.system

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from airflow_provider_pgq.testing.cluster import ThrowawayCluster
+from tests.support.cluster import ThrowawayCluster
 
 
 class Pgqd:
