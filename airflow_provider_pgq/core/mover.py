@@ -25,7 +25,7 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core import faults, guard, kept_ids, pgq, pgq_ext, ticking, transfer
+from airflow_provider_pgq.core import faults, guard, kept_ids, pgq, pgq_ext, registration, ticking, transfer
 from airflow_provider_pgq.core.errors import (
     ConsumerNotRegistered,
     InvalidParameter,
@@ -153,8 +153,7 @@ def check_keep_lag(keep_lag: object) -> None:
         )
 
 
-#: register_at values: register at the newest tick (PgQ's default), or at the oldest retained one.
-REGISTER_AT = ("now", "oldest")
+REGISTER_AT = registration.REGISTER_AT  # where a new registration starts
 
 
 #: Defaults of MoverOptions.batch_target_events / batch_target_seconds (measured in
@@ -412,39 +411,7 @@ class QueueMover:
                 " pass register_consumer=True (operator), --register (CLI), or run"
                 f" select pgq.register_consumer({literal(o.source_queue)}, {literal(o.consumer)})"
             )
-        # Concurrent first runs: register_consumer_at would move a registration another run
-        # just made (and moved batches with) back; so lock, then look again.
-        with self.source.cursor() as cur:
-            cur.execute(
-                "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(%s::text, 0::bigint))",
-                (f"airflow_provider_pgq:register:{o.source_queue}\x01{o.consumer}",),
-            )
-        if pgq.is_registered(self.source, o.source_queue, o.consumer):
-            self.source.rollback()
-            return False
-        at = pgq.oldest_tick_id(self.source, o.source_queue) if o.register_at == "oldest" else None
-        if at is not None:
-            pgq.register_consumer_at(self.source, o.source_queue, o.consumer, at)
-        else:
-            pgq.register_consumer(self.source, o.source_queue, o.consumer)
-        self.source.commit()
-        info = pgq.get_consumer_info(self.source, o.source_queue, o.consumer)
-        tick = info.last_tick if info is not None else None
-        unseen = pgq.events_before_tick(self.source, o.source_queue, tick) if tick is not None else 0
-        self.source.rollback()
-        log.info("registered consumer %r on source queue %r at tick %s (register_at=%r)",
-                 o.consumer, o.source_queue, tick, o.register_at)
-        if unseen:
-            log.warning(
-                "consumer %r registered on source queue %r at tick %s: %d events the queue already"
-                " holds were queued before that tick and will never be moved by it (PgQ: a consumer"
-                " sees only what comes after its position).%s",
-                o.consumer, o.source_queue, tick, unseen,
-                " To move them too, unregister it (pgq.unregister_consumer) before it moved anything"
-                " and register again with register_at='oldest'" if o.register_at == "now" else
-                " They came before the queue's oldest retained tick; none older can be reached",
-            )
-        return True
+        return registration.register(self.source, o.source_queue, o.consumer, o.register_at)
 
     def _refuse_same_queue(self) -> None:
         """Source and target the same queue of one database: each batch moved would come

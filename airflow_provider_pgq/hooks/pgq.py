@@ -24,7 +24,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 from psycopg2.extensions import connection as Psycopg2Connection
 
-from airflow_provider_pgq.core import pgq, pgq_ext
+from airflow_provider_pgq.core import pgq, pgq_ext, registration
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import ConnectionFailed, InvalidParameter
 from airflow_provider_pgq.core.guard import Timeouts
@@ -175,12 +175,10 @@ class PgqHook(BaseHook):
             conn.commit()
         return created
 
-    def register_consumer(self, queue: str, consumer: str) -> bool:
-        """True when newly registered, False when it already was."""
+    def register_consumer(self, queue: str, consumer: str, register_at: str = "now") -> bool:
+        """True when newly registered, False when it already was (see core/registration.py)."""
         with self.psycopg2_connection() as conn:
-            done = pgq.register_consumer(conn, queue, consumer)
-            conn.commit()
-        return done
+            return registration.register(conn, queue, consumer, register_at)
 
     def get_queue_info(self, queue: str) -> pgq.QueueInfo:
         with self.psycopg2_connection() as conn:

@@ -12,7 +12,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 
-from airflow_provider_pgq.core import pgq, ticking
+from airflow_provider_pgq.core import pgq, registration, ticking
 from airflow_provider_pgq.core.errors import InvalidParameter
 from airflow_provider_pgq.hooks.pgq import PgqHook
 
@@ -86,6 +86,9 @@ class PgqRegisterConsumerOperator(BaseOperator):
     :param queue_name: the queue (templated).
     :param consumer_name: a consumer name or a list of them (templated). ``consumer=``
         is its old name: still accepted, with a DeprecationWarning.
+    :param register_at: where a new registration starts: ``"now"`` (PgQ's rule: only what
+        comes after; a WARNING counts what the queue already holds) or ``"oldest"`` (the
+        queue's oldest retained tick: what it still holds is moved too).
     :return: ``{"registered": [...], "existing": [...]}`` (XCom).
     """
 
@@ -93,7 +96,7 @@ class PgqRegisterConsumerOperator(BaseOperator):
     ui_color = "#fff9c4"
 
     def __init__(self, *, pgq_conn_id: str, queue_name: str, consumer_name: str | Sequence[str] | None = None,
-                 consumer: str | Sequence[str] | None = None, **kwargs: Any) -> None:
+                 consumer: str | Sequence[str] | None = None, register_at: str = "now", **kwargs: Any) -> None:
         if consumer is not None:
             warnings.warn("PgqRegisterConsumerOperator(consumer=...) is deprecated: use consumer_name=...",
                           DeprecationWarning, stacklevel=2)
@@ -107,14 +110,16 @@ class PgqRegisterConsumerOperator(BaseOperator):
         self.pgq_conn_id = pgq_conn_id
         self.queue_name = queue_name
         self.consumer_name = consumer_name
+        if register_at not in registration.REGISTER_AT:
+            raise InvalidParameter(f"register_at must be 'now' or 'oldest', got {register_at!r}")
+        self.register_at = register_at
 
     def execute(self, context: Context) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {"registered": [], "existing": []}
         with _hook(self.pgq_conn_id, self).psycopg2_connection() as conn:
             pgq.require_queue(conn, self.queue_name, "the")
             for consumer in _names(self.consumer_name, "consumer_name"):
-                done = pgq.register_consumer(conn, self.queue_name, consumer)
-                conn.commit()
+                done = registration.register(conn, self.queue_name, consumer, self.register_at)
                 out["registered" if done else "existing"].append(consumer)
                 self.log.info(
                     "consumer %r on %r %s", consumer, self.queue_name,

@@ -4,6 +4,7 @@ and the ticker's options called directly, against real databases."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import pytest
 
@@ -14,7 +15,7 @@ from airflow_provider_pgq.operators.admin import (
     PgqRegisterConsumerOperator,
     PgqTickerOperator,
 )
-from tests.helpers import DagRunner, Server, produce, simple_events
+from tests.helpers import DagRunner, Server, produce, simple_events, tick
 
 
 def _status(db: Server, queue: str, consumer: str):
@@ -117,3 +118,22 @@ def test_register_consumer_old_parameter_name_warns(db):
     assert op.consumer_name == "old" and "consumer_name" in op.template_fields
     PgqCreateQueueOperator(task_id="c", pgq_conn_id="pgq_db", queue_name="q3").execute({})  # type: ignore[arg-type]
     assert op.execute({}) == {"registered": ["old"], "existing": []}  # type: ignore[arg-type]
+
+
+def test_register_consumer_at_oldest_sees_what_the_queue_holds(db, caplog):
+    """register_at='oldest': a consumer registered after events were queued still gets
+    them; 'now' (PgQ's rule) does not, and says so with the count."""
+    PgqCreateQueueOperator(task_id="c", pgq_conn_id="pgq_db", queue_name="q4").execute({})  # type: ignore[arg-type]
+    db.execute("select pgq.insert_event('q4', 't', 'early-' || g) from generate_series(1, 7) g")
+    tick(db, "q4")
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_pgq.core.registration"):
+        PgqRegisterConsumerOperator(task_id="r", pgq_conn_id="pgq_db", queue_name="q4",
+                                    consumer_name="late_now").execute({})  # type: ignore[arg-type]
+    assert "7 events the queue already holds" in caplog.text
+    PgqRegisterConsumerOperator(task_id="r", pgq_conn_id="pgq_db", queue_name="q4", consumer_name="late_oldest",
+                                register_at="oldest").execute({})  # type: ignore[arg-type]
+    info = dict(db.execute("select consumer_name, pending_events from pgq.get_consumer_info('q4')"))
+    assert info["late_oldest"] >= 7 and info["late_now"] == 0
+    with pytest.raises(InvalidParameter, match="register_at"):
+        PgqRegisterConsumerOperator(task_id="r", pgq_conn_id="pgq_db", queue_name="q4", consumer_name="x",
+                                    register_at="yesterday")

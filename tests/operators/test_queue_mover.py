@@ -15,10 +15,12 @@ from tests.helpers import DagRunner, produce, queue_events, register, run_mover,
 
 DAGS = Path(__file__).parent / "dags"
 MOVER_LOG = "airflow_provider_pgq.core.mover"
+REGISTRATION_LOG = "airflow_provider_pgq.core.registration"
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == MOVER_LOG and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records
+            if r.name in (MOVER_LOG, REGISTRATION_LOG) and r.levelno >= logging.WARNING]
 
 
 # -- point 2: events queued before the first run ------------------------------------------
@@ -29,6 +31,7 @@ def test_register_now_warns_with_the_count_of_events_it_will_never_see(source, t
     tick(source, "src_q")
     produce(source, "src_q", simple_events(5, start=5000))  # not ticked yet: the consumer sees these
     caplog.set_level(logging.INFO, logger=MOVER_LOG)
+    caplog.set_level(logging.INFO, logger=REGISTRATION_LOG)
     report = run_mover(source, target, register_consumer=True)
     assert report.events == 0
     warned = _warnings(caplog)
@@ -45,6 +48,7 @@ def test_register_oldest_moves_what_the_queue_still_holds(source, target, caplog
     produce(source, "src_q", simple_events(300, start=700))
     tick(source, "src_q")
     caplog.set_level(logging.INFO, logger=MOVER_LOG)
+    caplog.set_level(logging.INFO, logger=REGISTRATION_LOG)
     report = run_mover(source, target, register_consumer=True, register_at="oldest")
     assert report.events == 1000
     assert queue_events(target, "dst_q") == queue_events(source, "src_q")
