@@ -13,27 +13,14 @@ order, so that even a short storm covers all of them):
 - restart_target     fast restart of the target server while a batch is open
 - race               two or three movers on the same tracking key at once
 - statement_timeout  the target session runs with a statement_timeout of a few ms
-- freeze_target      the mover's target connection (through the driver's fault proxy)
-                     stops forwarding mid-batch without closing: the mover, run with
-                     small bounds, must end with WaitTimeout within them
-- freeze_source      the same for the source connection
-- cut_target_mid_copy the target connection is reset (RST) while a big batch streams
-- cut_source_at_byte the source connection is reset after n more bytes of a big
-                     batch's COPY (proxy.cut_at counts bytes towards the client, so
-                     the byte-exact cut is on the side that streams towards the mover)
-- throttle           a slow link (latency, a few MB/s) under a 6 MB batch that takes
-                     longer than network_timeout: it must still complete
 
 Each mover process logs in, at random, as the superuser or as least-privilege
 roles (pgq_reader on the source; pgq_mover on the target, which takes the
 pgq_ext.insert_event_chunk path instead of COPY), so both write paths are
 disrupted. The source and the target live in different clusters: restarting the
-target leaves the producer and the ticker alone. Only the movers of the network
-kinds connect through the proxies (one per side, 127.0.0.1, owned by the driver);
-the producer, the ticker and every other mover connect directly.
+target leaves the producer and the ticker alone.
 
-After every disruption, with no mover running (and, after a network fault, the
-proxies healed and the mover's abandoned backends gone), two invariants are checked: the
+After every disruption, with no mover running, two invariants are checked: the
 target's mark is either the consumer's last finished tick or the end tick of its
 open batch (batch+mark or neither), and no payload is in the target twice.
 """
@@ -64,10 +51,8 @@ from psycopg2 import sql
 
 from airflow_provider_pgq.core import faults, pgq, pgq_ext, ticking
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.core.errors import PgqError
 from airflow_provider_pgq.core.mover import DrainBounds, MoverOptions, QueueMover
 from tests.faults import mover_child
-from tests.faults.proxy import FaultProxy
 from tests.helpers import FAULT_ENV
 from tests.support.cluster import ThrowawayCluster
 
@@ -82,15 +67,7 @@ KINDS = (
     "restart_target",
     "race",
     "statement_timeout",
-    "freeze_target",
-    "freeze_source",
-    "cut_target_mid_copy",
-    "cut_source_at_byte",
-    "throttle",
 )
-#: The kinds whose mover connects through the fault proxies.
-NETWORK_KINDS = frozenset({"freeze_target", "freeze_source", "cut_target_mid_copy", "cut_source_at_byte",
-                           "throttle"})
 #: How often each kind is drawn after the first round (restarts are the slowest).
 WEIGHTS = {
     "kill_at_point": 5,
@@ -101,21 +78,7 @@ WEIGHTS = {
     "restart_target": 1,
     "race": 2,
     "statement_timeout": 2,
-    "freeze_target": 1,
-    "freeze_source": 1,
-    "cut_target_mid_copy": 1,
-    "cut_source_at_byte": 1,
-    "throttle": 1,
 }
-
-#: The bounds of the network kinds' movers (mover_child --network-timeout etc.): small,
-#: so that a frozen connection ends within seconds.
-QUIET_TIMEOUTS = {"connect_timeout": 2.0, "network_timeout": 2.0, "statement_timeout": 2.0, "lock_timeout": 2.0}
-#: The longest a frozen mover may take to return: a COPY that moves no byte is given up
-#: after network_timeout (twice, while the send queue still drained), a statement after
-#: statement_timeout + min(grace, network_timeout); plus a margin for the watchdog's tick,
-#: rollbacks, closing and process exit on a busy 2-core machine.
-QUIET_BOUND = 2 * QUIET_TIMEOUTS["network_timeout"] + 3.0
 
 #: A burst this big (events x bytes) outgrows the copy pipe and the socket buffers,
 #: so the source's COPY is still sending while the paused target waits.
@@ -356,8 +319,6 @@ class FaultRecord:
     fired: bool
     exit_codes: list[int]
     note: str = ""
-    #: seconds from the disruption to the mover's return (None: no single moment of disruption)
-    hang: float | None = None
 
 
 @dataclass
@@ -395,21 +356,13 @@ class StormResult:
             out[kind] = (len(recs), sum(1 for r in recs if r.fired))
         return out
 
-    def longest_hang(self, kind: str) -> float | None:
-        """The longest time from a disruption of this kind to the mover's return (for
-        throttle: the slow run's whole duration)."""
-        hangs = [r.hang for r in self.records if r.kind == kind and r.hang is not None]
-        return max(hangs) if hangs else None
-
     def table(self) -> str:
         lines = [f"fault storm, seed {self.seed}, {self.seconds:.0f} s", "",
-                 f"{'fault kind':<20}{'injected':>9}{'landed':>8}{'longest hang':>14}  details"]
+                 f"{'fault kind':<20}{'injected':>9}{'landed':>8}  details"]
         for kind, (injected, fired) in self.by_kind().items():
             details = Counter(r.detail for r in self.records if r.kind == kind and r.fired)
             text = ", ".join(f"{d} x{n}" for d, n in sorted(details.items()))
-            hang = self.longest_hang(kind)
-            shown = "-" if hang is None else f"{hang:.2f} s"
-            lines.append(f"{kind:<20}{injected:>9}{fired:>8}{shown:>14}  {text}")
+            lines.append(f"{kind:<20}{injected:>9}{fired:>8}  {text}")
         lines.append(f"{'total':<20}{len(self.records):>9}{self.fired:>8}")
         lines.append("")
         rows = [
@@ -470,16 +423,11 @@ class Storm:
         self.workdir = Path(tempfile.mkdtemp(prefix="pgq-storm-"))
         self.children: list[Child] = []
         self._n = 0
-        # the network kinds' movers connect through these (started in setup)
-        self.source_proxy = FaultProxy(source.cluster.port)
-        self.target_proxy = FaultProxy(target.cluster.port)
 
     # setup / teardown
 
     def setup(self) -> None:
         s, t = self.source, self.target
-        self.source_proxy.start()
-        self.target_proxy.start()
         s.execute("select pgq.create_queue(%s)", (self.source_queue,))
         # tick whenever there is a new event: many small batches, many places to fail
         s.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (self.source_queue,))
@@ -498,8 +446,6 @@ class Storm:
 
     def teardown(self) -> None:
         self._reap()
-        self.source_proxy.stop()
-        self.target_proxy.stop()
         for db, login in ((self.source, self.reader), (self.target, self.writer)):
             try:
                 db.execute(sql.SQL("drop owned by {}").format(sql.Identifier(login.user)))
@@ -526,8 +472,6 @@ class Storm:
         loop_seconds: float = 0.0,
         target_options: str = "",
         sigterm_raises: bool = False,
-        via_proxy: bool = False,
-        extra_args: tuple[str, ...] = (),
     ) -> Child:
         self._n += 1
         app = f"storm-{self._n}"
@@ -548,11 +492,6 @@ class Storm:
             args += ["--target-options", target_options]
         if sigterm_raises:
             args.append("--sigterm-raises")
-        args += extra_args  # the last of a repeated option wins
-        if via_proxy:
-            source_dsn, target_dsn = self.source_proxy.dsn(source_dsn), self.target_proxy.dsn(target_dsn)
-            for name, seconds in QUIET_TIMEOUTS.items():
-                args += [f"--{name.replace('_', '-')}", f"{seconds:g}"]
         child = start_child(source_dsn, target_dsn, args, self.workdir, app, fault_env,
                             "pgq_mover" if as_writer else "superuser")
         self.children.append(child)
@@ -626,18 +565,15 @@ class Storm:
         raises = rng.random() < 0.5
         child = self.spawn(rng, pause_at=point, loop_seconds=8.0, sigterm_raises=raises)
         fired = self.wait_paused(child)
-        struck = None
         if fired:
             child.proc.send_signal(signal.SIGTERM)
-            struck = time.monotonic()
             time.sleep(0.05)
         child.release()
         code = self.finish(child, result)
-        hang = None if struck is None else time.monotonic() - struck
         landed = fired and code in (-signal.SIGTERM, 128 + signal.SIGTERM)
         self._expect(child, code, (0, -signal.SIGTERM, 128 + signal.SIGTERM), result)
         detail = f"{point} ({'raised' if raises else 'default action'})"
-        return FaultRecord(i, "sigterm", detail, landed, [code], hang=hang)
+        return FaultRecord(i, "sigterm", detail, landed, [code])
 
     def _terminate(self, i: int, rng: random.Random, result: StormResult, producer: Producer,
                    side: str) -> FaultRecord:
@@ -648,7 +584,6 @@ class Storm:
                            pause_min_events=BIG_BURST_EVENTS if big else 0)
         fired = False
         state = "not reached"
-        struck = None
         if self.wait_paused(child):
             db = self.source if side == "source" else self.target
             backend = self._backend(db, f"{child.app}:{'src' if side == 'source' else 'tgt'}")
@@ -658,14 +593,11 @@ class Storm:
                 state = "in COPY" if in_copy else (st or "?")
                 result.mid_copy_hits += int(in_copy)
                 fired = bool(db.cluster.execute("postgres", "select pg_terminate_backend(%s)", (pid,))[0][0])
-                struck = time.monotonic()
         child.release()
         code = self.finish(child, result)
-        hang = None if struck is None else time.monotonic() - struck
         self._expect(child, code, (0, 1), result)
         path = "chunks" if child.target_role == "pgq_mover" else "copy"
-        return FaultRecord(i, f"terminate_{side}", f"{path} path, backend {state}", fired and code == 1, [code],
-                           hang=hang)
+        return FaultRecord(i, f"terminate_{side}", f"{path} path, backend {state}", fired and code == 1, [code])
 
     def _fault_terminate_source(self, i: int, rng: random.Random, result: StormResult,
                                 producer: Producer) -> FaultRecord:
@@ -681,15 +613,12 @@ class Storm:
                             faults.AFTER_TARGET_COMMIT, faults.BEFORE_SOURCE_COMMIT])
         child = self.spawn(rng, pause_at=point, loop_seconds=10.0)
         fired = self.wait_paused(child)
-        struck = None
         if fired:
             self.target.cluster.pg_ctl("restart", "fast")
-            struck = time.monotonic()
         child.release()
         code = self.finish(child, result)
-        hang = None if struck is None else time.monotonic() - struck
         self._expect(child, code, (0, 1), result)
-        return FaultRecord(i, "restart_target", point, fired and code == 1, [code], hang=hang)
+        return FaultRecord(i, "restart_target", point, fired and code == 1, [code])
 
     def _fault_race(self, i: int, rng: random.Random, result: StormResult, producer: Producer) -> FaultRecord:
         n = rng.choice([2, 3])
@@ -721,144 +650,6 @@ class Storm:
         code = self.finish(child, result)
         self._expect(child, code, (0, 1), result, allowed_error="QueryCanceled")
         return FaultRecord(i, "statement_timeout", f"{ms} ms", code == 1, [code])
-
-    # the network kinds: the mover connects through the proxies, with small bounds
-
-    def _strike_paused(self, child: Child, strike: Callable[[], None]) -> float | None:
-        """Strikes once the child holds its pause, then lets it go; the moment of the
-        strike (None when the child never paused)."""
-        struck = None
-        if self.wait_paused(child):
-            strike()
-            struck = time.monotonic()
-        child.release()
-        return struck
-
-    def _settle_network(self, child: Child, result: StormResult, timeout: float = 20.0) -> None:
-        """Heals both proxies (held bytes go on: a held COMMIT may land now, as a lost
-        reply's would), then waits until the child's abandoned backends are gone."""
-        self.source_proxy.heal()
-        self.target_proxy.heal()
-        deadline = time.monotonic() + timeout
-        left: list[str] = []
-        while time.monotonic() < deadline:
-            left = [f"{side}" for db, side in ((self.source, "src"), (self.target, "tgt"))
-                    if self._backend(db, f"{child.app}:{side}") is not None]
-            if not left:
-                return
-            time.sleep(0.05)
-        result.hung.append(f"{child.app}: backends {left} still there {timeout:g}s after the network healed")
-
-    def _check_bound(self, child: Child, hang: float | None, result: StormResult) -> None:
-        if hang is not None and hang > QUIET_BOUND:
-            result.hung.append(f"{child.app}: returned {hang:.1f}s after the network fault (bound {QUIET_BOUND:g}s)")
-
-    def _freeze(self, i: int, rng: random.Random, result: StormResult, producer: Producer,
-                side: str) -> FaultRecord:
-        if side == "target":
-            points = [faults.MID_STREAM, faults.MID_STREAM, faults.AFTER_NEXT_BATCH, faults.BEFORE_TARGET_COMMIT]
-        else:
-            points = [faults.MID_STREAM, faults.MID_STREAM, faults.AFTER_TARGET_COMMIT, faults.BEFORE_SOURCE_COMMIT]
-        point = rng.choice(points)
-        big = point == faults.MID_STREAM
-        if big:
-            producer.burst(BIG_BURST_EVENTS, BIG_BURST_PAD)
-        child = self.spawn(rng, pause_at=point, loop_seconds=10.0,
-                           pause_min_events=BIG_BURST_EVENTS if big else 0, via_proxy=True)
-        proxy = self.target_proxy if side == "target" else self.source_proxy
-        struck = self._strike_paused(child, proxy.freeze)
-        code = self.finish(child, result)
-        hang = None if struck is None else time.monotonic() - struck
-        self._settle_network(child, result)
-        self._expect(child, code, (0, 1), result, allowed_error="WaitTimeout")
-        self._check_bound(child, hang, result)
-        path = "chunks" if child.target_role == "pgq_mover" else "copy"
-        landed = struck is not None and code == 1 and "WaitTimeout" in child.error_line()
-        return FaultRecord(i, f"freeze_{side}", f"{point}, {path} path", landed, [code], hang=hang)
-
-    def _fault_freeze_target(self, i: int, rng: random.Random, result: StormResult,
-                             producer: Producer) -> FaultRecord:
-        return self._freeze(i, rng, result, producer, "target")
-
-    def _fault_freeze_source(self, i: int, rng: random.Random, result: StormResult,
-                             producer: Producer) -> FaultRecord:
-        return self._freeze(i, rng, result, producer, "source")
-
-    def _fault_cut_target_mid_copy(self, i: int, rng: random.Random, result: StormResult,
-                                   producer: Producer) -> FaultRecord:
-        producer.burst(BIG_BURST_EVENTS, BIG_BURST_PAD)
-        child = self.spawn(rng, pause_at=faults.MID_STREAM, loop_seconds=10.0,
-                           pause_min_events=BIG_BURST_EVENTS, via_proxy=True)
-        struck = self._strike_paused(child, self.target_proxy.cut)
-        code = self.finish(child, result)
-        hang = None if struck is None else time.monotonic() - struck
-        self._settle_network(child, result)
-        self._expect(child, code, (0, 1), result)
-        self._check_bound(child, hang, result)
-        path = "chunks" if child.target_role == "pgq_mover" else "copy"
-        return FaultRecord(i, "cut_target_mid_copy", f"{path} path", struck is not None and code == 1, [code],
-                           hang=hang)
-
-    def _fault_cut_source_at_byte(self, i: int, rng: random.Random, result: StormResult,
-                                  producer: Producer) -> FaultRecord:
-        producer.burst(BIG_BURST_EVENTS, BIG_BURST_PAD)
-        nbytes = rng.randint(50_000, 4_000_000)
-        child = self.spawn(rng, pause_at=faults.AFTER_NEXT_BATCH, loop_seconds=10.0,
-                           pause_min_events=BIG_BURST_EVENTS, via_proxy=True)
-        struck = self._strike_paused(child, lambda: self.source_proxy.cut_at(nbytes))
-        code = self.finish(child, result)
-        # the reset comes when the n-th byte passes: the hang is counted from the strike
-        hang = None if struck is None else time.monotonic() - struck
-        self._settle_network(child, result)
-        self._expect(child, code, (0, 1), result)
-        self._check_bound(child, hang, result)
-        path = "chunks" if child.target_role == "pgq_mover" else "copy"
-        size = "under 1 MB" if nbytes < 1_000_000 else "1-4 MB"
-        return FaultRecord(i, "cut_source_at_byte", f"{path} path, {size} in", struck is not None and code == 1,
-                           [code], f"n={nbytes}", hang=hang)
-
-    def _fault_throttle(self, i: int, rng: random.Random, result: StormResult,
-                        producer: Producer) -> FaultRecord:
-        side = rng.choice(["target", "source"])
-        rate = rng.choice([1_500_000, 2_000_000, 3_000_000])
-        latency = rng.choice([0.0, 0.002, 0.005])
-        # the backlog the earlier disruptions left is moved at full speed first: the slow
-        # link carries the big batch, not minutes of catch-up
-        self.catch_up()
-        producer.burst(BIG_BURST_EVENTS, BIG_BURST_PAD)
-        time.sleep(0.2)  # the ticker closes the burst's batch
-        (self.target_proxy if side == "target" else self.source_proxy).throttle(rate)
-        self.source_proxy.delay(latency)
-        self.target_proxy.delay(latency)
-        started = time.monotonic()
-        # one drain that stops after the big batch (with the ticker at 50 ms, a run of
-        # one-tick batches over a high-latency link would chase the ticks for ever)
-        child = self.spawn(rng, via_proxy=True, extra_args=(
-            "--batch-target-events", "500", "--max-events", str(BIG_BURST_EVENTS)))
-        code = self.finish(child, result, timeout=45.0)
-        took = time.monotonic() - started
-        self._settle_network(child, result)
-        self._expect(child, code, (0,), result)
-        summary = child.summary() if code == 0 else None
-        moved = int(summary["events"]) if summary else 0
-        detail = f"{side} {rate / 1e6:g} MB/s, {latency * 1000:g} ms latency"
-        # landed: the big batch went over the slow link and the run completed
-        return FaultRecord(i, "throttle", detail, code == 0 and moved >= BIG_BURST_EVENTS, [code],
-                           f"events={moved} took={took:.1f}s", hang=took)
-
-    def catch_up(self) -> None:
-        """One clean drain in the driver (direct connections, default bounds)."""
-        s = connect(self.source.dsn(), application_name="storm-catch-up")
-        t = connect(self.target.dsn(), application_name="storm-catch-up")
-        try:
-            options = MoverOptions(self.source_queue, self.target_queue, self.consumer)
-            QueueMover(s, t, options, fault=lambda point: None).drain()
-        except (psycopg2.Error, PgqError) as exc:
-            # best effort: the throttled run still stops after the big batch
-            self.log(f"catch-up before throttle failed: {type(exc).__name__}: {str(exc).strip()[:160]}")
-        finally:
-            s.close()
-            t.close()
 
     def _expect(self, child: Child, code: int, allowed: tuple[int, ...], result: StormResult,
                 allowed_error: str | None = None) -> None:
