@@ -26,6 +26,7 @@ from airflow_provider_pgq.core.mover import (
     seconds_to_interval,
 )
 from airflow_provider_pgq.hooks.pgq import PgqHook
+from airflow_provider_pgq.links.mover_page import PgqMoverPageLink
 
 try:
     from airflow.sdk.observability.stats import Stats
@@ -147,6 +148,7 @@ class PgqQueueMoverOperator(BaseOperator):
         "consumer_name", "subconsumer", "reposition",
     )
     ui_color = "#c8e6c9"
+    operator_extra_links = (PgqMoverPageLink(),)
 
     def __init__(
         self,

@@ -2,14 +2,16 @@
 triggerer as separate processes, LocalExecutor, a PostgreSQL metadata database on the
 throwaway cluster, and a client that drives it only through the REST API, as the UI does.
 
-Authentication: SimpleAuthManager with ``[core] simple_auth_manager_all_admins``; the
-client still takes a JWT from ``GET /auth/token`` (what the UI does in that mode) and
-sends it as a bearer token. Every process is started in its own session (process group)
+Authentication: SimpleAuthManager's users (``USERS``, passwords written before the start)
+through tests/system/auth.py, which can refuse single DAGs to a user; the client logs
+in with ``POST /auth/token`` as a user and sends the JWT as a bearer token.
+Every process is started in its own session (process group)
 and stopped by that group's id, SIGTERM first, SIGKILL after a grace period.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -29,6 +31,9 @@ T = TypeVar("T")
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
+#: The deployment's users and their SimpleAuthManager roles.
+USERS = {"admin": "admin", "viewer": "viewer", "outsider": "viewer"}
+
 
 class DeploymentError(AssertionError):
     pass
@@ -46,21 +51,24 @@ class Deployment:
         self.metadata_db = f"airflow_meta_{secrets.token_hex(4)}"
         self.base = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._token: str | None = None
+        self._tokens: dict[str, str] = {}
+        self.passwords = {user: secrets.token_urlsafe(12) for user in USERS}
+        self.user = "admin"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__"))}
         pw = quote(cluster.password, safe="")
         self.env.update({
             "AIRFLOW_HOME": str(home),
-            "PYTHONPATH": str(root),
+            "PYTHONPATH": str(_tests_only(root, home)),
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__CORE__AUTH_MANAGER":
-                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+            "AIRFLOW__CORE__AUTH_MANAGER": "tests.system.auth.DagRestrictedAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
                 f"postgresql+psycopg2://{SUPERUSER}:{pw}@127.0.0.1:{cluster.port}/{self.metadata_db}",
@@ -90,6 +98,7 @@ class Deployment:
 
     def start(self) -> Deployment:
         self.cluster.create_database(self.metadata_db)
+        (self.home / "passwords.json").write_text(json.dumps(self.passwords) + "\n")
         self._airflow("db", "migrate")
         for name in COMPONENTS:
             log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -137,13 +146,18 @@ class Deployment:
 
     # -- REST API, as the UI uses it ----------------------------------------------------
 
-    def _headers(self) -> dict[str, str]:
-        if self._token is None:
-            r = httpx.get(f"{self.base}/auth/token", timeout=30)
+    def token(self, user: str) -> str:
+        """A JWT for ``user``, as the UI's login form gets one."""
+        if user not in self._tokens:
+            r = httpx.post(f"{self.base}/auth/token", json={"username": user, "password": self.passwords[user]},
+                           timeout=30)
             if r.status_code >= 300:
-                raise DeploymentError(f"GET /auth/token: {r.status_code} {r.text}")
-            self._token = r.json()["access_token"]
-        return {"Authorization": f"Bearer {self._token}"}
+                raise DeploymentError(f"POST /auth/token as {user}: {r.status_code} {r.text}")
+            self._tokens[user] = r.json()["access_token"]
+        return self._tokens[user]
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(self.user)}"}
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None, ok: tuple[int, ...] = (200, 201),
             params: dict[str, Any] | None = None) -> Any:
@@ -202,6 +216,18 @@ class Deployment:
         entry = self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"
                                 "/xcomEntries/return_value", params={"map_index": map_index, "deserialize": True})
         return entry["value"]
+
+
+def _tests_only(root: Path, home: Path) -> Path:
+    """A directory that puts the repository's ``tests`` package on the path and nothing
+    else: the repository root itself holds the editable install's egg-info, through which
+    Airflow would load this package's plugin a second time."""
+    path = home / "pythonpath"
+    path.mkdir(exist_ok=True)
+    link = path / "tests"
+    if not link.exists():
+        link.symlink_to(root / "tests")
+    return path
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

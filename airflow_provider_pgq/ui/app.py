@@ -1,0 +1,192 @@
+"""The PgQ page's FastAPI app, mounted by the plugin under /pgq of the API server.
+
+Every route needs a user authenticated by Airflow's auth manager (the UI's cookie or a
+bearer token; 401 without); the movers endpoint shows only the DAGs the auth manager
+lets the user read, and run reports (XCom) only where it lets the user read XComs.
+Read-only; of a connection only host, port and database are shown.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlsplit
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse
+
+from airflow_provider_pgq.core.guard import Timeouts
+from airflow_provider_pgq.core.positions import Positions
+from airflow_provider_pgq.ui import live
+from airflow_provider_pgq.ui.history import RunPoint, recent_runs
+from airflow_provider_pgq.ui.movers import MoverSpec, movers_in_dag
+from airflow_provider_pgq.ui.state import DEFAULT_BEHIND_SECONDS, classify, marks_agree, rules
+
+STATIC = Path(__file__).parent / "static"
+_ASSETS = {"pgq.js": "text/javascript", "pgq.css": "text/css"}
+
+#: Bounds of the page's own sessions: a page never waits long on a database.
+UI_TIMEOUTS = Timeouts(connect_timeout=5, network_timeout=10, statement_timeout=5, lock_timeout=2)
+
+
+def _open(conn_id: str) -> Any:
+    from airflow_provider_pgq.hooks.pgq import PgqHook
+
+    return PgqHook(conn_id, application_name="airflow-pgq-ui", timeouts=UI_TIMEOUTS).get_conn()
+
+
+def _database(conn_id: str) -> live.Database:
+    from airflow_provider_pgq.hooks.pgq import PgqHook
+
+    p = PgqHook(conn_id).connect_parameters()
+    host, port, dbname = p.get("host", ""), p.get("port", "5432"), p.get("dbname", p.get("user", ""))
+    login = p.get("user", "")
+    return live.Database((host, port, dbname, login), {"host": host, "port": port, "database": dbname}, login)
+
+
+def _conf_float(key: str, default: float) -> float:
+    from airflow.configuration import conf
+
+    return conf.getfloat("pgq", key, fallback=default)
+
+
+def _ui_prefix() -> str:
+    from airflow.configuration import conf
+
+    return urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+
+
+async def authenticated_user(request: Request) -> Any:
+    """Airflow's own ``get_user`` (bearer token, else the UI's cookie; 401 without),
+    imported on the first request: task processes load plugins too (for macros) and
+    should not pay for the API server's modules."""
+    from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
+
+    return await get_user(request, None, await bearer_scheme(request))
+
+
+GetUserDep = Annotated[Any, Depends(authenticated_user)]
+
+
+def create_app(reader: live.LiveReader | None = None) -> FastAPI:
+    app = FastAPI(title="PgQ movers", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.reader = reader or live.LiveReader(_open, ttl=_conf_float("ui_cache_seconds", 5.0),
+                                                 bound=_conf_float("ui_read_seconds", 8.0))
+
+    @app.get("/", response_class=HTMLResponse)
+    def index(user: GetUserDep) -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/static/{name}")
+    def asset(name: str, user: GetUserDep) -> FileResponse:
+        if name not in _ASSETS:
+            raise HTTPException(404, "no such file")
+        return FileResponse(STATIC / name, media_type=_ASSETS[name])
+
+    @app.get("/api/movers")
+    def movers(user: GetUserDep, runs: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
+        return _movers(app.state.reader, user, runs)
+
+    return app
+
+
+def _movers(reader: live.LiveReader, user: Any, runs: int) -> dict[str, Any]:
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.models.dag import DagModel
+    from airflow.models.serialized_dag import SerializedDagModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    auth = get_auth_manager()
+    readable = auth.get_authorized_dag_ids(user=user, method="GET")
+    with create_session() as session:
+        active = list(session.scalars(select(DagModel.dag_id).where(DagModel.dag_id.in_(readable),
+                                                                    DagModel.is_stale.is_(False))))
+        specs = [spec for sd in SerializedDagModel.get_latest_serialized_dags(dag_ids=active, session=session)
+                 for spec in movers_in_dag(sd.dag_id, sd.data or {})]
+        reports = {d for d in {s.dag_id for s in specs}
+                   if auth.is_authorized_dag(method="GET", access_entity=DagAccessEntity.XCOM,
+                                             details=DagDetails(id=d), user=user)}
+        history = recent_runs(session, {(s.dag_id, s.task_id) for s in specs if s.dag_id in reports}, runs)
+    behind = _conf_float("ui_behind_seconds", DEFAULT_BEHIND_SECONDS)
+    rows = build_rows(reader, sorted(specs, key=lambda s: (s.dag_id, s.task_id, s.map_index)), history,
+                      behind, _ui_prefix(), reports)
+    return {"generated_at": dt.datetime.now(dt.timezone.utc).isoformat(), "behind_seconds": behind,
+            "rules": rules(behind), "movers": rows}
+
+
+def build_rows(reader: live.LiveReader, specs: Sequence[MoverSpec],
+               history: dict[tuple[str, str, int], list[RunPoint]], behind: float, ui_prefix: str,
+               reports: set[str]) -> list[dict[str, Any]]:
+    """One row per mover: live position (one read per database), last runs, state."""
+    databases: dict[str, live.Database | str] = {}
+    for conn_id in {c for s in specs if s.live for c in (s.source_conn_id, s.target_conn_id)}:
+        try:
+            databases[conn_id] = _database(conn_id)
+        except Exception as exc:  # noqa: BLE001 - an unknown connection is a row error
+            databases[conn_id] = live.describe(exc)
+    readable = [s for s in specs if s.live and all(isinstance(databases[c], live.Database)
+                                                   for c in (s.source_conn_id, s.target_conn_id))]
+    answers = reader.read(live.plan([
+        (databases[s.source_conn_id], databases[s.target_conn_id], s.source_conn_id, s.target_conn_id,
+         s.source_queue, s.target_queue, s.consumer_name, s.subconsumer) for s in readable  # type: ignore[misc]
+    ]))
+    return [_row(s, databases, answers, history, behind, ui_prefix, s.dag_id in reports) for s in specs]
+
+
+def _side(conn_id: str, queue: str, database: live.Database | str | None) -> dict[str, Any]:
+    shown = database.shown if isinstance(database, live.Database) else {}
+    return {"conn_id": conn_id, "queue": queue, **shown}
+
+
+def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: dict[live.Database, live.Answer],
+         history: dict[tuple[str, str, int], list[RunPoint]], behind: float, ui_prefix: str,
+         reports: bool) -> dict[str, Any]:
+    errors = [spec.problem] if spec.problem else []
+    src_db, dst_db = databases.get(spec.source_conn_id), databases.get(spec.target_conn_id)
+    source = target = None
+    for side, db in (("source", src_db), ("target", dst_db)):
+        if isinstance(db, str):
+            errors.append(f"{side} connection {getattr(spec, side + '_conn_id')!r}: {db}")
+    if isinstance(src_db, live.Database):
+        answer = answers.get(src_db)
+        if isinstance(answer, str):
+            errors.append(f"source database: {answer}")
+        elif isinstance(answer, Positions):
+            source = answer.sources.get((spec.source_queue, spec.consumer_name))
+    if isinstance(dst_db, live.Database):
+        answer = answers.get(dst_db)
+        if isinstance(answer, str):
+            errors.append(f"target database: {answer}")
+        elif isinstance(answer, Positions):
+            target = answer.targets.get((spec.target_queue, spec.consumer_name, spec.subconsumer))
+            if answer.target_problem:
+                errors.append(f"target database: {answer.target_problem}")
+    if source is not None and not source.queue_exists:
+        errors.append(f"source queue {spec.source_queue!r} does not exist")
+    elif source is not None and not source.registered:
+        errors.append(f"consumer {spec.consumer_name!r} is not registered on {spec.source_queue!r}")
+    if target is not None and not target.queue_exists:
+        errors.append(f"target queue {spec.target_queue!r} does not exist")
+    state = classify(source, target, "; ".join(errors) or None, behind)
+    points = history.get((spec.dag_id, spec.task_id, spec.map_index), []) if reports else []
+    return {
+        "key": spec.key, "dag_id": spec.dag_id, "task_id": spec.task_id, "map_index": spec.map_index,
+        "grid_url": f"{ui_prefix}/dags/{quote(spec.dag_id, safe='')}",
+        "source": _side(spec.source_conn_id, spec.source_queue, src_db),
+        "target": _side(spec.target_conn_id, spec.target_queue, dst_db),
+        "consumer_name": spec.consumer_name, "subconsumer": spec.subconsumer,
+        "registered": source.registered if source else None,
+        "last_tick": source.last_tick if source else None,
+        "current_batch": source.current_batch if source else None,
+        "newest_tick": source.newest_tick if source else None,
+        "target_mark": target.mark if target else None,
+        "marks_agree": marks_agree(source, target) if source and target else None,
+        "lag_seconds": source.lag_seconds if source else None,
+        "pending_events": source.pending_events if source else None,
+        "state": state.value, "errors": errors,
+        "runs": [p.to_dict() for p in points] if reports else None,
+    }

@@ -1,0 +1,72 @@
+"""The last runs of each mover task: state and the move report its XCom holds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import and_, func, select, tuple_
+from sqlalchemy.orm import Session
+
+
+@dataclass(frozen=True)
+class RunPoint:
+    run_id: str
+    run_after: str | None
+    state: str | None
+    events: int | None
+    batches: int | None
+    lag_seconds: float | None
+    pending_events: int | None
+    stop_reason: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def recent_runs(session: Session, tasks: Iterable[tuple[str, str]], limit: int
+                ) -> dict[tuple[str, str, int], list[RunPoint]]:
+    """(dag_id, task_id, map_index) -> its last ``limit`` task instances, oldest first,
+    in one query (a window over the task instances of the given tasks)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance as TI
+    from airflow.models.xcom import XComModel
+
+    wanted = sorted(set(tasks))
+    if not wanted:
+        return {}
+    rank = func.row_number().over(partition_by=(TI.dag_id, TI.task_id, TI.map_index),
+                                  order_by=DagRun.run_after.desc()).label("rank")
+    ranked = (
+        select(TI.dag_id, TI.task_id, TI.map_index, TI.run_id, TI.state, DagRun.run_after,
+               XComModel.value, rank)
+        .join(DagRun, and_(DagRun.dag_id == TI.dag_id, DagRun.run_id == TI.run_id))
+        .outerjoin(XComModel, and_(XComModel.dag_run_id == DagRun.id, XComModel.task_id == TI.task_id,
+                                   XComModel.map_index == TI.map_index, XComModel.key == "return_value"))
+        .where(tuple_(TI.dag_id, TI.task_id).in_(wanted))
+        .subquery()
+    )
+    rows = session.execute(select(ranked).where(ranked.c.rank <= limit).order_by(ranked.c.run_after)).all()
+    out: dict[tuple[str, str, int], list[RunPoint]] = {}
+    for row in rows:
+        report = XComModel.deserialize_value(SimpleNamespace(value=row.value)) if row.value is not None else None
+        report = report if isinstance(report, dict) else {}
+        out.setdefault((row.dag_id, row.task_id, row.map_index), []).append(RunPoint(
+            run_id=row.run_id,
+            run_after=row.run_after.isoformat() if row.run_after is not None else None,
+            state=str(row.state.value if hasattr(row.state, "value") else row.state) if row.state else None,
+            events=_number(report.get("events"), int),
+            batches=_number(report.get("batches"), int),
+            lag_seconds=_number(report.get("lag_seconds"), float),
+            pending_events=_number(report.get("pending_events"), int),
+            stop_reason=str(report["stop_reason"]) if report.get("stop_reason") is not None else None,
+        ))
+    return out
+
+
+def _number(value: Any, kind: type[Any]) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return kind(value)

@@ -1,0 +1,133 @@
+"""Live positions for the page: one statement per database, in threads, bounded, cached.
+
+Movers are grouped by the database they reach (host, port, database and login of the
+connection, so two connection ids to one database share a read); each database is read
+once with ``core.positions.read_positions`` in a worker thread. A page load waits at
+most ``bound`` seconds: a database that has not answered by then shows an error on its
+rows, and its read keeps running under its own connect and statement timeouts; the next
+page load joins that read instead of starting another. Answers (errors included) are
+cached for ``ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from psycopg2.extensions import connection as Connection
+
+from airflow_provider_pgq.core.connect import redact
+from airflow_provider_pgq.core.positions import Positions, read_positions
+
+
+@dataclass(frozen=True)
+class Database:
+    """Where a connection id leads; ``shown`` holds host, port and database, nothing more."""
+
+    identity: Hashable
+    shown: dict[str, str] = field(hash=False, compare=False)
+    #: The login, never shown: errors name it as <login>.
+    login: str = field(default="", hash=False, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one page load asks of one database."""
+
+    sources: tuple[tuple[str, str], ...]
+    targets: tuple[tuple[str, str, str], ...]
+
+
+#: Outcome of a read: the positions, or an error message without secrets.
+Answer = Positions | str
+
+
+class LiveReader:
+    """Shared by all page loads of one API server process."""
+
+    def __init__(self, open_connection: Callable[[str], Connection], ttl: float = 5.0, bound: float = 8.0,
+                 workers: int = 8) -> None:
+        self._open = open_connection
+        self.ttl = ttl
+        self.bound = bound
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgq-ui-read")
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[Hashable, Request], tuple[float, Answer]] = {}
+        self._running: dict[tuple[Hashable, Request], Future[Answer]] = {}
+        #: Reads started (each is one statement on one database): the tests count them.
+        self.reads = 0
+
+    def read(self, wanted: dict[Database, tuple[str, Request]]) -> dict[Database, Answer]:
+        """``wanted`` maps each database to (a connection id that reaches it, what to ask)."""
+        now = time.monotonic()
+        answers: dict[Database, Answer] = {}
+        pending: dict[Database, Future[Answer]] = {}
+        with self._lock:
+            for db, (conn_id, request) in wanted.items():
+                key = (db.identity, request)
+                cached = self._cache.get(key)
+                if cached is not None and cached[0] > now:
+                    answers[db] = cached[1]
+                    continue
+                future = self._running.get(key)
+                if future is None:
+                    future = self._pool.submit(self._read_one, conn_id, request, db.login)
+                    self._running[key] = future
+                    future.add_done_callback(functools.partial(self._store, key))
+                    self.reads += 1
+                pending[db] = future
+        wait(list(pending.values()), timeout=self.bound)
+        for db, future in pending.items():
+            answers[db] = future.result() if future.done() else (
+                f"no answer within {self.bound:g} s (the read goes on; reload to see it)")
+        return answers
+
+    def _store(self, key: tuple[Hashable, Request], future: Future[Answer]) -> None:
+        with self._lock:
+            self._running.pop(key, None)
+            self._cache[key] = (time.monotonic() + self.ttl, future.result())
+
+    def _read_one(self, conn_id: str, request: Request, login: str) -> Answer:
+        try:
+            conn = self._open(conn_id)
+        except Exception as exc:  # noqa: BLE001 - shown on the rows, the page stays up
+            return describe(exc, login)
+        try:
+            return read_positions(conn, request.sources, request.targets)
+        except Exception as exc:  # noqa: BLE001
+            return describe(exc, login)
+        finally:
+            conn.close()
+
+
+def describe(exc: BaseException, login: str = "") -> str:
+    """One line for a row: the error's class and first line. The page shows host, port and
+    database only: passwords never reach these messages (core.connect builds them from
+    parsed parameters, and redact() runs again here); the login, which libpq and the hook
+    do name, is replaced by ``<login>``."""
+    first = " ".join(str(exc).split())
+    text = redact(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    if login:
+        text = re.sub(rf"(?<![\w.-]){re.escape(login)}(?![\w.-])", "<login>", text)
+    return text
+
+
+def plan(specs: Sequence[tuple[Database, Database, str, str, str, str, str, str]]
+         ) -> dict[Database, tuple[str, Request]]:
+    """(source db, target db, source conn id, target conn id, source queue, target queue,
+    consumer, subconsumer) per mover -> one request per database."""
+    sources: dict[Database, set[tuple[str, str]]] = {}
+    targets: dict[Database, set[tuple[str, str, str]]] = {}
+    conn_ids: dict[Database, str] = {}
+    for src, dst, src_id, dst_id, src_q, dst_q, consumer, sub in specs:
+        sources.setdefault(src, set()).add((src_q, consumer))
+        targets.setdefault(dst, set()).add((dst_q, consumer, sub))
+        conn_ids.setdefault(src, src_id)
+        conn_ids.setdefault(dst, dst_id)
+    return {db: (conn_ids[db], Request(tuple(sorted(sources.get(db, ()))), tuple(sorted(targets.get(db, ())))))
+            for db in conn_ids}

@@ -1,0 +1,56 @@
+"""The state colour of a mover row, and the rule the page prints next to it."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from airflow_provider_pgq.core.positions import SourcePosition, TargetMark
+
+#: Pending events older than this (seconds of lag) make a mover "falling behind";
+#: ``[pgq] ui_behind_seconds`` in airflow.cfg overrides it.
+DEFAULT_BEHIND_SECONDS = 900.0
+
+
+class State(str, Enum):
+    KEEPING_UP = "keeping up"
+    FALLING_BEHIND = "falling behind"
+    STOPPED = "stopped"
+    MISMATCH = "position mismatch"
+
+
+def rules(behind_seconds: float) -> dict[str, str]:
+    """What each colour means, in the order the rule is applied."""
+    return {
+        State.STOPPED.value: "a database cannot be read, a queue is missing, pgq_ext is missing on the target,"
+                             " or the consumer is not registered on the source: nothing moves",
+        State.MISMATCH.value: "the target's mark is not the consumer's last tick (and no batch is open past it):"
+                              " rewind or reset before the next run (see the mover's reposition)",
+        State.FALLING_BEHIND.value: f"events are pending and the consumer's lag exceeds {behind_seconds:g} s",
+        State.KEEPING_UP.value: "none of the above",
+    }
+
+
+def marks_agree(source: SourcePosition, target: TargetMark) -> bool | None:
+    """True when the target's mark is the consumer's position; None when nothing was applied yet.
+
+    Between a batch's commit on the target and its finish on the source the mark is ahead
+    of ``last_tick`` while the batch is still open: that is a move in flight, not a mismatch.
+    """
+    if target.mark is None or source.last_tick is None:
+        return None
+    if target.mark == source.last_tick:
+        return True
+    return source.current_batch is not None and target.mark > source.last_tick
+
+
+def classify(source: SourcePosition | None, target: TargetMark | None, problem: str | None,
+             behind_seconds: float = DEFAULT_BEHIND_SECONDS) -> State:
+    if problem or source is None or target is None:
+        return State.STOPPED
+    if not (source.queue_exists and target.queue_exists and source.registered):
+        return State.STOPPED
+    if marks_agree(source, target) is False:
+        return State.MISMATCH
+    if (source.pending_events or 0) > 0 and (source.lag_seconds or 0.0) > behind_seconds:
+        return State.FALLING_BEHIND
+    return State.KEEPING_UP

@@ -1,0 +1,166 @@
+"""The PgQ page (airflow_provider_pgq/ui) in the real deployment: its API behind Airflow's
+auth manager, and the page in a real browser (Debian's chromium driven by Playwright).
+
+Runs after test_deployment.py on the same deployment (file order), so every example
+mover has run at least once; each test here moves a known count first and compares
+what the page shows with the databases.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, Server, produce, simple_events, tick
+from tests.system.conftest import HIDDEN_DAG, PARTITION_DAG, System
+
+pytestmark = pytest.mark.system
+
+CHROMIUM = os.environ.get("PGQ_TEST_CHROMIUM", "/usr/bin/chromium")
+#: Where the browser test leaves its screenshot.
+OUTPUT = Path(os.environ.get("PGQ_TEST_OUTPUT", ROOT / "test-output"))
+
+
+def _movers(system: System, user: str | None, **params: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {system.airflow.token(user)}"} if user else {}
+    return httpx.get(f"{system.airflow.base}/pgq/api/movers", headers=headers, params=params, timeout=60)
+
+
+def _rows(system: System, user: str = "admin") -> dict[str, dict[str, Any]]:
+    r = _movers(system, user)
+    assert r.status_code == 200, r.text
+    return {m["key"]: m for m in r.json()["movers"]}
+
+
+def _truth(src: Server, dst: Server, queue: str, consumer: str, subconsumer: str = "") -> dict[str, Any]:
+    last_tick, batch = src.execute("select last_tick, current_batch from pgq.get_consumer_info(%s, %s)",
+                                   (queue, consumer))[0]
+    newest = src.execute("select max(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
+                         " where q.queue_name = %s", (queue,))[0][0]
+    mark = dst.execute("select pgq_ext.get_last_tick(%s, %s)", (consumer, subconsumer))[0][0]
+    return {"last_tick": last_tick, "current_batch": batch, "newest_tick": newest, "target_mark": mark}
+
+
+def _move_known_count(system: System, events: int = 60, ticks: int = 3) -> str:
+    """Produce ``events`` in ``ticks`` ticks on queue dr, run pgq_sys_drain, return its run id."""
+    for i in range(ticks):
+        produce(system.src, "dr", simple_events(events // ticks, prefix=f"page{i}"))
+        tick(system.src, "dr")
+    af = system.airflow
+    af.unpause("pgq_sys_drain")
+    run_id = af.trigger("pgq_sys_drain")
+    assert af.wait_run("pgq_sys_drain", run_id) == "success"
+    assert af.xcom("pgq_sys_drain", run_id, "move")["events"] == events
+    return run_id
+
+
+def test_every_endpoint_needs_an_authenticated_user(system: System) -> None:
+    base = system.airflow.base
+    for path in ("/pgq/", "/pgq/api/movers", "/pgq/static/pgq.js"):
+        assert httpx.get(base + path, timeout=30).status_code == 401, path
+        forged = httpx.get(base + path, headers={"Authorization": "Bearer not-a-token"}, timeout=30)
+        assert forged.status_code in (401, 403), path
+    assert httpx.get(base + "/pgq/static/pgq.js", timeout=30,
+                     headers={"Authorization": f"Bearer {system.airflow.token('viewer')}"}).status_code == 200
+
+
+def test_the_movers_with_live_positions_and_the_last_runs(system: System) -> None:
+    run_id = _move_known_count(system)
+    rows = _rows(system)
+    drain = rows["pgq_sys_drain.move"]
+    assert drain["state"] == "keeping up" and drain["errors"] == []
+    truth = _truth(system.src, system.dst, "dr", "dr_mover")
+    for field, value in truth.items():
+        assert drain[field] == value, (field, drain, truth)
+    assert drain["marks_agree"] is True and drain["registered"] is True
+    assert drain["source"] == {"conn_id": "pgq_sys_src", "queue": "dr", "host": "127.0.0.1",
+                               "port": str(system.src.cluster.port), "database": system.src.dbname}
+    last = drain["runs"][-1]
+    assert (last["run_id"], last["state"], last["events"], last["batches"]) == (run_id, "success", 60, 3)
+    assert drain["grid_url"].endswith("/dags/pgq_sys_drain")
+    # every example mover has a row: the DAG file's movers and the mapped partitions
+    assert {"pgq_sys_backfill.move", "pgq_sys_sensor.move", f"{HIDDEN_DAG}.move"} <= set(rows)
+    assert {f"{PARTITION_DAG}.move_partition[{i}]" for i in range(3)} <= set(rows)
+
+
+def test_a_reachable_and_an_unreachable_mover_in_one_response(system: System) -> None:
+    af = system.airflow
+    af.unpause(PARTITION_DAG)
+    # pgq_part_down cannot be reached: the run fails, the other partitions move
+    assert af.wait_run(PARTITION_DAG, af.trigger(PARTITION_DAG)) == "failed"
+    rows = _rows(system)
+    up = rows[f"{PARTITION_DAG}.move_partition[0]"]
+    down = rows[f"{PARTITION_DAG}.move_partition[2]"]
+    assert up["errors"] == [] and up["last_tick"] is not None
+    assert up["target_mark"] == _truth(system.parts[0], system.central, "events", "consolidate_events",
+                                       "pgq_part_0")["target_mark"]
+    assert down["state"] == "stopped" and down["last_tick"] is None
+    assert any("source database" in e for e in down["errors"]), down["errors"]
+    assert down["source"] == {"conn_id": "pgq_part_down", "queue": "events", "host": "127.0.0.1",
+                              "port": "1", "database": "none"}
+
+
+def test_no_password_ever(system: System) -> None:
+    text = _movers(system, "admin").text
+    assert "nopass" not in text  # pgq_part_down's password, refused by nobody at port 1
+    assert system.src.cluster.password not in text
+    assert "nobody" not in text  # not even the login
+
+
+def test_a_user_sees_only_the_movers_of_dags_they_may_read(system: System) -> None:
+    admin = _rows(system, "admin")
+    outsider = _rows(system, "outsider")
+    assert f"{HIDDEN_DAG}.move" in admin
+    assert f"{HIDDEN_DAG}.move" not in outsider
+    assert set(admin) - set(outsider) == {f"{HIDDEN_DAG}.move"}
+
+
+def test_each_mover_task_instance_links_to_its_row(system: System) -> None:
+    af = system.airflow
+    run_id = af.runs("pgq_sys_drain")[-1]["dag_run_id"]
+    links = af.api("GET", f"/dags/pgq_sys_drain/dagRuns/{run_id}/taskInstances/move/links")
+    assert links["PgQ movers"] == f"{af.base}/pgq/?mover=pgq_sys_drain.move#pgq_sys_drain.move"
+
+
+def test_the_page_in_a_real_browser(system: System) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no chromium at {CHROMIUM}: scripts/setup-env installs Debian's chromium package")
+    run_id = _move_known_count(system, events=90)
+    truth = _truth(system.src, system.dst, "dr", "dr_mover")
+    af = system.airflow
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    shot = OUTPUT / "pgq-page.png"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            # Airflow's own login form
+            page.goto(f"{af.base}/auth/login")
+            page.get_by_label("Username").fill("viewer")
+            page.get_by_label("Password").fill(af.passwords["viewer"])
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+            # the "PgQ" entry of the navigation shows the page in a frame
+            page.goto(f"{af.base}/plugin/pgq")
+            frame = page.frame_locator("iframe")
+            row = frame.locator('tr[data-key="pgq_sys_drain.move"]')
+            row.wait_for(timeout=60_000)
+            shown = {cls: row.locator(f"td.{cls}").inner_text() for cls in
+                     ("last-tick", "newest-tick", "target-mark", "marks-agree", "last-run")}
+            state = row.get_attribute("data-state")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    print(f"\nPgQ page screenshot: {shot}\nshown: {shown} state={state}\ndatabase: {truth} run {run_id}")
+    assert shown["last-tick"] == str(truth["last_tick"])
+    assert shown["newest-tick"] == str(truth["newest_tick"])
+    assert shown["target-mark"] == str(truth["target_mark"])
+    assert shown["marks-agree"] == "yes"
+    assert shown["last-run"] == "success: 90 events, 3 batches"
+    assert state == "keeping up"
+    assert shot.stat().st_size > 10_000
