@@ -56,7 +56,7 @@ class LiveReader:
         self.ttl = ttl
         self.bound = bound
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pgq-ui-read")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a future done before add_done_callback stores at once
         self._cache: dict[tuple[Hashable, Request], tuple[float, Answer]] = {}
         self._running: dict[tuple[Hashable, Request], Future[Answer]] = {}
         #: Reads started (each is one statement on one database): the tests count them.

@@ -123,7 +123,7 @@ def test_each_mover_task_instance_links_to_its_row(system: System) -> None:
     af = system.airflow
     run_id = af.runs("pgq_sys_drain")[-1]["dag_run_id"]
     links = af.api("GET", f"/dags/pgq_sys_drain/dagRuns/{run_id}/taskInstances/move/links")
-    assert links["PgQ movers"] == f"{af.base}/pgq/?mover=pgq_sys_drain.move#pgq_sys_drain.move"
+    assert links["extra_links"]["PgQ movers"] == f"{af.base}/pgq/?mover=pgq_sys_drain.move#pgq_sys_drain.move"
 
 
 def test_the_page_in_a_real_browser(system: System) -> None:
