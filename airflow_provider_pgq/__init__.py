@@ -30,6 +30,7 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "sensors": [{"integration-name": "PgQ", "python-modules": ["airflow_provider_pgq.sensors.pgq"]}],
         "triggers": [{"integration-name": "PgQ", "python-modules": ["airflow_provider_pgq.triggers.pgq"]}],
+        "extra-links": ["airflow_provider_pgq.links.mover_page.PgqMoverPageLink"],
         "queues": ["airflow_provider_pgq.queues.pgq.PgqMessageQueueProvider"],
         "connection-types": [
             {

@@ -154,6 +154,10 @@ def test_the_page_in_a_real_browser(system: System) -> None:
                      ("last-tick", "newest-tick", "target-mark", "marks-agree", "last-run")}
             state = row.get_attribute("data-state")
             page.screenshot(path=str(shot), full_page=True)
+            # the page alone, full length (the frame above is cut at the window's height)
+            page.goto(f"{af.base}/pgq/?mover=pgq_sys_drain.move")
+            page.locator("body[data-loaded=true]").wait_for(timeout=60_000)
+            page.screenshot(path=str(OUTPUT / "pgq-page-full.png"), full_page=True)
         finally:
             browser.close()
     print(f"\nPgQ page screenshot: {shot}\nshown: {shown} state={state}\ndatabase: {truth} run {run_id}")

@@ -61,7 +61,7 @@ function row(m) {
 }
 
 function plot(m) {
-  const box = el("div", { class: "plot", "data-key": m.key }, el("h3", {}, `${m.key}: events per run (bars), lag in s (line)`));
+  const box = el("div", { class: "plot", "data-key": m.key }, el("h3", {}, m.key), el("div", { class: "muted" }, "events per run (bars), lag in s at the run's end (line)"));
   const runs = m.runs || [];
   if (!runs.length) {
     box.append(el("p", { class: "muted" }, m.runs === null ? "run reports hidden (no XCom access)" : "no runs yet"));

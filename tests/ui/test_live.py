@@ -1,0 +1,130 @@
+"""Live reads for the page against real databases: one statement per database however
+many movers share it, a cache, a bound on the wait, errors per row, no password."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from airflow_provider_pgq.ui import live
+from airflow_provider_pgq.ui.app import build_rows
+from airflow_provider_pgq.ui.history import RunPoint
+from airflow_provider_pgq.ui.movers import MoverSpec
+from tests.helpers import Server, create_queue, produce, register, simple_events, tick
+
+
+def _spec(task: str, src: str, dst: str, queue: str, consumer: str, sub: str = "") -> MoverSpec:
+    return MoverSpec(dag_id="d", task_id=task, map_index=-1, source_conn_id=src, target_conn_id=dst,
+                     source_queue=queue, target_queue=queue, consumer_name=consumer, subconsumer=sub)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """Accepts TCP connections and never answers: a server behind a frozen network."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    for s in held:
+        s.close()
+    listener.close()
+
+
+@pytest.fixture
+def three_databases(make_db: Callable[..., Server], monkeypatch: pytest.MonkeyPatch) -> list[Server]:
+    """Two sources and a target (pgq_ext installed), as Airflow connections src_a, src_b, dst
+    (and dst_again: a second connection id to the same target database)."""
+    dbs = [make_db(queue="q"), make_db(queue="q"), make_db(ext=True)]
+    for name, server in zip(("src_a", "src_b", "dst"), dbs, strict=True):
+        monkeypatch.setenv(f"AIRFLOW_CONN_{name.upper()}", server.uri())
+    monkeypatch.setenv("AIRFLOW_CONN_DST_AGAIN", dbs[2].uri())
+    create_queue(dbs[2], "q")
+    return dbs
+
+
+def test_one_read_per_database_for_many_movers_then_the_cache(three_databases: list[Server]) -> None:
+    src_a, src_b, dst = three_databases
+    specs = []
+    for i in range(6):
+        register(src_a, "q", f"c{i}")
+        register(src_b, "q", f"c{i}")
+        specs += [_spec(f"a{i}", "src_a", "dst", "q", f"c{i}", "a"),
+                  _spec(f"b{i}", "src_b", "dst_again", "q", f"c{i}", "b")]
+    produce(src_a, "q", simple_events(4))
+    tick(src_a, "q")
+    reader = live.LiveReader(lambda conn_id: _open(conn_id), ttl=60, bound=20)
+    rows = build_rows(reader, specs, {}, 900, "", set())
+    assert reader.reads == 3  # twelve movers, two connection ids to one target: three databases
+    assert len(rows) == 12 and all(r["errors"] == [] for r in rows), [r["errors"] for r in rows]
+    a0 = next(r for r in rows if r["task_id"] == "a0")
+    assert a0["registered"] is True and a0["pending_events"] > 0 and a0["newest_tick"] > a0["last_tick"]
+    assert a0["source"]["database"] == src_a.dbname and a0["target"]["database"] == dst.dbname
+    build_rows(reader, specs, {}, 900, "", set())
+    assert reader.reads == 3  # within ttl: from the cache
+
+
+def test_an_unreachable_and_a_silent_database_do_not_hold_the_page(
+        three_databases: list[Server], silent_server: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    src_a, _, _ = three_databases
+    register(src_a, "q", "c")
+    monkeypatch.setenv("AIRFLOW_CONN_DOWN", "postgresql://someone:s3cret-pw@127.0.0.1:1/nothing")
+    monkeypatch.setenv("AIRFLOW_CONN_SILENT", f"postgresql://someone:s3cret-pw@127.0.0.1:{silent_server}/quiet")
+    specs = [_spec("up", "src_a", "dst", "q", "c"), _spec("down", "down", "dst", "q", "c"),
+             _spec("silent", "silent", "dst", "q", "c"), _spec("unknown", "no_such_conn", "dst", "q", "c")]
+    history = {("d", "up", -1): [RunPoint("r1", None, "success", 5, 1, 0.5, 0, "drained")]}
+    reader = live.LiveReader(lambda conn_id: _open(conn_id), ttl=60, bound=1.0)
+    started = time.monotonic()
+    rows = {r["task_id"]: r for r in build_rows(reader, specs, history, 900, "/ui", {"d"})}
+    assert time.monotonic() - started < 4  # the silent server's connect timeout is 5 s
+    assert rows["up"]["errors"] == [] and rows["up"]["state"] == "keeping up"
+    assert rows["up"]["runs"][0]["events"] == 5 and rows["up"]["grid_url"] == "/ui/dags/d"
+    assert rows["down"]["state"] == "stopped" and "Connection refused" in " ".join(rows["down"]["errors"])
+    assert any("no answer within 1 s" in e for e in rows["silent"]["errors"])
+    assert any("no_such_conn" in e for e in rows["unknown"]["errors"])
+    text = repr(rows)
+    assert "s3cret-pw" not in text and "someone" not in text
+    assert rows["down"]["source"] == {"conn_id": "down", "queue": "q", "host": "127.0.0.1", "port": "1",
+                                      "database": "nothing"}
+    # the next page load joins the silent read still in flight instead of starting another
+    reads = reader.reads
+    build_rows(reader, specs, history, 900, "", {"d"})
+    assert reader.reads == reads
+
+
+def test_run_reports_are_hidden_without_xcom_access(three_databases: list[Server]) -> None:
+    src_a, _, _ = three_databases
+    register(src_a, "q", "c")
+    history = {("d", "up", -1): [RunPoint("r1", None, "success", 5, 1, 0.5, 0, "drained")]}
+    reader = live.LiveReader(lambda conn_id: _open(conn_id))
+    (row,) = build_rows(reader, [_spec("up", "src_a", "dst", "q", "c")], history, 900, "", set())
+    assert row["runs"] is None
+
+
+def _open(conn_id: str) -> object:
+    from airflow_provider_pgq.ui.app import _open as open_for_page
+
+    return open_for_page(conn_id)
+
+
+def test_describe_hides_the_login_but_not_words_that_contain_it() -> None:
+    exc = RuntimeError('role "bob" does not exist; bobby and bob.x stay')
+    assert live.describe(exc, "bob") == 'RuntimeError: role "<login>" does not exist; bobby and bob.x stay'

@@ -1,0 +1,48 @@
+"""The state colour rule, decided without a database."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from airflow_provider_pgq.core.positions import SourcePosition, TargetMark
+from airflow_provider_pgq.ui.state import State, classify, marks_agree, rules
+
+SOURCE = SourcePosition(queue_name="q", consumer_name="c", queue_exists=True, registered=True, last_tick=10,
+                        newest_tick=12, current_batch=None, pending_events=0, lag_seconds=5.0)
+TARGET = TargetMark(target_queue="t", consumer_name="c", subconsumer="", queue_exists=True, mark=10)
+
+
+def test_keeping_up() -> None:
+    assert classify(SOURCE, TARGET, None) is State.KEEPING_UP
+    assert marks_agree(SOURCE, TARGET) is True
+
+
+def test_falling_behind_needs_pending_events_and_lag() -> None:
+    late = replace(SOURCE, pending_events=5, lag_seconds=1000.0)
+    assert classify(late, TARGET, None, behind_seconds=900) is State.FALLING_BEHIND
+    assert classify(replace(late, pending_events=0), TARGET, None, behind_seconds=900) is State.KEEPING_UP
+    assert classify(late, TARGET, None, behind_seconds=2000) is State.KEEPING_UP
+
+
+def test_stopped() -> None:
+    assert classify(SOURCE, TARGET, "source database: refused") is State.STOPPED
+    assert classify(replace(SOURCE, registered=False), TARGET, None) is State.STOPPED
+    assert classify(replace(SOURCE, queue_exists=False), TARGET, None) is State.STOPPED
+    assert classify(SOURCE, replace(TARGET, queue_exists=False), None) is State.STOPPED
+    assert classify(None, TARGET, None) is State.STOPPED
+
+
+def test_mismatch_but_not_for_a_batch_in_flight() -> None:
+    behind = replace(TARGET, mark=8)
+    assert classify(SOURCE, behind, None) is State.MISMATCH
+    ahead = replace(TARGET, mark=11)
+    assert classify(SOURCE, ahead, None) is State.MISMATCH
+    in_flight = replace(SOURCE, current_batch=77)
+    assert marks_agree(in_flight, ahead) is True and classify(in_flight, ahead, None) is State.KEEPING_UP
+    assert marks_agree(SOURCE, replace(TARGET, mark=None)) is None
+    assert classify(SOURCE, replace(TARGET, mark=None), None) is State.KEEPING_UP
+
+
+def test_every_state_has_its_rule_written() -> None:
+    assert set(rules(900)) == {s.value for s in State}
+    assert "900 s" in rules(900)[State.FALLING_BEHIND.value]
