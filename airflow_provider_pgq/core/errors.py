@@ -77,6 +77,18 @@ class WaitTimeout(PgqError):
         self.what = what
 
 
+class KeyLocked(WaitTimeout):
+    """The tracking key's lock on the target was not granted within lock_timeout: the
+    message names the session holding it (pid, application, client, state, wait event,
+    how long), so that one left behind by a vanished mover can be told from a live one
+    and ended (pg_terminate_backend)."""
+
+    def __init__(self, message: str, side: str = "", server: str = "", what: str = "",
+                 holder_pid: int | None = None) -> None:
+        super().__init__(message, side, server, what)
+        self.holder_pid = holder_pid
+
+
 class WaitAborted(PgqError):
     """A network wait was cut short on purpose (SIGTERM, Airflow's on_kill, a task
     timeout): the connection is closed, the open transaction rolled back by the server."""

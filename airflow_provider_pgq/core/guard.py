@@ -88,7 +88,8 @@ class Timeouts:
 
     def libpq_parameters(self) -> dict[str, str]:
         """Connection parameters: a silent peer is given up after about network_timeout
-        (keepalive idle + interval x count), unacknowledged data after exactly that."""
+        (keepalive idle + interval x count), unacknowledged data (or a zero window) by
+        the kernel after three times that, behind the client's own watchdog."""
         nt = self.network_timeout
         return {
             "connect_timeout": str(max(2, math.ceil(self.connect_timeout))),  # libpq: whole seconds, >= 2
@@ -96,8 +97,12 @@ class Timeouts:
             "keepalives_idle": str(max(1, int(nt // 2))),
             "keepalives_interval": str(max(1, int(nt // 6))),
             "keepalives_count": "3",
-            # the kernel's own backstop, after the client's watchdog (which names the side)
-            "tcp_user_timeout": str(max(1, int(2 * nt * 1000))),
+            # the kernel's own backstop, after the client's watchdog (which names the side):
+            # a frozen COPY is given up after up to 2 x network_timeout (once more while the
+            # send queue still drained), so the backstop waits three times as long. At twice,
+            # the storm saw the kernel win the race now and then ("could not receive data
+            # from server: Connection timed out", which names no side)
+            "tcp_user_timeout": str(max(1, int(3 * nt * 1000))),
         }
 
     def session_settings(self) -> dict[str, str]:

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import PgqExtMissing, PgqExtUntrusted
+from airflow_provider_pgq.core.errors import KeyLocked, PgqExtMissing, PgqExtUntrusted
 
 log = logging.getLogger(__name__)
 
@@ -302,12 +303,66 @@ def require(conn: Connection, install_if_missing: bool = False) -> None:
 
 def lock_key(conn: Connection, consumer: str, subconsumer: str) -> None:
     """Transaction-scoped lock that serializes movers sharing a tracking key."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended("
-            "pg_catalog.concat('pgq_ext:', %s::text, pg_catalog.chr(1), %s::text), 0::bigint))",
-            (consumer, subconsumer),
-        )
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended("
+                "pg_catalog.concat('pgq_ext:', %s::text, pg_catalog.chr(1), %s::text), 0::bigint))",
+                (consumer, subconsumer),
+            )
+    except psycopg2.errors.LockNotAvailable as exc:
+        raise key_locked(conn, consumer, subconsumer, exc) from exc
+
+
+#: The session that holds a key's advisory lock (a bigint key shows in pg_locks as
+#: classid = its high, objid = its low 32 bits, objsubid = 1). What pg_stat_activity
+#: shows of another role's session depends on the caller's rights (pg_read_all_stats).
+_KEY_HOLDER = (
+    "with k as (select pg_catalog.hashtextextended(pg_catalog.concat('pgq_ext:', %s::text,"
+    " pg_catalog.chr(1), %s::text), 0::bigint) as key)"
+    " select l.pid, a.application_name, pg_catalog.host(a.client_addr), a.state, a.wait_event,"
+    " pg_catalog.round(extract(epoch from pg_catalog.now() - a.state_change))::bigint"
+    " from k, pg_catalog.pg_locks l left join pg_catalog.pg_stat_activity a on a.pid = l.pid"
+    " where l.locktype = 'advisory' and l.granted and l.objsubid = 1"
+    " and l.database = (select oid from pg_catalog.pg_database where datname = pg_catalog.current_database())"
+    " and l.classid = ((k.key >> 32) & 4294967295)::oid and l.objid = (k.key & 4294967295)::oid"
+)
+
+
+def key_locked(conn: Connection, consumer: str, subconsumer: str, exc: psycopg2.Error) -> KeyLocked:
+    """The error for a key whose lock was not granted within lock_timeout, naming the
+    holder. Rolls back the failed transaction (it is lost anyway) to look it up."""
+    key = f"{consumer}/{subconsumer}" if subconsumer else consumer
+    holder = None
+    try:
+        conn.rollback()
+        holder = _rows(conn, _KEY_HOLDER, (consumer, subconsumer))
+        conn.rollback()
+    except psycopg2.Error:
+        holder = None
+    side = getattr(conn, "side", "target")
+    server_of = getattr(conn, "server", None)
+    server = server_of() if callable(server_of) else ""
+    where = f"{side} {server}" if server else side
+    if not holder:
+        return KeyLocked(
+            f"{where}: the lock of tracking key {key!r} was not granted within lock_timeout"
+            f" ({str(exc).strip()}); its holder has let go since: the next try should get it",
+            side=side, server=server, what="lock")
+    pid, app, client, state, wait_event, seconds = holder[0]
+    about = ", ".join(part for part in (
+        f"application {app!r}" if app else "",
+        f"client {client}" if client else "",
+        f"{state}" + (f" (waiting for {wait_event})" if wait_event else "") if state else "",
+        f"for {seconds} s" if seconds is not None else "",
+    ) if part)
+    return KeyLocked(
+        f"{where}: the lock of tracking key {key!r} was not granted within lock_timeout: backend pid {pid}"
+        f" holds it ({about or 'no details visible to this role'}). Another run of this mover is"
+        f" working, or one that vanished left its session behind (a proxy or middlebox that keeps the"
+        f" server's side of a dead connection open, a COPY waiting for data that never comes); if no"
+        f" mover of this key is running, end it: select pg_terminate_backend({pid})",
+        side=side, server=server, what="lock", holder_pid=int(pid))
 
 
 def get_last_tick(conn: Connection, consumer: str, subconsumer: str) -> int | None:
@@ -341,11 +396,15 @@ def begin_batch(
 ) -> tuple[str | None, int | None]:
     """lock_key, bind_source and get_last_tick in one round trip: (the other source the
     key belongs to, or None; the key's mark)."""
-    rows = _rows(
-        conn,
-        "select other_source, last_tick from pgq_ext.begin_batch(%s::text, %s::text, %s::text, %s::text, %s::text)",
-        (consumer, subconsumer, system_id, database, queue),
-    )
+    try:
+        rows = _rows(
+            conn,
+            "select other_source, last_tick from pgq_ext.begin_batch(%s::text, %s::text, %s::text, %s::text,"
+            " %s::text)",
+            (consumer, subconsumer, system_id, database, queue),
+        )
+    except psycopg2.errors.LockNotAvailable as exc:
+        raise key_locked(conn, consumer, subconsumer, exc) from exc
     other, mark = rows[0]
     return other, None if mark is None else int(mark)
 

@@ -15,7 +15,7 @@ import psycopg2
 import pytest
 
 from airflow_provider_pgq.core import pgq_ext
-from airflow_provider_pgq.core.errors import PgqExtMissing
+from airflow_provider_pgq.core.errors import KeyLocked, PgqExtMissing
 from tests.helpers import (
     Server,
     mark_of,
@@ -358,8 +358,12 @@ def test_lock_key_serializes_one_key_only(target: Server) -> None:
             cur.execute("set lock_timeout = '200ms'")
         pgq_ext.lock_key(b, "m", "other")  # another key: free
         pgq_ext.lock_key(b, "n", "")
-        with pytest.raises(psycopg2.errors.LockNotAvailable):
+        with pytest.raises(KeyLocked) as info:
             pgq_ext.lock_key(b, "m", "")
+        # the error names the session holding the key, and how to end it
+        assert info.value.holder_pid == a.get_backend_pid()
+        assert f"pg_terminate_backend({a.get_backend_pid()})" in str(info.value)
+        assert isinstance(info.value.__cause__, psycopg2.errors.LockNotAvailable)
         b.rollback()
         a.rollback()  # transaction-scoped: released with the transaction
         with b.cursor() as cur:

@@ -1,5 +1,6 @@
-"""A second throwaway cluster for the target side, so that restarting the target
-server leaves the source (producer, ticker) running."""
+"""Throwaway clusters of the storm's own for the source and the target side: the
+storm restarts and crashes them (kill -9 of the postmaster), which must leave the
+session's shared cluster alone, and restarting one side leaves the other running."""
 
 from __future__ import annotations
 
@@ -21,13 +22,32 @@ def target_cluster() -> Iterator[ThrowawayCluster]:
         c.stop()
 
 
+@pytest.fixture(scope="module")
+def source_cluster() -> Iterator[ThrowawayCluster]:
+    c = ThrowawayCluster().start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _fresh_database(cluster: ThrowawayCluster) -> Iterator[Database]:
+    name = f"storm_{uuid.uuid4().hex[:10]}"
+    cluster.create_database(name)
+    cluster.execute(name, "create extension pgq")
+    try:
+        yield Database(cluster, name)
+    finally:
+        cluster.drop_database(name)
+
+
 @pytest.fixture
 def storm_target(target_cluster: ThrowawayCluster) -> Iterator[Database]:
     """A fresh database with pgq in the target cluster."""
-    name = f"storm_{uuid.uuid4().hex[:10]}"
-    target_cluster.create_database(name)
-    target_cluster.execute(name, "create extension pgq")
-    try:
-        yield Database(target_cluster, name)
-    finally:
-        target_cluster.drop_database(name)
+    yield from _fresh_database(target_cluster)
+
+
+@pytest.fixture
+def storm_source(source_cluster: ThrowawayCluster) -> Iterator[Database]:
+    """A fresh database with pgq in the source cluster."""
+    yield from _fresh_database(source_cluster)

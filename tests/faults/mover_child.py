@@ -16,6 +16,10 @@ Ways to be disrupted, besides being killed from outside:
 - --target-options '-c statement_timeout=5': settings for the target session.
 - --sigterm-raises: SIGTERM raises SystemExit (as Airflow's task runner turns
   SIGTERM into an exception) instead of ending the process on the spot.
+- --connect-timeout / --network-timeout / --statement-timeout / --lock-timeout:
+  the bounds (core.guard.Timeouts) of both connections, for the quiet network
+  faults (the driver routes such a child through its fault proxies and gives it
+  small bounds, so that a frozen connection ends with WaitTimeout within seconds).
 
 Exit codes: 0 drained cleanly, 1 a database or PgQ error, 77 a fault point;
 a signal shows as the negative signal number. The last stdout line is a JSON
@@ -41,7 +45,8 @@ from psycopg2 import sql
 from airflow_provider_pgq.core import faults, pgq
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import PgqError
-from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
+from airflow_provider_pgq.core.guard import Timeouts
+from airflow_provider_pgq.core.mover import DrainBounds, MoveReport, MoverOptions, QueueMover
 from tests.helpers import fault_from_environment
 
 ENV_SOURCE = "PGQ_FAULT_SOURCE_DSN"
@@ -104,13 +109,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=5000)
     p.add_argument("--batch-target-events", type=int, default=1)
     p.add_argument("--loop-seconds", type=float, default=0.0)
+    p.add_argument("--max-events", type=int, default=None, help="each drain stops once this many events moved")
     p.add_argument("--pause-at", choices=faults.POINTS)
     p.add_argument("--pause-file", type=Path)
     p.add_argument("--pause-timeout", type=float, default=15.0)
     p.add_argument("--pause-min-events", type=int, default=0)
     p.add_argument("--target-options", default="")
     p.add_argument("--sigterm-raises", action="store_true")
+    for bound in TIMEOUT_FIELDS:
+        p.add_argument(f"--{bound.replace('_', '-')}", type=float, default=None, dest=bound)
     return p.parse_args(argv)
+
+
+TIMEOUT_FIELDS = ("connect_timeout", "network_timeout", "statement_timeout", "lock_timeout")
+
+
+def timeouts_from(args: argparse.Namespace) -> Timeouts | None:
+    """The bounds given on the command line over Timeouts' defaults; None when none was given."""
+    given = {name: getattr(args, name) for name in TIMEOUT_FIELDS if getattr(args, name) is not None}
+    return Timeouts(**given) if given else None
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -133,9 +150,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             env_fault(point)
 
     extra = {"options": args.target_options} if args.target_options else {}
-    source = connect(os.environ[ENV_SOURCE], application_name=f"{args.app_name}:src")
+    timeouts = timeouts_from(args)
+    source = connect(os.environ[ENV_SOURCE], application_name=f"{args.app_name}:src", timeouts=timeouts,
+                     side="source")
     try:
-        target = connect(os.environ[ENV_TARGET], application_name=f"{args.app_name}:tgt", **extra)
+        target = connect(os.environ[ENV_TARGET], application_name=f"{args.app_name}:tgt", timeouts=timeouts,
+                         side="target", **extra)
         try:
             mover = ObservedMover(source, target, options, fault=fault)
             mover.count_events = args.pause_min_events > 0
@@ -143,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             reports: list[MoveReport] = []
             deadline = time.monotonic() + args.loop_seconds
             while True:
-                reports.append(mover.drain())
+                reports.append(mover.drain(DrainBounds(max_events=args.max_events)))
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(0.02)

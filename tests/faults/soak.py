@@ -1,16 +1,19 @@
 """The soak variant of the fault storm, on demand:
 
-    .venv/bin/python -m tests.faults.soak --faults 200 --seed 7
+    .venv/bin/python -m tests.faults.soak --faults 300 --seed 7
 
 Starts two throwaway clusters (source, target), runs the storm until that many
-disruptions have landed, prints the summary table and exits 0 only when nothing
-was lost or doubled and every invariant held.
+disruptions have landed, prints the summary by kind (faults, events produced and in
+the target, lost, doubled, longest hang) and the details, and exits 0 only when
+nothing was lost or doubled, every invariant held and every kind landed at least
+once.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 
 from tests.faults.driver import Database, Storm
@@ -30,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.quiet:
             print(line, flush=True)
 
+    started = time.monotonic()
     source_cluster = ThrowawayCluster().start()
     target_cluster = ThrowawayCluster().start()
     try:
@@ -47,10 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         source_cluster.stop()
     print()
     print(result.table())
-    for problem in result.unexpected_errors + result.invariant_violations + result.hung:
+    never = [kind for kind, (_, fired) in result.by_kind().items() if not fired]
+    problems = result.unexpected_errors + result.invariant_violations + result.hung
+    problems += [f"kind {kind} never landed" for kind in never]
+    for problem in problems:
         print(f"\nPROBLEM: {problem}")
-    verdict = "PASS" if result.ok and result.fired >= args.faults else "FAIL"
-    print(f"\n{verdict}: {result.fired} faults landed, {result.lost} lost, {result.doubled} doubled")
+    verdict = "PASS" if result.ok and result.fired >= args.faults and not never else "FAIL"
+    print(f"\n{verdict}: {result.fired} faults landed ({len(result.kinds)} kinds), {result.lost} lost,"
+          f" {result.doubled} doubled; wall time {time.monotonic() - started:.0f} s")
     return 0 if verdict == "PASS" else 1
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -25,9 +24,10 @@ import pytest
 
 from airflow_provider_pgq.core import faults, transfer
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.core.errors import ConnectionFailed, WaitTimeout
+from airflow_provider_pgq.core.errors import ConnectionFailed, KeyLocked, WaitTimeout
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
+from tests.faults.disk import SmallDisk, move_event_tables
 from tests.faults.proxy import FaultProxy
 from tests.helpers import ROOT, Server, produce, queue_events, register, run_mover, tick
 from tests.support.cluster import ThrowawayCluster, wait_until
@@ -222,11 +222,6 @@ def own_target() -> Iterator[tuple[ThrowawayCluster, Server]]:
         c.stop()
 
 
-def _kill9(c: ThrowawayCluster) -> None:
-    pid = int((Path(c.datadir) / "postmaster.pid").read_text().split()[0])
-    os.kill(pid, signal.SIGKILL)
-
-
 def test_target_postmaster_kill9_and_crash_recovery(
     source: Server, cluster: ThrowawayCluster, own_target: tuple[ThrowawayCluster, Server],
 ) -> None:
@@ -237,19 +232,11 @@ def test_target_postmaster_kill9_and_crash_recovery(
     try:
         big_batch(source)
         tp.throttle(5_000_000)
-        result, seconds = run_through(source, target, sp, tp, faults.MID_STREAM, lambda: _kill9(c))
+        result, seconds = run_through(source, target, sp, tp, faults.MID_STREAM, c.kill9)
         assert isinstance(result, (psycopg2.Error, WaitTimeout)), result
         assert seconds < STREAM_BOUND + MARGIN, seconds
         assert wait_until(lambda: open_transactions(source) == 0, timeout=3)
-        # crash recovery: the orphaned backends go, then the server starts from its WAL
-        wait_until(lambda: subprocess.run(["pgrep", "-f", str(c.datadir)], capture_output=True).returncode != 0,
-                   timeout=20)
-        for _ in range(100):  # until the last orphaned backend has let go of shared memory
-            try:
-                c.pg_ctl("start")
-                break
-            except subprocess.CalledProcessError:
-                time.sleep(0.2)
+        c.start_after_crash()  # crash recovery, once the orphaned backends are gone
         settle_and_compare(source, target, sp, tp)
     finally:
         sp.stop()
@@ -297,3 +284,94 @@ def test_sigterm_ends_the_cli_within_a_second_during_a_frozen_copy(
     assert took < 1.2, (took, err)
     assert proc.returncode == 0, err
     settle_and_compare(source, target, sp, tp)
+
+
+# -- a mover that gave up leaves no session behind: the tracking key's lock --------------------
+
+
+def target_backends(target: Server, app: str) -> list[tuple[int, str, str]]:
+    rows = target.execute(
+        "select pid, coalesce(state, ''), coalesce(wait_event, '') from pg_stat_activity"
+        " where datname = %s and application_name = %s", (target.dbname, app),
+    )
+    return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+
+def test_frozen_mover_that_gave_up_leaves_no_session_behind(
+    source: Server, target: Server, proxies: tuple[FaultProxy, FaultProxy],
+) -> None:
+    """Frozen mid-COPY, the mover gives up; with the network still frozen, its target
+    session is gone within a second or two (the proxy, a network, lets the server
+    side go with the client), so the next mover gets the tracking key's lock at once."""
+    sp, tp = proxies
+    big_batch(source)
+    result, _ = run_through(source, target, sp, tp, faults.MID_STREAM, tp.freeze)
+    assert isinstance(result, WaitTimeout), result
+    assert wait_until(lambda: not target_backends(target, "quiet:tgt"), timeout=3), target_backends(target, "quiet:tgt")
+    started = time.monotonic()
+    report = run_mover(source, target, register_consumer=True)  # direct, while the proxy stays frozen
+    assert time.monotonic() - started < TIMEOUTS.lock_timeout + MARGIN
+    assert report.events == BIG
+    settle_and_compare(source, target, sp, tp)
+
+
+def test_session_held_by_a_middlebox_is_named_by_the_next_mover(
+    source: Server, target: Server, cluster: ThrowawayCluster,
+) -> None:
+    """A middlebox that keeps a dead mover's server connection open (and answers the
+    server's keepalives) leaves the target session waiting in COPY for data that never
+    comes, holding the tracking key's lock: no server setting ends that wait. The next
+    mover fails within lock_timeout with KeyLocked naming that session's pid; once it
+    is ended as the message says, everything moves exactly once."""
+    sp, tp = FaultProxy(cluster.port).start(), FaultProxy(cluster.port, hold_server=True).start()
+    try:
+        big_batch(source)
+        result, _ = run_through(source, target, sp, tp, faults.MID_STREAM, tp.freeze)
+        assert isinstance(result, WaitTimeout), result
+        time.sleep(2 * TIMEOUTS.network_timeout)  # longer than every bound of the session
+        held = target_backends(target, "quiet:tgt")
+        assert [(state, wait) for _, state, wait in held] == [("active", "ClientRead")], held
+        sp.heal()
+        tp.heal()
+        result, seconds = run_through(source, target, sp, tp)
+        assert isinstance(result, KeyLocked), result
+        assert result.holder_pid == held[0][0] and f"pg_terminate_backend({held[0][0]})" in str(result)
+        assert "quiet:tgt" in str(result) and "ClientRead" in str(result)
+        assert seconds < TIMEOUTS.lock_timeout + MARGIN, seconds
+        assert target.execute("select pg_terminate_backend(%s)", (held[0][0],))[0][0]
+        assert wait_until(lambda: not target_backends(target, "quiet:tgt"), timeout=3)
+        settle_and_compare(source, target, sp, tp)
+    finally:
+        sp.stop()
+        tp.stop()
+
+
+# -- the target's disk fills during the COPY ----------------------------------------------------
+
+
+def test_full_target_disk_fails_cleanly_and_moves_once_after(
+    source: Server, target: Server, cluster: ThrowawayCluster,
+) -> None:
+    """The target queue's event tables on a tablespace of their own, on a tmpfs with
+    256 KB left: the 10 MB batch fails with DiskFull, nothing of it is in the target
+    and the source's batch is not finished; once the disk has room, the next run moves
+    it exactly once."""
+    disk = SmallDisk(cluster, f"quiet_disk_{target.dbname}")
+    if not disk.start():
+        pytest.skip("a tmpfs cannot be mounted here (needs root)")
+    try:
+        assert move_event_tables(target.execute, "dst_q", disk.tablespace) >= 4
+        big_batch(source)
+        disk.fill(256 << 10)
+        with pytest.raises(psycopg2.errors.DiskFull):
+            run_mover(source, target, register_consumer=True)
+        assert sum(queue_events(target, "dst_q").values()) == 0
+        assert open_transactions(source) == 0 and open_transactions(target) == 0
+        disk.free()
+        assert run_mover(source, target).events == BIG
+        src, dst = queue_events(source, "src_q"), queue_events(target, "dst_q")
+        assert src == dst and max(dst.values()) == 1
+    finally:
+        disk.free()
+        target.execute("select pgq.drop_queue('dst_q', true)")
+        disk.stop()

@@ -12,6 +12,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -94,6 +95,25 @@ class ThrowawayCluster:
         if action in ("stop", "restart"):
             args += ["-m", mode]
         self._run(*args, action)
+
+    def kill9(self) -> None:
+        """SIGKILL to the postmaster: a crash. Its backends notice and exit on their own."""
+        pid = int((self.datadir / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+
+    def start_after_crash(self, timeout: float = 60.0) -> float:
+        """Starts the server again (crash recovery from its WAL) once the last orphaned
+        backend has let go of shared memory; returns the seconds that took."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            try:
+                self.pg_ctl("start")
+                return time.monotonic() - started
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def stop(self) -> None:
         if self.datadir.exists():
