@@ -19,21 +19,7 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import PgqNotInstalled
-
-
-@dataclass(frozen=True)
-class SourcePosition:
-    """A consumer on a source queue; PgQ's names (see pending.PendingStatus)."""
-
-    queue_name: str
-    consumer_name: str
-    queue_exists: bool
-    registered: bool
-    last_tick: int | None
-    newest_tick: int | None
-    current_batch: int | None
-    pending_events: int | None
-    lag_seconds: float | None
+from airflow_provider_pgq.core.pending import PendingStatus
 
 
 @dataclass(frozen=True)
@@ -49,8 +35,12 @@ class TargetMark:
 
 @dataclass(frozen=True)
 class Positions:
-    sources: dict[tuple[str, str], SourcePosition]
+    #: (queue, consumer) -> the consumer's status (pending.PendingStatus, the package's one
+    #: status model); no entry for a queue that does not exist (see ``missing_queues``).
+    sources: dict[tuple[str, str], PendingStatus]
     targets: dict[tuple[str, str, str], TargetMark]
+    #: Source queues asked for that do not exist.
+    missing_queues: frozenset[str] = frozenset()
     #: Why the targets could not be read although the sources could (pgq_ext missing).
     target_problem: str | None = None
 
@@ -123,17 +113,22 @@ def read_positions(
             ) from None
         if not tgt or not src:
             if tgt:
-                return Positions({}, {}, _pgq_ext_problem(conn))
+                return Positions({}, {}, target_problem=_pgq_ext_problem(conn))
             raise
         problem = _pgq_ext_problem(conn)
         source_rows, target_rows = _run(conn, _statement(True, False), params)
     finally:
         conn.rollback()
     return Positions(
-        sources={(r["queue_name"], r["consumer_name"]): SourcePosition(**r) for r in source_rows},
+        sources={(r["queue_name"], r["consumer_name"]): _status(r) for r in source_rows if r["queue_exists"]},
         targets={(r["target_queue"], r["consumer_name"], r["subconsumer"]): TargetMark(**r) for r in target_rows},
+        missing_queues=frozenset(r["queue_name"] for r in source_rows if not r["queue_exists"]),
         target_problem=problem,
     )
+
+
+def _status(row: dict[str, Any]) -> PendingStatus:
+    return PendingStatus(**{k: v for k, v in row.items() if k != "queue_exists"})
 
 
 def _run(conn: Connection, statement: sql.Composed, params: dict[str, Any]) -> tuple[list[Any], list[Any]]:

@@ -142,32 +142,33 @@ def _side(conn_id: str, queue: str, database: live.Database | str | None) -> dic
     return {"conn_id": conn_id, "queue": queue, **shown}
 
 
+def _answer(side: str, conn_id: str, db: live.Database | str | None,
+            answers: dict[live.Database, live.Answer], errors: list[str]) -> Positions | None:
+    """The read of one side's database, or None with the reason added to ``errors``."""
+    if isinstance(db, str):
+        errors.append(f"{side} connection {conn_id!r}: {db}")
+        return None
+    answer = answers.get(db) if db is not None else None
+    if isinstance(answer, str):
+        errors.append(f"{side} database: {answer}")
+        return None
+    return answer
+
+
 def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: dict[live.Database, live.Answer],
          history: dict[tuple[str, str, int], list[RunPoint]], behind: float, ui_prefix: str,
          reports: bool) -> dict[str, Any]:
     errors = [spec.problem] if spec.problem else []
     src_db, dst_db = databases.get(spec.source_conn_id), databases.get(spec.target_conn_id)
-    source = target = None
-    for side, db in (("source", src_db), ("target", dst_db)):
-        if isinstance(db, str):
-            errors.append(f"{side} connection {getattr(spec, side + '_conn_id')!r}: {db}")
-    if isinstance(src_db, live.Database):
-        answer = answers.get(src_db)
-        if isinstance(answer, str):
-            errors.append(f"source database: {answer}")
-        elif isinstance(answer, Positions):
-            source = answer.sources.get((spec.source_queue, spec.consumer_name))
-    if isinstance(dst_db, live.Database):
-        answer = answers.get(dst_db)
-        if isinstance(answer, str):
-            errors.append(f"target database: {answer}")
-        elif isinstance(answer, Positions):
-            target = answer.targets.get((spec.target_queue, spec.consumer_name, spec.subconsumer))
-            if answer.target_problem:
-                errors.append(f"target database: {answer.target_problem}")
-    if source is not None and not source.queue_exists:
+    src_answer = _answer("source", spec.source_conn_id, src_db, answers, errors)
+    dst_answer = _answer("target", spec.target_conn_id, dst_db, answers, errors)
+    source = src_answer.sources.get((spec.source_queue, spec.consumer_name)) if src_answer else None
+    target = dst_answer.targets.get((spec.target_queue, spec.consumer_name, spec.subconsumer)) if dst_answer else None
+    if src_answer and spec.source_queue in src_answer.missing_queues:
         errors.append(f"source queue {spec.source_queue!r} does not exist")
-    elif source is not None and not source.registered:
+    if dst_answer and dst_answer.target_problem:
+        errors.append(f"target database: {dst_answer.target_problem}")
+    if source is not None and not source.registered:
         errors.append(f"consumer {spec.consumer_name!r} is not registered on {spec.source_queue!r}")
     if target is not None and not target.queue_exists:
         errors.append(f"target queue {spec.target_queue!r} does not exist")

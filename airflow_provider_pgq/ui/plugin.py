@@ -18,7 +18,8 @@ class PgqUiPlugin(AirflowPlugin):
     fastapi_apps = [{"app": create_app(), "url_prefix": PAGE_PREFIX, "name": "PgQ movers"}]
     external_views = [{
         "name": "PgQ",
-        "href": f"{PAGE_PREFIX}/",
+        # relative: the UI resolves it against its own base URL (a deployment under a path prefix)
+        "href": f"{PAGE_PREFIX.lstrip('/')}/",
         "url_route": "pgq",
         "destination": "nav",
         "nav_top_level": True,

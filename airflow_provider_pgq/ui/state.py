@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
-from airflow_provider_pgq.core.positions import SourcePosition, TargetMark
+from airflow_provider_pgq.core.pending import PendingStatus
+from airflow_provider_pgq.core.positions import TargetMark
 
 #: Pending events older than this (seconds of lag) make a mover "falling behind";
 #: ``[pgq] ui_behind_seconds`` in airflow.cfg overrides it.
@@ -30,7 +31,7 @@ def rules(behind_seconds: float) -> dict[str, str]:
     }
 
 
-def marks_agree(source: SourcePosition, target: TargetMark) -> bool | None:
+def marks_agree(source: PendingStatus, target: TargetMark) -> bool | None:
     """True when the target's mark is the consumer's position; None when nothing was applied yet.
 
     Between a batch's commit on the target and its finish on the source the mark is ahead
@@ -43,11 +44,11 @@ def marks_agree(source: SourcePosition, target: TargetMark) -> bool | None:
     return source.current_batch is not None and target.mark > source.last_tick
 
 
-def classify(source: SourcePosition | None, target: TargetMark | None, problem: str | None,
+def classify(source: PendingStatus | None, target: TargetMark | None, problem: str | None,
              behind_seconds: float = DEFAULT_BEHIND_SECONDS) -> State:
     if problem or source is None or target is None:
         return State.STOPPED
-    if not (source.queue_exists and target.queue_exists and source.registered):
+    if not (target.queue_exists and source.registered):
         return State.STOPPED
     if marks_agree(source, target) is False:
         return State.MISMATCH

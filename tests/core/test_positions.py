@@ -32,12 +32,12 @@ def test_sources_and_targets_of_one_database_in_one_statement(make_db: Callable[
     finally:
         conn.close()
     mine = positions.sources[("a", "mover_a")]
-    assert mine.registered and mine.queue_exists
+    assert mine.registered
     assert mine.newest_tick is not None and mine.last_tick is not None
     assert mine.newest_tick > mine.last_tick  # one batch moved, one pending
     assert mine.pending_events == 3
     assert positions.sources[("a", "nobody")].registered is False
-    assert positions.sources[("gone", "mover_a")].queue_exists is False
+    assert ("gone", "mover_a") not in positions.sources and positions.missing_queues == {"gone"}
     assert positions.targets[("b", "mover_a", "")].mark == mine.last_tick
     assert positions.targets[("b", "mover_a", "other")].mark is None
     assert positions.targets[("gone", "x", "")].queue_exists is False
@@ -89,3 +89,14 @@ def test_a_database_without_pgq_is_named(make_db: Callable[..., Server]) -> None
             read_positions(conn, [("q", "c")], [])
     finally:
         conn.close()
+
+
+def test_a_target_only_database_without_pgq_ext(make_db: Callable[..., Server]) -> None:
+    db = make_db(queue="q")
+    conn = connect(db.dsn)
+    try:
+        positions = read_positions(conn, [], [("q", "c", "")])
+    finally:
+        conn.close()
+    assert positions.targets == {} and positions.missing_queues == frozenset()
+    assert positions.target_problem and db.dbname in positions.target_problem

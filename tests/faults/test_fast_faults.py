@@ -28,8 +28,11 @@ def test_fault_storm_loses_and_doubles_nothing(storm_source: Database, storm_tar
 
     assert result.fired >= FAST_FAULTS, result.table()
     landed = {kind: fired for kind, (_, fired) in result.by_kind().items()}
-    # every kind; the full disk needs a tmpfs, which root can mount
-    expected = KINDS if os.geteuid() == 0 else tuple(k for k in KINDS if k != "full_disk_target")
+    # every kind; the full disk needs a tmpfs, which only a root allowed to mount can make
+    # (a container without CAP_SYS_ADMIN cannot: the storm then says so in its log)
+    expected = KINDS if storm.disk is not None else tuple(k for k in KINDS if k != "full_disk_target")
+    if storm.disk is None:
+        print("full_disk_target left out: no tmpfs can be mounted on this machine")
     assert set(expected) <= set(result.kinds), (expected, result.kinds)
     assert all(landed[kind] >= 1 for kind in result.kinds), landed
     # the events committed while each kind's faults were injected: all there, once

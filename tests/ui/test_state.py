@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from airflow_provider_pgq.core.positions import SourcePosition, TargetMark
+from airflow_provider_pgq.core.pending import PendingStatus
+from airflow_provider_pgq.core.positions import TargetMark
 from airflow_provider_pgq.ui.state import State, classify, marks_agree, rules
 
-SOURCE = SourcePosition(queue_name="q", consumer_name="c", queue_exists=True, registered=True, last_tick=10,
+SOURCE = PendingStatus(queue_name="q", consumer_name="c", registered=True, last_tick=10,
                         newest_tick=12, current_batch=None, pending_events=0, lag_seconds=5.0)
 TARGET = TargetMark(target_queue="t", consumer_name="c", subconsumer="", queue_exists=True, mark=10)
 
@@ -27,7 +28,6 @@ def test_falling_behind_needs_pending_events_and_lag() -> None:
 def test_stopped() -> None:
     assert classify(SOURCE, TARGET, "source database: refused") is State.STOPPED
     assert classify(replace(SOURCE, registered=False), TARGET, None) is State.STOPPED
-    assert classify(replace(SOURCE, queue_exists=False), TARGET, None) is State.STOPPED
     assert classify(SOURCE, replace(TARGET, queue_exists=False), None) is State.STOPPED
     assert classify(None, TARGET, None) is State.STOPPED
 
