@@ -160,7 +160,9 @@ def test_the_page_in_a_real_browser(system: System) -> None:
             page.screenshot(path=str(OUTPUT / "pgq-page-full.png"), full_page=True)
         finally:
             browser.close()
-    print(f"\nPgQ page screenshot: {shot}\nshown: {shown} state={state}\ndatabase: {truth} run {run_id}")
+    summary = f"PgQ page screenshot: {shot}\nshown: {shown} state={state}\ndatabase: {truth} run {run_id}\n"
+    (OUTPUT / "pgq-page.txt").write_text(summary)
+    print("\n" + summary)
     assert shown["last-tick"] == str(truth["last_tick"])
     assert shown["newest-tick"] == str(truth["newest_tick"])
     assert shown["target-mark"] == str(truth["target_mark"])
