@@ -286,12 +286,14 @@ class GuardedConnection(psycopg2.extensions.connection):
         WaitTimeout past it, WaitAborted when abort() cut it short (translate=False:
         the driver's error as it is)."""
         bound = self.statement_bound if timed else None
+        started = time.monotonic()
         if bound is None or self._watch is not None:
             try:
                 return action()
             except psycopg2.Error as exc:
                 if translate:
                     self._raise_aborted(what, exc)
+                    self._raise_network_timeout(what, exc, started)
                 raise
         watch = _StatementWatch(self, what, bound)
         self._watch = watch
@@ -309,10 +311,29 @@ class GuardedConnection(psycopg2.extensions.connection):
                 ) from exc
             if translate:
                 self._raise_aborted(what, exc)
+                self._raise_network_timeout(what, exc, started)
             raise
         finally:
             self._watch = None
             WATCHDOG.discard(watch)
+
+    def _raise_network_timeout(self, what: str, exc: psycopg2.Error, started: float) -> None:
+        """The connection died under a wait of network_timeout or more (the kernel gave up
+        on a silent peer through the keepalives or tcp_user_timeout that connect sets from
+        network_timeout, or a middlebox dropped it): the same WaitTimeout as our own watch
+        gives, naming the side and the server, instead of libpq's "could not receive data
+        from server". Told apart by time, not by libpq's words: a client-side error (no
+        SQLSTATE) after waiting at least network_timeout."""
+        waited = time.monotonic() - started
+        if exc.pgcode is not None or self.stream_bound is None or waited < self.stream_bound:
+            return
+        raise WaitTimeout(
+            f"{self.side} {self.server()}: no answer to {what} for {waited:.0f}s, then the connection was"
+            f" lost (a silent peer found by TCP keepalives / tcp_user_timeout, set from network_timeout="
+            f"{self.stream_bound:g}s, or a connection dropped on the way); the server rolls the transaction"
+            " back, nothing of it was committed; the next run goes on from the last committed batch",
+            self.side, self.server(), what,
+        ) from exc
 
     def _raise_aborted(self, what: str, exc: BaseException) -> None:
         if self.aborted is not None:

@@ -15,6 +15,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,7 +75,7 @@ def open_transactions(server: Server) -> int:
 
 def run_through(
     source: Server, target: Server, sp: FaultProxy, tp: FaultProxy,
-    at: str | None = None, strike: Callable[[], None] | None = None,
+    at: str | None = None, strike: Callable[[], None] | None = None, timeouts: Timeouts = TIMEOUTS,
 ) -> tuple[MoveReport | BaseException, float]:
     """One drain through the proxies; strike() when the mover reaches point `at`."""
     started = time.monotonic()
@@ -86,9 +87,9 @@ def run_through(
             strike()
 
     try:
-        s = connect(sp.dsn(source.dsn), application_name="quiet:src", timeouts=TIMEOUTS)
+        s = connect(sp.dsn(source.dsn), application_name="quiet:src", timeouts=timeouts)
         try:
-            t = connect(tp.dsn(target.dsn), application_name="quiet:tgt", timeouts=TIMEOUTS)
+            t = connect(tp.dsn(target.dsn), application_name="quiet:tgt", timeouts=timeouts)
             try:
                 mover = QueueMover(s, t, MoverOptions("src_q", "dst_q", "mover", register_consumer=True),
                                    fault=hook)
@@ -113,6 +114,31 @@ def settle_and_compare(source: Server, target: Server, sp: FaultProxy, tp: Fault
 
 
 # -- quiet faults mid-COPY ----------------------------------------------------------------
+
+
+def test_a_connection_lost_after_a_long_silence_is_a_wait_timeout_naming_the_side(
+    target: Server, proxies: tuple[FaultProxy, FaultProxy]
+) -> None:
+    """statement_timeout far above network_timeout; the network goes silent, then the
+    connection dies before our statement watch fires (as when the kernel's keepalives or
+    tcp_user_timeout give up first, which the storm saw under load): WaitTimeout naming the
+    side and the server, not libpq's bare "server closed the connection unexpectedly"."""
+    _, tp = proxies
+    patient = Timeouts(connect_timeout=2, network_timeout=1.0, statement_timeout=60, lock_timeout=1)
+    conn = connect(tp.dsn(target.dsn), application_name="quiet:lost", timeouts=patient, side="target")
+    try:
+        tp.freeze()
+        threading.Timer(2.5, tp.cut).start()
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout) as caught, conn.cursor() as cur:
+            cur.execute("select 1")
+        seconds = time.monotonic() - started
+    finally:
+        conn.close()
+        tp.heal()
+    message = str(caught.value)
+    assert caught.value.side == "target" and "connection was lost" in message and "127.0.0.1" in message, message
+    assert 2 < seconds < 2.5 + MARGIN, seconds
 
 
 @pytest.mark.parametrize("side", ["target", "source"])
