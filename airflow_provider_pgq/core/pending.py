@@ -44,6 +44,8 @@ class PendingStatus:
     current_batch: int | None
     pending_events: int | None
     lag_seconds: float | None
+    #: The open batch's end tick (None without one).
+    next_tick: int | None = None
 
     @property
     def batch_available(self) -> bool:
@@ -106,7 +108,7 @@ def validate_thresholds(min_events: int, max_lag: float | None) -> None:
 
 
 _QUERY = (
-    "select c.consumer_name, c.last_tick, c.current_batch, c.pending_events,"
+    "select c.consumer_name, c.last_tick, c.current_batch, c.pending_events, c.next_tick,"
     " pg_catalog.date_part('epoch', c.lag)::float8,"
     " (select pg_catalog.max(t.tick_id) from pgq.tick t join pgq.queue q on q.queue_id = t.tick_queue"
     "   where q.queue_name = %s)"
@@ -119,8 +121,8 @@ def _statuses(conn: Connection, queue: str, consumer: str | None) -> dict[str, P
         cur.execute(_QUERY, (queue, queue, consumer))
         rows = cur.fetchall()
     return {
-        name: PendingStatus(queue, name, True, last, newest, batch, pending, lag)
-        for name, last, batch, pending, lag, newest in rows
+        name: PendingStatus(queue, name, True, last, newest, batch, pending, lag, next_tick)
+        for name, last, batch, pending, next_tick, lag, newest in rows
     }
 
 

@@ -49,7 +49,8 @@ _SOURCES = sql.SQL(
     "select coalesce(pg_catalog.json_agg(pg_catalog.json_build_object("
     " 'queue_name', w.queue_name, 'consumer_name', w.consumer_name,"
     " 'queue_exists', q.queue_id is not null, 'registered', c.consumer_name is not null,"
-    " 'last_tick', c.last_tick, 'current_batch', c.current_batch, 'pending_events', c.pending_events,"
+    " 'last_tick', c.last_tick, 'current_batch', c.current_batch, 'next_tick', c.next_tick,"
+    " 'pending_events', c.pending_events,"
     " 'lag_seconds', pg_catalog.date_part('epoch', c.lag)::float8,"
     " 'newest_tick', (select pg_catalog.max(t.tick_id) from pgq.tick t where t.tick_queue = q.queue_id)"
     ")), '[]')"
@@ -111,11 +112,11 @@ def read_positions(
                 f"database {_database(conn)!r} has no pgq schema: install the extension there"
                 " (create extension pgq) or point the connection at the right database"
             ) from None
-        if not tgt or not src:
-            if tgt:
-                return Positions({}, {}, target_problem=_pgq_ext_problem(conn))
+        if not tgt or _has_schema(conn, "pgq_ext"):
             raise
         problem = _pgq_ext_problem(conn)
+        if not src:
+            return Positions({}, {}, target_problem=problem)
         source_rows, target_rows = _run(conn, _statement(True, False), params)
     finally:
         conn.rollback()
@@ -148,11 +149,7 @@ def _has_schema(conn: Connection, name: str) -> bool:
 
 
 def _database(conn: Connection) -> str:
-    with conn.cursor() as cur:
-        cur.execute("select pg_catalog.current_database()")
-        row = cur.fetchone()
-    conn.rollback()
-    return str(row[0]) if row else "?"
+    return str(conn.info.dbname)
 
 
 def _pgq_ext_problem(conn: Connection) -> str:

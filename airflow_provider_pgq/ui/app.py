@@ -9,6 +9,8 @@ Read-only; of a connection only host, port and database are shown.
 from __future__ import annotations
 
 import datetime as dt
+import getpass
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,11 +19,12 @@ from urllib.parse import quote, urlsplit
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
+from airflow_provider_pgq.core.connect import SECRET_PARAMETERS
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.positions import Positions
 from airflow_provider_pgq.ui import live
-from airflow_provider_pgq.ui.history import RunPoint, recent_runs
-from airflow_provider_pgq.ui.movers import MoverSpec, movers_in_dag
+from airflow_provider_pgq.ui.history import RunPoint, last_rendered, recent_runs
+from airflow_provider_pgq.ui.movers import MoverSpec, movers_in_dag, with_rendered_values
 from airflow_provider_pgq.ui.state import DEFAULT_BEHIND_SECONDS, classify, marks_agree, rules
 
 STATIC = Path(__file__).parent / "static"
@@ -34,16 +37,21 @@ UI_TIMEOUTS = Timeouts(connect_timeout=5, network_timeout=10, statement_timeout=
 def _open(conn_id: str) -> Any:
     from airflow_provider_pgq.hooks.pgq import PgqHook
 
-    return PgqHook(conn_id, application_name="airflow-pgq-ui", timeouts=UI_TIMEOUTS).get_conn()
+    conn = PgqHook(conn_id, application_name="airflow-pgq-ui", timeouts=UI_TIMEOUTS).get_conn()
+    conn.set_session(readonly=True)  # the page never writes; the server holds it to that
+    return conn
 
 
 def _database(conn_id: str) -> live.Database:
+    """Connections with the same parameters (the password aside) reach the same database."""
     from airflow_provider_pgq.hooks.pgq import PgqHook
 
     p = PgqHook(conn_id).connect_parameters()
-    host, port, dbname = p.get("host", ""), p.get("port", "5432"), p.get("dbname", p.get("user", ""))
-    login = p.get("user", "")
-    return live.Database((host, port, dbname, login), {"host": host, "port": port, "database": dbname}, login)
+    identity = tuple(sorted((k, v) for k, v in p.items() if k not in SECRET_PARAMETERS))
+    shown = {"host": p.get("host") or p.get("hostaddr") or "(local socket)", "port": p.get("port") or "5432",
+             "database": p.get("dbname") or "(the login's default)"}
+    login = p.get("user") or os.environ.get("PGUSER") or getpass.getuser()
+    return live.Database(identity, shown, login)
 
 
 def _conf_float(key: str, default: float) -> float:
@@ -64,7 +72,7 @@ async def authenticated_user(request: Request) -> Any:
     should not pay for the API server's modules."""
     from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
 
-    return await get_user(request, None, await bearer_scheme(request))
+    return await get_user(request=request, _oauth_token=None, bearer_credentials=await bearer_scheme(request))
 
 
 GetUserDep = Annotated[Any, Depends(authenticated_user)]
@@ -105,17 +113,30 @@ def _movers(reader: live.LiveReader, user: Any, runs: int) -> dict[str, Any]:
     with create_session() as session:
         active = list(session.scalars(select(DagModel.dag_id).where(DagModel.dag_id.in_(readable),
                                                                     DagModel.is_stale.is_(False))))
-        specs = [spec for sd in SerializedDagModel.get_latest_serialized_dags(dag_ids=active, session=session)
+        found = [spec for sd in SerializedDagModel.get_latest_serialized_dags(dag_ids=active, session=session)
                  for spec in movers_in_dag(sd.dag_id, sd.data or {})]
+        rendered = last_rendered(session, {(s.dag_id, s.task_id) for s in found if not s.live})
+        specs = [r for s in found for r in _resolved(s, rendered)]
+        # a run's state and report: task instances and XComs of the DAG
         reports = {d for d in {s.dag_id for s in specs}
-                   if auth.is_authorized_dag(method="GET", access_entity=DagAccessEntity.XCOM,
-                                             details=DagDetails(id=d), user=user)}
+                   if all(auth.is_authorized_dag(method="GET", access_entity=entity, details=DagDetails(id=d),
+                                                 user=user)
+                          for entity in (DagAccessEntity.TASK_INSTANCE, DagAccessEntity.XCOM))}
         history = recent_runs(session, {(s.dag_id, s.task_id) for s in specs if s.dag_id in reports}, runs)
     behind = _conf_float("ui_behind_seconds", DEFAULT_BEHIND_SECONDS)
     rows = build_rows(reader, sorted(specs, key=lambda s: (s.dag_id, s.task_id, s.map_index)), history,
                       behind, _ui_prefix(), reports)
     return {"generated_at": dt.datetime.now(dt.timezone.utc).isoformat(), "behind_seconds": behind,
             "rules": rules(behind), "movers": rows}
+
+
+def _resolved(spec: MoverSpec, rendered: dict[tuple[str, str], tuple[str, dict[int, dict[str, Any]]]]
+              ) -> list[MoverSpec]:
+    """A mover the stored DAG cannot resolve, as its last run rendered it (if it ran)."""
+    if spec.live or (spec.dag_id, spec.task_id) not in rendered:
+        return [spec]
+    run_id, by_index = rendered[(spec.dag_id, spec.task_id)]
+    return with_rendered_values(spec, run_id, by_index) or [spec]
 
 
 def build_rows(reader: live.LiveReader, specs: Sequence[MoverSpec],
@@ -130,10 +151,7 @@ def build_rows(reader: live.LiveReader, specs: Sequence[MoverSpec],
             databases[conn_id] = live.describe(exc)
     readable = [s for s in specs if s.live and all(isinstance(databases[c], live.Database)
                                                    for c in (s.source_conn_id, s.target_conn_id))]
-    answers = reader.read(live.plan([
-        (databases[s.source_conn_id], databases[s.target_conn_id], s.source_conn_id, s.target_conn_id,
-         s.source_queue, s.target_queue, s.consumer_name, s.subconsumer) for s in readable  # type: ignore[misc]
-    ]))
+    answers = reader.read(live.plan(readable, {c: d for c, d in databases.items() if isinstance(d, live.Database)}))
     return [_row(s, databases, answers, history, behind, ui_prefix, s.dag_id in reports) for s in specs]
 
 
@@ -168,11 +186,13 @@ def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: di
         errors.append(f"source queue {spec.source_queue!r} does not exist")
     if dst_answer and dst_answer.target_problem:
         errors.append(f"target database: {dst_answer.target_problem}")
+    unknown = bool(spec.problem) or any(isinstance(answers.get(db), live.NoAnswer)
+                                        for db in (src_db, dst_db) if isinstance(db, live.Database))
     if source is not None and not source.registered:
         errors.append(f"consumer {spec.consumer_name!r} is not registered on {spec.source_queue!r}")
     if target is not None and not target.queue_exists:
         errors.append(f"target queue {spec.target_queue!r} does not exist")
-    state = classify(source, target, "; ".join(errors) or None, behind)
+    state = classify(source, target, "; ".join(errors) or None, behind, unknown)
     points = history.get((spec.dag_id, spec.task_id, spec.map_index), []) if reports else []
     return {
         "key": spec.key, "dag_id": spec.dag_id, "task_id": spec.task_id, "map_index": spec.map_index,
@@ -180,6 +200,7 @@ def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: di
         "source": _side(spec.source_conn_id, spec.source_queue, src_db),
         "target": _side(spec.target_conn_id, spec.target_queue, dst_db),
         "consumer_name": spec.consumer_name, "subconsumer": spec.subconsumer,
+        "rendered_from": spec.rendered_from,
         "registered": source.registered if source else None,
         "last_tick": source.last_tick if source else None,
         "current_batch": source.current_batch if source else None,

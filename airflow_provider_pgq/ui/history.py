@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,7 +23,7 @@ class RunPoint:
     stop_reason: str | None
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return asdict(self)
 
 
 def recent_runs(session: Session, tasks: Iterable[tuple[str, str]], limit: int
@@ -41,14 +41,21 @@ def recent_runs(session: Session, tasks: Iterable[tuple[str, str]], limit: int
                                   order_by=DagRun.run_after.desc()).label("rank")
     ranked = (
         select(TI.dag_id, TI.task_id, TI.map_index, TI.run_id, TI.state, DagRun.run_after,
-               XComModel.value, rank)
+               DagRun.id.label("dag_run_id"), rank)
         .join(DagRun, and_(DagRun.dag_id == TI.dag_id, DagRun.run_id == TI.run_id))
-        .outerjoin(XComModel, and_(XComModel.dag_run_id == DagRun.id, XComModel.task_id == TI.task_id,
-                                   XComModel.map_index == TI.map_index, XComModel.key == "return_value"))
         .where(tuple_(TI.dag_id, TI.task_id).in_(wanted))
         .subquery()
     )
-    rows = session.execute(select(ranked).where(ranked.c.rank <= limit).order_by(ranked.c.run_after)).all()
+    # the reports of the last ``limit`` runs only: the XCom join comes after the cut
+    query = (
+        select(ranked, XComModel.value)
+        .outerjoin(XComModel, and_(XComModel.dag_run_id == ranked.c.dag_run_id,
+                                   XComModel.task_id == ranked.c.task_id, XComModel.map_index == ranked.c.map_index,
+                                   XComModel.key == "return_value"))
+        .where(ranked.c.rank <= limit)
+        .order_by(ranked.c.run_after)
+    )
+    rows = session.execute(query).all()
     out: dict[tuple[str, str, int], list[RunPoint]] = {}
     for row in rows:
         report = XComModel.deserialize_value(SimpleNamespace(value=row.value)) if row.value is not None else None
@@ -70,3 +77,29 @@ def _number(value: Any, kind: type[Any]) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return kind(value)
+
+
+def last_rendered(session: Session, tasks: Iterable[tuple[str, str]]
+                  ) -> dict[tuple[str, str], tuple[str, dict[int, dict[str, Any]]]]:
+    """(dag_id, task_id) -> (run id, {map_index: rendered template fields}) of the task's
+    latest run that rendered them, in one query."""
+    from airflow.models.dagrun import DagRun
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields as RTIF
+
+    wanted = sorted(set(tasks))
+    if not wanted:
+        return {}
+    rank = func.dense_rank().over(partition_by=(RTIF.dag_id, RTIF.task_id),
+                                  order_by=(DagRun.run_after.desc(), DagRun.id.desc())).label("rank")
+    ranked = (
+        select(RTIF.dag_id, RTIF.task_id, RTIF.run_id, RTIF.map_index, RTIF.rendered_fields, rank)
+        .join(DagRun, and_(DagRun.dag_id == RTIF.dag_id, DagRun.run_id == RTIF.run_id))
+        .where(tuple_(RTIF.dag_id, RTIF.task_id).in_(wanted))
+        .subquery()
+    )
+    out: dict[tuple[str, str], tuple[str, dict[int, dict[str, Any]]]] = {}
+    for row in session.execute(select(ranked).where(ranked.c.rank == 1)).all():
+        fields = row.rendered_fields if isinstance(row.rendered_fields, dict) else {}
+        run_id, by_index = out.setdefault((row.dag_id, row.task_id), (row.run_id, {}))
+        by_index[row.map_index] = fields
+    return out

@@ -15,7 +15,7 @@ import functools
 import re
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -23,6 +23,7 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.connect import redact
 from airflow_provider_pgq.core.positions import Positions, read_positions
+from airflow_provider_pgq.ui.movers import MoverSpec
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,11 @@ class Request:
     targets: tuple[tuple[str, str, str], ...]
 
 
-#: Outcome of a read: the positions, or an error message without secrets.
+class NoAnswer(str):
+    """The message of a read that did not end within the page's bound (still running)."""
+
+
+#: Outcome of a read: the positions, or an error message without secrets (NoAnswer: not yet).
 Answer = Positions | str
 
 
@@ -68,6 +73,8 @@ class LiveReader:
         answers: dict[Database, Answer] = {}
         pending: dict[Database, Future[Answer]] = {}
         with self._lock:
+            for key in [k for k, (expires, _) in self._cache.items() if expires <= now]:
+                del self._cache[key]
             for db, (conn_id, request) in wanted.items():
                 key = (db.identity, request)
                 cached = self._cache.get(key)
@@ -83,7 +90,7 @@ class LiveReader:
                 pending[db] = future
         wait(list(pending.values()), timeout=self.bound)
         for db, future in pending.items():
-            answers[db] = future.result() if future.done() else (
+            answers[db] = future.result() if future.done() else NoAnswer(
                 f"no answer within {self.bound:g} s (the read goes on; reload to see it)")
         return answers
 
@@ -117,17 +124,16 @@ def describe(exc: BaseException, login: str = "") -> str:
     return text
 
 
-def plan(specs: Sequence[tuple[Database, Database, str, str, str, str, str, str]]
-         ) -> dict[Database, tuple[str, Request]]:
-    """(source db, target db, source conn id, target conn id, source queue, target queue,
-    consumer, subconsumer) per mover -> one request per database."""
+def plan(specs: Sequence[MoverSpec], databases: Mapping[str, Database]) -> dict[Database, tuple[str, Request]]:
+    """One request per database for the movers (whose connection ids ``databases`` resolves)."""
     sources: dict[Database, set[tuple[str, str]]] = {}
     targets: dict[Database, set[tuple[str, str, str]]] = {}
     conn_ids: dict[Database, str] = {}
-    for src, dst, src_id, dst_id, src_q, dst_q, consumer, sub in specs:
-        sources.setdefault(src, set()).add((src_q, consumer))
-        targets.setdefault(dst, set()).add((dst_q, consumer, sub))
-        conn_ids.setdefault(src, src_id)
-        conn_ids.setdefault(dst, dst_id)
+    for spec in specs:
+        src, dst = databases[spec.source_conn_id], databases[spec.target_conn_id]
+        sources.setdefault(src, set()).add((spec.source_queue, spec.consumer_name))
+        targets.setdefault(dst, set()).add((spec.target_queue, spec.consumer_name, spec.subconsumer))
+        conn_ids.setdefault(src, spec.source_conn_id)
+        conn_ids.setdefault(dst, spec.target_conn_id)
     return {db: (conn_ids[db], Request(tuple(sorted(sources.get(db, ()))), tuple(sorted(targets.get(db, ())))))
             for db in conn_ids}

@@ -2,13 +2,14 @@
 
 A task is a mover when its template fields include the mover's connection and queue
 fields: a subclass defined in a DAG file (which the API server cannot import) is found
-too. A mapped mover over literal values gives one mover per map index, in Airflow's
-order; one mapped over values known only at run time gives one row that says so.
+too. A mapped mover over a literal list (``expand_kwargs([...])``, or ``expand()`` of one
+keyword) gives one mover per map index, in Airflow's order; any other mapping gives one
+row that says so (``expand()`` of several lists numbers its indexes by the keyword order
+of the DAG file, which the stored DAG does not keep).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,8 @@ class MoverSpec:
     subconsumer: str
     #: Why the position cannot be read live (templated or run-time values), or None.
     problem: str | None = None
+    #: The run whose rendered fields gave the values (templated or run-time ones), or None.
+    rendered_from: str | None = None
 
     @property
     def key(self) -> str:
@@ -65,13 +68,17 @@ def _expansions(expand_input: Mapping[str, Any]) -> list[dict[str, Any]]:
     kind, value = expand_input.get("type"), _plain(expand_input.get("value"))
     if kind == "list-of-dicts" and isinstance(value, list) and all(isinstance(v, dict) for v in value):
         return list(value)
-    if kind == "dict-of-lists" and isinstance(value, dict) and all(isinstance(v, list) for v in value.values()):
-        keys = list(value)
-        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(value[k] for k in keys))]
+    if kind == "dict-of-lists" and isinstance(value, dict) and len(value) == 1:
+        ((key, values),) = value.items()
+        if isinstance(values, list):
+            return [{key: v} for v in values]
+    # expand() over several lists: Airflow numbers the map indexes by the keyword order of
+    # the DAG file, which the stored DAG does not keep (PostgreSQL's jsonb reorders keys)
     raise NotLiteral(str(kind))
 
 
-def _spec(dag_id: str, task_id: str, map_index: int, fields: Mapping[str, Any], problem: str | None) -> MoverSpec:
+def _spec(dag_id: str, task_id: str, map_index: int, fields: Mapping[str, Any], problem: str | None,
+          rendered_from: str | None = None) -> MoverSpec:
     values = {name: fields.get(name) for name in _SHOWN}
     values["consumer_name"] = values["consumer_name"] or f"{dag_id}.{task_id}"
     values["subconsumer"] = values["subconsumer"] or ""
@@ -82,7 +89,8 @@ def _spec(dag_id: str, task_id: str, map_index: int, fields: Mapping[str, Any], 
             problem = (f"{', '.join(templated)} templated or not a string: the position can only be read"
                        " for literal values (see each run's rendered fields)")
     shown = {k: v if isinstance(v, str) else repr(v) for k, v in values.items()}
-    return MoverSpec(dag_id=dag_id, task_id=task_id, map_index=map_index, problem=problem, **shown)
+    return MoverSpec(dag_id=dag_id, task_id=task_id, map_index=map_index, problem=problem,
+                     rendered_from=rendered_from, **shown)
 
 
 def movers_in_dag(dag_id: str, serialized: Mapping[str, Any]) -> Iterator[MoverSpec]:
@@ -101,8 +109,15 @@ def movers_in_dag(dag_id: str, serialized: Mapping[str, Any]) -> Iterator[MoverS
             partial = _plain(partial)
         except NotLiteral:
             yield _spec(dag_id, task_id, -1, partial,
-                        "mapped over values known only at run time: one row per map index appears"
-                        " when the mapping is literal")
+                        "mapped over values known only at run time (or over several lists): one row"
+                        " per map index needs expand_kwargs([...]) or expand() of one literal list")
             continue
         for index, expansion in enumerate(expansions):
             yield _spec(dag_id, task_id, index, {**partial, **expansion}, None)
+
+
+def with_rendered_values(spec: MoverSpec, run_id: str, rendered: Mapping[int, Mapping[str, Any]]) -> list[MoverSpec]:
+    """A mover the stored DAG cannot resolve (templated values, a mapping known at run time),
+    as its last run rendered it: one mover per map index of that run."""
+    return [_spec(spec.dag_id, spec.task_id, index, fields, None, run_id)
+            for index, fields in sorted(rendered.items())]

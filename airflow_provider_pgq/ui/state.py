@@ -17,15 +17,19 @@ class State(str, Enum):
     FALLING_BEHIND = "falling behind"
     STOPPED = "stopped"
     MISMATCH = "position mismatch"
+    UNKNOWN = "unknown"
 
 
 def rules(behind_seconds: float) -> dict[str, str]:
     """What each colour means, in the order the rule is applied."""
     return {
+        State.UNKNOWN.value: "the position cannot be read now: the connection or queue is templated, the"
+                             " mapping is known only at run time, or a database did not answer within the"
+                             " page's bound (the mover itself may be fine)",
         State.STOPPED.value: "a database cannot be read, a queue is missing, pgq_ext is missing on the target,"
                              " or the consumer is not registered on the source: nothing moves",
-        State.MISMATCH.value: "the target's mark is not the consumer's last tick (and no batch is open past it):"
-                              " rewind or reset before the next run (see the mover's reposition)",
+        State.MISMATCH.value: "the target's mark is neither the consumer's last tick nor the end of its open"
+                              " batch: rewind or reset before the next run (see the mover's reposition)",
         State.FALLING_BEHIND.value: f"events are pending and the consumer's lag exceeds {behind_seconds:g} s",
         State.KEEPING_UP.value: "none of the above",
     }
@@ -34,18 +38,22 @@ def rules(behind_seconds: float) -> dict[str, str]:
 def marks_agree(source: PendingStatus, target: TargetMark) -> bool | None:
     """True when the target's mark is the consumer's position; None when nothing was applied yet.
 
-    Between a batch's commit on the target and its finish on the source the mark is ahead
-    of ``last_tick`` while the batch is still open: that is a move in flight, not a mismatch.
+    Between a batch's commit on the target and its finish on the source the mark is the
+    open batch's end tick: that is a move in flight, not a mismatch.
     """
     if target.mark is None or source.last_tick is None:
         return None
     if target.mark == source.last_tick:
         return True
-    return source.current_batch is not None and target.mark > source.last_tick
+    return source.current_batch is not None and target.mark == source.next_tick
 
 
 def classify(source: PendingStatus | None, target: TargetMark | None, problem: str | None,
-             behind_seconds: float = DEFAULT_BEHIND_SECONDS) -> State:
+             behind_seconds: float = DEFAULT_BEHIND_SECONDS, unknown: bool = False) -> State:
+    """``problem``: why nothing can move (a row's errors); ``unknown``: the position could
+    not be read now (templated values, a database that did not answer in time)."""
+    if unknown:
+        return State.UNKNOWN
     if problem or source is None or target is None:
         return State.STOPPED
     if not (target.queue_exists and source.registered):

@@ -21,7 +21,7 @@ from tests.system.deployment import Deployment
 
 SYSTEM_DAGS = Path(__file__).parent / "dags"
 PARTITION_DAG = "example_pgq_partition_consolidation"
-QUEUES = ("bf", "dr", "sn", "ed")
+QUEUES = ("bf", "dr", "sn", "ed", "tq")
 #: The DAG the auth manager refuses to the user "outsider" (tests/system/auth.py).
 HIDDEN_DAG = "pgq_sys_event"
 
@@ -72,10 +72,12 @@ def system(cluster: ThrowawayCluster, tmp_path_factory: pytest.TempPathFactory) 
                  "pgq_part_down": "postgresql://nobody:nopass@127.0.0.1:1/none?connect_timeout=2"}
         airflow = Deployment(cluster, work, dags, ROOT, conns,
                              env={"PGQ_PARTITION_CONN_IDS": "pgq_part_0,pgq_part_1,pgq_part_down",
-                                  "PGQ_TEST_HIDDEN_DAGS": f"outsider:{HIDDEN_DAG}"})
+                                  "PGQ_TEST_HIDDEN_DAGS": f"outsider:{HIDDEN_DAG}",
+                                  # the page's numbers are compared with the databases right after
+                                  "AIRFLOW__PGQ__UI_CACHE_SECONDS": "0"})
         airflow.start()
         airflow.wait_for_dags(["pgq_sys_backfill", "pgq_sys_drain", "pgq_sys_sensor", "pgq_sys_event",
-                               PARTITION_DAG])
+                               "pgq_sys_templated", PARTITION_DAG])
         yield System(airflow, src, dst, parts, central)
     finally:
         if airflow is not None:

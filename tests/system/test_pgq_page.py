@@ -104,6 +104,23 @@ def test_a_reachable_and_an_unreachable_mover_in_one_response(system: System) ->
                               "port": "1", "database": "none"}
 
 
+def test_a_templated_mover_is_read_as_its_last_run_rendered_it(system: System) -> None:
+    af = system.airflow
+    before = _rows(system)["pgq_sys_templated.move"]
+    assert before["state"] == "unknown" and before["source"]["queue"] == "{{ params.queue }}"
+    assert before["last_tick"] is None and "templated" in " ".join(before["errors"])
+    produce(system.src, "tq", simple_events(12, prefix="tq"))
+    af.unpause("pgq_sys_templated")
+    run_id = af.trigger("pgq_sys_templated")  # registers tq_mover: the first run moves nothing
+    assert af.wait_run("pgq_sys_templated", run_id) == "success"
+    tick(system.src, "tq")
+    after = _rows(system)["pgq_sys_templated.move"]
+    assert after["rendered_from"] == run_id and after["source"]["queue"] == "tq" and after["errors"] == []
+    truth = _truth(system.src, system.dst, "tq", "tq_mover")
+    assert (after["last_tick"], after["newest_tick"]) == (truth["last_tick"], truth["newest_tick"])
+    assert after["newest_tick"] > after["last_tick"] and after["state"] == "keeping up"
+
+
 def test_no_password_ever(system: System) -> None:
     text = _movers(system, "admin").text
     assert "nopass" not in text  # pgq_part_down's password, refused by nobody at port 1
@@ -154,6 +171,9 @@ def test_the_page_in_a_real_browser(system: System) -> None:
                      ("last-tick", "newest-tick", "target-mark", "marks-agree", "last-run")}
             state = row.get_attribute("data-state")
             page.screenshot(path=str(shot), full_page=True)
+            # the row's DAG link leads the UI (not the frame) to the DAG's grid
+            row.locator("a.grid-link").click()
+            page.wait_for_url("**/dags/pgq_sys_drain", timeout=30_000)
             # the page alone, full length (the frame above is cut at the window's height)
             page.goto(f"{af.base}/pgq/?mover=pgq_sys_drain.move")
             page.locator("body[data-loaded=true]").wait_for(timeout=60_000)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import json
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from airflow.sdk import DAG, task
 from airflow.serialization.serialized_objects import DagSerialization
 
 from airflow_provider_pgq.operators.queue_mover import PgqQueueMoverOperator
-from airflow_provider_pgq.ui.movers import movers_in_dag
+from airflow_provider_pgq.ui.movers import movers_in_dag, with_rendered_values
 from tests.helpers import EXAMPLES
 
 START = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -79,12 +80,22 @@ def test_templated_values_are_shown_but_not_read() -> None:
     assert mover.source_queue == "{{ params.q }}"
 
 
-def test_dict_of_lists_mapping_in_airflows_order() -> None:
+def test_expand_of_one_list_in_airflows_order() -> None:
+    with DAG("d", schedule=None, start_date=START) as dag:
+        PgqQueueMoverOperator.partial(task_id="m", target_conn_id="dst", source_queue="q",
+                                      target_queue="t").expand(source_conn_id=["a", "b", "c"])
+    found = [(m.map_index, m.source_conn_id) for m in movers_in_dag("d", _serialized(dag))]
+    assert found == [(0, "a"), (1, "b"), (2, "c")]
+
+
+def test_expand_of_several_lists_is_not_guessed() -> None:
+    """Airflow numbers these by the DAG file's keyword order; the stored DAG (jsonb on
+    PostgreSQL, sorted keys when compressed) does not keep it: one row that says so."""
     with DAG("d", schedule=None, start_date=START) as dag:
         PgqQueueMoverOperator.partial(task_id="m", target_conn_id="dst", target_queue="t").expand(
-            source_conn_id=["a", "b"], source_queue=["q1", "q2"])
-    found = [(m.map_index, m.source_conn_id, m.source_queue) for m in movers_in_dag("d", _serialized(dag))]
-    assert found == [(0, "a", "q1"), (1, "a", "q2"), (2, "b", "q1"), (3, "b", "q2")]
+            source_queue=["q1", "q2"], source_conn_id=["a", "b"])
+    (mover,) = movers_in_dag("d", json.loads(json.dumps(_serialized(dag), sort_keys=True)))
+    assert mover.map_index == -1 and not mover.live and "several lists" in (mover.problem or "")
 
 
 def test_mapping_over_run_time_values_is_one_row_that_says_so() -> None:
@@ -97,3 +108,18 @@ def test_mapping_over_run_time_values_is_one_row_that_says_so() -> None:
                                       target_queue="t").expand(source_conn_id=sources())
     (mover,) = movers_in_dag("d", _serialized(dag))
     assert mover.map_index == -1 and not mover.live and "run time" in (mover.problem or "")
+
+
+def test_an_unresolvable_mover_as_its_last_run_rendered_it() -> None:
+    with DAG("d", schedule=None, start_date=START) as dag:
+        PgqQueueMoverOperator(task_id="m", **CONNS, source_queue="{{ params.q }}", target_queue="b")
+    (mover,) = movers_in_dag("d", _serialized(dag))
+    rendered = {-1: {"source_conn_id": "src", "target_conn_id": "dst", "source_queue": "real_q",
+                     "target_queue": "b", "subconsumer": ""}}
+    (resolved,) = with_rendered_values(mover, "run_7", rendered)
+    assert resolved.live and resolved.source_queue == "real_q" and resolved.rendered_from == "run_7"
+    assert resolved.consumer_name == "d.m"
+    mapped = with_rendered_values(mover, "run_8", {1: {**rendered[-1], "source_conn_id": "b"}, 0: rendered[-1]})
+    assert [(m.key, m.source_conn_id) for m in mapped] == [("d.m[0]", "src"), ("d.m[1]", "b")]
+    still = with_rendered_values(mover, "run_9", {-1: {**rendered[-1], "source_queue": "{{ oops }}"}})
+    assert not still[0].live

@@ -37,10 +37,16 @@ def test_mismatch_but_not_for_a_batch_in_flight() -> None:
     assert classify(SOURCE, behind, None) is State.MISMATCH
     ahead = replace(TARGET, mark=11)
     assert classify(SOURCE, ahead, None) is State.MISMATCH
-    in_flight = replace(SOURCE, current_batch=77)
+    in_flight = replace(SOURCE, current_batch=77, next_tick=11)
     assert marks_agree(in_flight, ahead) is True and classify(in_flight, ahead, None) is State.KEEPING_UP
+    assert marks_agree(in_flight, replace(TARGET, mark=12)) is False  # past the open batch's end
     assert marks_agree(SOURCE, replace(TARGET, mark=None)) is None
     assert classify(SOURCE, replace(TARGET, mark=None), None) is State.KEEPING_UP
+
+
+def test_unknown_before_anything_else() -> None:
+    assert classify(None, None, "templated", unknown=True) is State.UNKNOWN
+    assert classify(SOURCE, replace(TARGET, mark=1), None, unknown=True) is State.UNKNOWN
 
 
 def test_every_state_has_its_rule_written() -> None:

@@ -36,11 +36,26 @@ function stateClass(state) {
   return "state-" + state.replace(/ /g, "-");
 }
 
+// Inside the UI's frame (sandboxed without top navigation) a link cannot load the top
+// page; the frame is same-origin, so it moves the UI's router there instead.
+function openInAirflow(event) {
+  if (window.top === window) return;
+  try {
+    window.top.history.pushState({}, "", this.href);
+    window.top.dispatchEvent(new PopStateEvent("popstate", { state: {} }));
+    event.preventDefault();
+  } catch (e) {
+    // not reachable from here: the link opens in the frame
+  }
+}
+
 function row(m) {
   const last = m.runs && m.runs.length ? m.runs[m.runs.length - 1] : null;
   const lastRun = last ? `${last.state || "?"}: ${fmt(last.events)} events, ${fmt(last.batches)} batches` : "–";
-  const dagLink = el("a", { href: m.grid_url, target: "_top" }, m.dag_id);
+  const dagLink = el("a", { href: m.grid_url, class: "grid-link" }, m.dag_id);
+  dagLink.addEventListener("click", openInAirflow);
   const what = el("td", { class: "task" }, dagLink, " / ", m.task_id + (m.map_index >= 0 ? `[${m.map_index}]` : ""));
+  if (m.rendered_from) what.append(el("div", { class: "muted" }, `values as run ${m.rendered_from} rendered them`));
   if (m.errors.length) what.append(el("div", { class: "row-errors" }, m.errors.join("; ")));
   const consumer = m.consumer_name + (m.subconsumer ? ` / ${m.subconsumer}` : "");
   return el("tr", { id: m.key, "data-key": m.key, "data-state": m.state },

@@ -68,3 +68,9 @@ waiting: Any = Asset("pgq_sys_ed_waiting", watchers=[AssetWatcher(
 
 with DAG("pgq_sys_event", schedule=[waiting], start_date=START, catchup=False, max_active_runs=1) as event:
     PgqQueueMoverOperator(task_id="move", **CONNS, source_queue="ed", target_queue="ed", consumer_name="ed_mover")
+
+
+# Templated queue names: the PgQ page reads such a mover as its last run rendered it.
+with DAG("pgq_sys_templated", schedule=None, start_date=START, catchup=False, params={"queue": "tq"}) as templated:
+    PgqQueueMoverOperator(task_id="move", **CONNS, source_queue="{{ params.queue }}",
+                          target_queue="{{ params.queue }}", consumer_name="tq_mover", register_consumer=True)
