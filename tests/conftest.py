@@ -56,6 +56,9 @@ def _uri_parts(uri: str) -> dict[str, str]:
 
 
 TEMPLATE = "pgq_test_template"
+#: TEMPLATE plus pgq_ext as pgq_ext.install() leaves it: make_db(ext=True) clones it
+#: (tests of the installation itself call pgq_ext.install on a database without it)
+TEMPLATE_EXT = "pgq_test_template_ext"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -83,14 +86,22 @@ def classic_batches(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ThrowawayCluster]:
     existing = os.environ.get("PGQ_TEST_DSN")
-    c: ThrowawayCluster = _ExistingServer(existing) if existing else ThrowawayCluster().start()
+    c: ThrowawayCluster = _ExistingServer(existing) if existing else ThrowawayCluster(in_memory=True).start()
     try:
-        c.drop_database(TEMPLATE)
+        for name in (TEMPLATE_EXT, TEMPLATE):
+            c.drop_database(name)
         c.create_database(TEMPLATE)
         c.execute(TEMPLATE, "create extension if not exists pgq")
+        c.create_database(TEMPLATE_EXT, TEMPLATE)
+        conn = connect(c.dsn(TEMPLATE_EXT))
+        try:
+            pgq_ext.install(conn)
+        finally:
+            conn.close()
         yield c
     finally:
-        c.drop_database(TEMPLATE)
+        for name in (TEMPLATE_EXT, TEMPLATE):
+            c.drop_database(name)
         c.stop()
 
 
@@ -101,17 +112,13 @@ def make_db(cluster: ThrowawayCluster) -> Iterator[Callable[..., Server]]:
 
     def make(queue: str | None = None, pgq: bool = True, ext: bool = False) -> Server:
         name = f"t_{uuid.uuid4().hex[:12]}"
-        cluster.create_database(name, TEMPLATE if pgq else "template0")
+        if ext and not pgq:
+            raise ValueError("pgq_ext needs pgq")
+        cluster.create_database(name, (TEMPLATE_EXT if ext else TEMPLATE) if pgq else "template0")
         made.append(name)
         server = Server(cluster, name)
         if queue:
             create_queue(server, queue)
-        if ext:
-            conn = connect(server.dsn)
-            try:
-                pgq_ext.install(conn)
-            finally:
-                conn.close()
         return server
 
     yield make
