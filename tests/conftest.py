@@ -59,20 +59,37 @@ def _uri_parts(uri: str) -> dict[str, str]:
             "password": u.password or ""}
 
 
-TEMPLATE = "pgq_test_template"
+#: per xdist worker (PYTEST_XDIST_WORKER: gw0, gw1, ...), as the workers may share a
+#: server (PGQ_TEST_DSN); each throwaway cluster is per worker anyway
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEMPLATE = "pgq_test_template" + (f"_{_WORKER}" if _WORKER else "")
 #: TEMPLATE plus pgq_ext as pgq_ext.install() leaves it: make_db(ext=True) clones it
 #: (tests of the installation itself call pgq_ext.install on a database without it)
-TEMPLATE_EXT = "pgq_test_template_ext"
+TEMPLATE_EXT = TEMPLATE + "_ext"
+
+#: xdist groups (bash scripts/run-tests runs pytest -n 2 --dist loadgroup): the tests of
+#: a group share expensive session or module state (an Airflow deployment, the Airflow
+#: workers, the storm's second cluster) and so run on one worker, longest group first.
+_GROUPS = ("system", "storm", "airflow")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tiers, so that -m "not airflow and not storm and not system" is a fast loop:
-    tests that start Airflow (they use its metadata database) and the fault suites."""
+    tests that start Airflow (they use its metadata database) and the fault suites.
+    Each tier is an xdist group; the groups go first, so that no long group starts last."""
     for item in items:
         if "airflow_home" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.airflow)
         if item.path.name in ("test_fast_faults.py", "test_quiet_faults.py"):
             item.add_marker(pytest.mark.storm)
+        group = next((g for g in _GROUPS if item.get_closest_marker(g)), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, g in enumerate(_GROUPS) if item.get_closest_marker(g)), len(_GROUPS))
+
+    items.sort(key=rank)  # stable: collection order within each rank
 
 
 @pytest.fixture(autouse=True)
