@@ -67,29 +67,53 @@ TEMPLATE = "pgq_test_template" + (f"_{_WORKER}" if _WORKER else "")
 #: (tests of the installation itself call pgq_ext.install on a database without it)
 TEMPLATE_EXT = TEMPLATE + "_ext"
 
-#: xdist groups (bash scripts/run-tests runs pytest -n 2 --dist loadgroup): the tests of
-#: a group share expensive session or module state (an Airflow deployment, the Airflow
-#: workers, the storm's second cluster) and so run on one worker, longest group first.
-_GROUPS = ("system", "storm", "airflow")
+STORM_MODULES = ("test_fast_faults.py", "test_quiet_faults.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tiers, so that -m "not airflow and not storm and not system" is a fast loop:
-    tests that start Airflow (they use its metadata database) and the fault suites.
-    Each tier is an xdist group; the groups go first, so that no long group starts last."""
+    tests that start Airflow (they use its metadata database) and the fault suites."""
     for item in items:
         if "airflow_home" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.airflow)
-        if item.path.name in ("test_fast_faults.py", "test_quiet_faults.py"):
+        if item.path.name in STORM_MODULES:
             item.add_marker(pytest.mark.storm)
-        group = next((g for g in _GROUPS if item.get_closest_marker(g)), None)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
 
-    def rank(item: pytest.Item) -> int:
-        return next((i for i, g in enumerate(_GROUPS) if item.get_closest_marker(g)), len(_GROUPS))
 
-    items.sort(key=rank)  # stable: collection order within each rank
+def _airflow_modules() -> set[str]:
+    """Test modules (paths as in node ids) that start Airflow: tests/system and every
+    module that uses run_dag or airflow_home."""
+    tests = Path(__file__).parent
+    return {
+        str(path.relative_to(ROOT))
+        for path in tests.rglob("test_*.py")
+        if path.is_relative_to(tests / "system") or any(w in path.read_text() for w in ("run_dag", "airflow_home"))
+    }
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """With -n N --dist loadgroup (scripts/run-tests): every module that starts Airflow is
+    one work unit (on two cores two Airflows at once starve each other: a system test
+    timed out so; and the Airflow workers and the deployment are set up once), each storm
+    module is one (it shares a second cluster), every other test is a unit of its own;
+    units go out largest first. (Our own scopes: xdist's xdist_group suffix on node ids
+    has no effect with pytest 9.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    airflow = _airflow_modules()
+
+    class TierScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module in airflow:
+                return "airflow"
+            if Path(module).name in STORM_MODULES:
+                return module
+            return nodeid
+
+    return TierScheduling(config, log)
 
 
 @pytest.fixture(autouse=True)
