@@ -91,29 +91,36 @@ def _airflow_modules() -> set[str]:
     }
 
 
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+class _XdistTiers:
     """With -n N --dist loadgroup (scripts/run-tests): every module that starts Airflow is
     one work unit (on two cores two Airflows at once starve each other: a system test
     timed out so; and the Airflow workers and the deployment are set up once), each storm
     module is one (it shares a second cluster), every other test is a unit of its own;
     units go out largest first. (Our own scopes: xdist's xdist_group suffix on node ids
-    has no effect with pytest 9.)"""
-    if config.getvalue("dist") != "loadgroup":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
+    has no effect with pytest 9.) A plugin of its own, registered only where xdist is."""
 
-    airflow = _airflow_modules()
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        if config.getvalue("dist") != "loadgroup":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
 
-    class TierScheduling(LoadScopeScheduling):  # type: ignore[misc]
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            if module in airflow:
-                return "airflow"
-            if Path(module).name in STORM_MODULES:
-                return module
-            return nodeid
+        airflow = _airflow_modules()
 
-    return TierScheduling(config, log)
+        class TierScheduling(LoadScopeScheduling):  # type: ignore[misc]
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0]
+                if module in airflow:
+                    return "airflow"
+                if Path(module).name in STORM_MODULES:
+                    return module
+                return nodeid
+
+        return TierScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistTiers(), "pgq-xdist-tiers")
 
 
 @pytest.fixture(autouse=True)
