@@ -1,8 +1,10 @@
-"""Fixtures: one throwaway PostgreSQL with PgQ per test session (or PGQ_TEST_DSN),
-fresh databases per test cloned from a template that has the pgq extension, a real
+"""Fixtures: one throwaway PostgreSQL with PgQ per test session (in /dev/shm when it
+can, see tests/support/cluster.py; or PGQ_TEST_DSN), fresh databases per test cloned
+from a template that has the pgq extension (and pgq_ext, for make_db(ext=True)), a real
 pgqd, and real Airflow: one migrated sqlite metadata database per session and
 run_dag(), which runs a DAG with dag.test() in a long-lived Airflow worker subprocess
-(one per DAGs folder, see tests/airflow/runner.py)."""
+(one per DAGs folder, see tests/airflow/runner.py). Tiers and the xdist work units:
+docs/testing.md."""
 
 from __future__ import annotations
 
