@@ -1,16 +1,22 @@
-"""Fixtures: one throwaway PostgreSQL with PgQ per test session (or PGQ_TEST_DSN),
-fresh databases per test cloned from a template that has the pgq extension, a real
+"""Fixtures: one throwaway PostgreSQL with PgQ per test session (in /dev/shm when it
+can, see tests/support/cluster.py; or PGQ_TEST_DSN), fresh databases per test cloned
+from a template that has the pgq extension (and pgq_ext, for make_db(ext=True)), a real
 pgqd, and real Airflow: one migrated sqlite metadata database per session and
-run_dag(), which runs a DAG with dag.test() in a subprocess."""
+run_dag(), which runs a DAG with dag.test() in a long-lived Airflow worker subprocess
+(one per DAGs folder, see tests/airflow/runner.py). Tiers and the xdist work units:
+docs/testing.md."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +30,7 @@ from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import MoverOptions
 from tests.helpers import CLASSIC_BATCHES, EXAMPLES, ROOT, DagRunner, Server, create_queue
-from tests.support.cluster import ThrowawayCluster
+from tests.support.cluster import ThrowawayCluster, memory_dir
 from tests.support.pgqd import Pgqd
 
 
@@ -55,7 +61,15 @@ def _uri_parts(uri: str) -> dict[str, str]:
             "password": u.password or ""}
 
 
-TEMPLATE = "pgq_test_template"
+#: per xdist worker (PYTEST_XDIST_WORKER: gw0, gw1, ...), as the workers may share a
+#: server (PGQ_TEST_DSN); each throwaway cluster is per worker anyway
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEMPLATE = "pgq_test_template" + (f"_{_WORKER}" if _WORKER else "")
+#: TEMPLATE plus pgq_ext as pgq_ext.install() leaves it: make_db(ext=True) clones it
+#: (tests of the installation itself call pgq_ext.install on a database without it)
+TEMPLATE_EXT = TEMPLATE + "_ext"
+
+STORM_MODULES = ("test_fast_faults.py", "test_quiet_faults.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -64,8 +78,51 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "airflow_home" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.airflow)
-        if item.path.name in ("test_fast_faults.py", "test_quiet_faults.py"):
+        if item.path.name in STORM_MODULES:
             item.add_marker(pytest.mark.storm)
+
+
+def _airflow_modules() -> set[str]:
+    """Test modules (paths as in node ids) that start Airflow: tests/system and every
+    module that uses run_dag or airflow_home."""
+    tests = Path(__file__).parent
+    return {
+        str(path.relative_to(ROOT))
+        for path in tests.rglob("test_*.py")
+        if path.is_relative_to(tests / "system") or any(w in path.read_text() for w in ("run_dag", "airflow_home"))
+    }
+
+
+class _XdistTiers:
+    """With -n N --dist loadgroup (scripts/run-tests): every module that starts Airflow is
+    one work unit (on two cores two Airflows at once starve each other: a system test
+    timed out so; and the Airflow workers and the deployment are set up once), each storm
+    module is one (it shares a second cluster), every other test is a unit of its own;
+    units go out largest first. (Our own scopes: xdist's xdist_group suffix on node ids
+    has no effect with pytest 9.) A plugin of its own, registered only where xdist is."""
+
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        if config.getvalue("dist") != "loadgroup":
+            return None
+        from xdist.scheduler import LoadScopeScheduling
+
+        airflow = _airflow_modules()
+
+        class TierScheduling(LoadScopeScheduling):  # type: ignore[misc]
+            def _split_scope(self, nodeid: str) -> str:
+                module = nodeid.split("::", 1)[0]
+                if module in airflow:
+                    return "airflow"
+                if Path(module).name in STORM_MODULES:
+                    return module
+                return nodeid
+
+        return TierScheduling(config, log)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistTiers(), "pgq-xdist-tiers")
 
 
 @pytest.fixture(autouse=True)
@@ -83,14 +140,22 @@ def classic_batches(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ThrowawayCluster]:
     existing = os.environ.get("PGQ_TEST_DSN")
-    c: ThrowawayCluster = _ExistingServer(existing) if existing else ThrowawayCluster().start()
+    c: ThrowawayCluster = _ExistingServer(existing) if existing else ThrowawayCluster(in_memory=True).start()
     try:
-        c.drop_database(TEMPLATE)
+        for name in (TEMPLATE_EXT, TEMPLATE):
+            c.drop_database(name)
         c.create_database(TEMPLATE)
         c.execute(TEMPLATE, "create extension if not exists pgq")
+        c.create_database(TEMPLATE_EXT, TEMPLATE)
+        conn = connect(c.dsn(TEMPLATE_EXT))
+        try:
+            pgq_ext.install(conn)
+        finally:
+            conn.close()
         yield c
     finally:
-        c.drop_database(TEMPLATE)
+        for name in (TEMPLATE_EXT, TEMPLATE):
+            c.drop_database(name)
         c.stop()
 
 
@@ -101,17 +166,13 @@ def make_db(cluster: ThrowawayCluster) -> Iterator[Callable[..., Server]]:
 
     def make(queue: str | None = None, pgq: bool = True, ext: bool = False) -> Server:
         name = f"t_{uuid.uuid4().hex[:12]}"
-        cluster.create_database(name, TEMPLATE if pgq else "template0")
+        if ext and not pgq:
+            raise ValueError("pgq_ext needs pgq")
+        cluster.create_database(name, (TEMPLATE_EXT if ext else TEMPLATE) if pgq else "template0")
         made.append(name)
         server = Server(cluster, name)
         if queue:
             create_queue(server, queue)
-        if ext:
-            conn = connect(server.dsn)
-            try:
-                pgq_ext.install(conn)
-            finally:
-                conn.close()
         return server
 
     yield make
@@ -138,12 +199,17 @@ def pgqd(cluster: ThrowawayCluster, tmp_path: Path) -> Iterator[Pgqd]:
 
 
 @pytest.fixture(scope="session")
-def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("airflow_home")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One migrated metadata database per session (sqlite; in memory_dir() when there
+    is one, as sqlite syncs each of the many commits of a DAG run)."""
+    shm = memory_dir()
+    home = Path(tempfile.mkdtemp(prefix="airflow_home-", dir=shm)) if shm else tmp_path_factory.mktemp("airflow_home")
     env = _base_env(home, EXAMPLES)
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], env=env, check=True,
                    capture_output=True, cwd=ROOT)
-    return home
+    yield home
+    if shm:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _base_env(home: Path, dags: Path) -> dict[str, str]:
@@ -158,32 +224,115 @@ def _base_env(home: Path, dags: Path) -> dict[str, str]:
     return env
 
 
+class AirflowWorker:
+    """One long-lived `python -m tests.airflow.runner --serve` for one DAGs folder:
+    Airflow is imported and the folder parsed once, then it runs DAG after DAG (each
+    with its own connections and environment, its output in its own log)."""
+
+    def __init__(self, home: Path, folder: Path) -> None:
+        self.home, self.folder = home, folder
+        self.lock = threading.Lock()
+        self.stderr = open(home / "worker.stderr", "a")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.airflow.runner", "--serve"], env=_base_env(home, folder), cwd=ROOT,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+        )
+        if self._reply(600) != "READY":
+            tail = self._stderr_tail()
+            self.stop()
+            raise AssertionError(f"the Airflow worker for {folder} did not start:\n{tail}")
+
+    def _reply(self, timeout: float) -> str | None:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        return line.strip() or None
+
+    def _stderr_tail(self) -> str:
+        self.stderr.flush()
+        return (self.home / "worker.stderr").read_text(errors="replace")[-6000:]
+
+    def run(self, dag_id: str, logical_date: str, env: dict[str, str], log: Path,
+            timeout: float = 600) -> tuple[int | None, str]:
+        """(rc or None when the worker died or timed out, the run's output)."""
+        assert self.proc.stdin is not None
+        request = {"dag_id": dag_id, "logical_date": logical_date, "env": env, "log": str(log)}
+        with self.lock:
+            try:
+                self.proc.stdin.write(json.dumps(request) + "\n")
+                self.proc.stdin.flush()
+                answer = self._reply(timeout)
+            except OSError:
+                answer = None
+        out = log.read_text(errors="replace") if log.exists() else ""
+        if answer is None:
+            tail = self._stderr_tail()
+            self.stop()
+            return None, out + tail
+        return int(json.loads(answer)["rc"]), out
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+        self.stderr.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_workers(airflow_home: Path) -> Iterator[Callable[[Path], AirflowWorker]]:
+    """worker(dags_folder): that folder's AirflowWorker, started on first use (a dead
+    one is replaced). The examples folder uses airflow_home; every other folder its own
+    copy of it, so that the DAG bundle of another folder never mixes in."""
+    workers: dict[Path, AirflowWorker] = {}
+    homes: list[Path] = []
+    lock = threading.Lock()
+
+    def get(folder: Path) -> AirflowWorker:
+        with lock:
+            worker = workers.get(folder)
+            if worker is None or not worker.alive:
+                home = airflow_home
+                if folder != EXAMPLES:
+                    home = airflow_home.parent / f"{airflow_home.name}-{len(workers)}-{folder.name}"
+                    homes.append(home)
+                    if not home.exists():
+                        shutil.copytree(airflow_home, home, ignore=shutil.ignore_patterns("worker.stderr", "logs"))
+                worker = workers[folder] = AirflowWorker(home, folder)
+            return worker
+
+    yield get
+    for worker in workers.values():
+        worker.stop()
+    for home in homes:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture
-def run_dag(airflow_home: Path, tmp_path: Path) -> DagRunner:
+def run_dag(airflow_workers: Callable[[Path], AirflowWorker], tmp_path: Path) -> DagRunner:
     """run_dag(dag_id, conns={conn_id: uri}, logical_date=..., env={}, dags_folder=None)."""
+    runs = iter(range(1_000_000))
 
     def run(dag_id: str, conns: dict[str, str], logical_date: str = "2026-06-01T12:00:00+00:00",
             env: dict[str, str] | None = None, dags_folder: Path | None = None) -> dict[str, Any]:
-        folder = dags_folder or EXAMPLES
-        home = airflow_home
-        if dags_folder is not None:
-            # Its own metadata copy, so the DAG bundle of another folder never mixes in.
-            home = tmp_path / "airflow_home"
-            if not home.exists():
-                shutil.copytree(airflow_home, home)
-        full = _base_env(home, folder)
-        full.update({f"AIRFLOW_CONN_{k.upper()}": v for k, v in conns.items()})
-        full.update(env or {})
-        proc = subprocess.run(
-            [sys.executable, "-m", "tests.airflow.runner", dag_id, logical_date],
-            env=full, capture_output=True, text=True, cwd=ROOT, timeout=600,
-        )
-        out = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        worker = airflow_workers(dags_folder or EXAMPLES)
+        request_env = {f"AIRFLOW_CONN_{k.upper()}": v for k, v in conns.items()}
+        request_env.update(env or {})
+        log = tmp_path / f"dag-run-{next(runs)}-{dag_id}.log"
+        rc, output = worker.run(dag_id, logical_date, request_env, log)
+        out = [line for line in output.splitlines() if line.startswith("RESULT ")]
         if not out:
-            raise AssertionError(f"DAG {dag_id} did not report (rc {proc.returncode}):\n"
-                                 f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+            raise AssertionError(f"DAG {dag_id} did not report (rc {rc}):\n{output[-10000:]}")
         result: dict[str, Any] = json.loads(out[-1][len("RESULT "):])
-        result["log"] = proc.stdout + proc.stderr
+        result["log"] = output
         return result
 
     return run

@@ -15,7 +15,7 @@ from tests.support.cluster import ThrowawayCluster
 
 @pytest.fixture(scope="module")
 def target_cluster() -> Iterator[ThrowawayCluster]:
-    c = ThrowawayCluster().start()
+    c = ThrowawayCluster(in_memory=True).start()
     try:
         yield c
     finally:

@@ -229,7 +229,7 @@ def test_slow_links_are_not_stuck(
 @pytest.fixture
 def own_target() -> Iterator[tuple[ThrowawayCluster, Server]]:
     """A target in a cluster of its own, so killing it leaves the shared one alone."""
-    c = ThrowawayCluster().start()
+    c = ThrowawayCluster(in_memory=True).start()
     try:
         c.create_database("tgt")
         c.execute("tgt", "create extension pgq")

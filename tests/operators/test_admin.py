@@ -16,6 +16,7 @@ from airflow_provider_pgq.operators.admin import (
     PgqTickerOperator,
 )
 from tests.helpers import DagRunner, Server, produce, simple_events, tick
+from tests.support.cluster import wait_until
 
 
 def _status(db: Server, queue: str, consumer: str):
@@ -50,6 +51,10 @@ def test_setup_dag_is_idempotent_and_ticker_dag_makes_batches(make_db, run_dag: 
     # events without a ticker make no batch; one ticker run does
     produce(src, "orders", simple_events(10))
     assert not _status(src, "orders", "orders_mover").batch_available
+    # 10 events are below ticker_max_count (1000): the ticker ticks once the last tick is
+    # older than ticker_max_lag (2 s), which a cold Airflow start used to take care of
+    assert wait_until(lambda: src.execute(
+        "select ticker_lag > queue_ticker_max_lag from pgq.get_queue_info('orders')")[0][0], timeout=10)
     ticked = run_dag("example_pgq_ticker", {"pgq_source": src.uri()})
     assert ticked["state"] == "success", ticked["log"][-3000:]
     tick = ticked["xcom"]["tick_source[-1]"]["orders"]
