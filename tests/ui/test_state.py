@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from airflow_provider_pgq.core.pending import PendingStatus
 from airflow_provider_pgq.core.positions import TargetMark
+from airflow_provider_pgq.ui import state as state_module
 from airflow_provider_pgq.ui.state import State, classify, marks_agree, rules
 
 SOURCE = PendingStatus(queue_name="q", consumer_name="c", registered=True, last_tick=10,
@@ -52,3 +54,9 @@ def test_unknown_before_anything_else() -> None:
 def test_every_state_has_its_rule_written() -> None:
     assert set(rules(900)) == {s.value for s in State}
     assert "900 s" in rules(900)[State.FALLING_BEHIND.value]
+
+
+def test_every_state_has_a_colour_on_the_page() -> None:
+    css = (Path(state_module.__file__).parent / "static" / "pgq.css").read_text()
+    for state in State:
+        assert f".state-{state.value.replace(' ', '-')} {{ background:" in css, state

@@ -91,7 +91,8 @@ function plot(m) {
   const step = (w - 2 * pad) / runs.length;
   const points = [];
   runs.forEach((r, i) => {
-    const bh = ((r.events || 0) / maxEvents) * h;
+    // a failed run moved nothing it reports: a short red bar still marks it
+    const bh = Math.max(r.state === "success" ? 0 : 4, ((r.events || 0) / maxEvents) * h);
     const bar = document.createElementNS(SVG, "rect");
     bar.setAttribute("x", pad + i * step + 1);
     bar.setAttribute("y", h - bh);
