@@ -35,6 +35,7 @@ from airflow_provider_pgq.core.errors import (
     QueueNotFound,
     TickNotFound,
     TrackingKeyConflict,
+    WaitTimeout,
     literal,
 )
 from airflow_provider_pgq.core.pending import MoverStatus, pending_status
@@ -527,6 +528,15 @@ class QueueMover:
             self.source.commit()
         except psycopg2.Error as exc:
             _quietly(self.source.rollback)
+            if isinstance(exc, psycopg2.errors.LockNotAvailable):
+                server = self.source.server() if isinstance(self.source, guard.GuardedConnection) else "?"
+                raise WaitTimeout(
+                    f"source {server}: taking the next batch of consumer {o.consumer!r} on queue"
+                    f" {o.source_queue!r} waited for a lock longer than lock_timeout: another mover of"
+                    " the same consumer, or a session locking the queue's tables, holds it (see pg_locks"
+                    " where not granted); nothing was taken, the next run goes on from here",
+                    "source", server, "next batch lock",
+                ) from exc
             if pgq.pgq_error(exc) is ConsumerNotRegistered:
                 raise ConsumerNotRegistered(
                     f"consumer {o.consumer!r} is not registered on source queue"

@@ -141,6 +141,34 @@ def test_a_connection_lost_after_a_long_silence_is_a_wait_timeout_naming_the_sid
     assert 2 < seconds < 2.5 + MARGIN, seconds
 
 
+def test_a_source_lock_held_elsewhere_is_a_wait_timeout_naming_the_side(source: Server, target: Server) -> None:
+    """Another session holds the consumer's next-batch lock on the source: the mover gives
+    up within lock_timeout with WaitTimeout naming the source, and moves once it is free."""
+    big_batch(source, 20)
+    holder = connect(source.dsn, application_name="quiet:holder")
+    try:
+        with holder.cursor() as cur:
+            cur.execute("select pg_advisory_xact_lock(hashtextextended(%s::text, 0::bigint))",
+                        ("airflow_provider_pgq:next_batch:src_q\x01mover",))
+        s = connect(source.dsn, application_name="quiet:src", timeouts=TIMEOUTS, side="source")
+        t = connect(target.dsn, application_name="quiet:tgt", timeouts=TIMEOUTS, side="target")
+        try:
+            started = time.monotonic()
+            with pytest.raises(WaitTimeout) as caught:
+                QueueMover(s, t, MoverOptions("src_q", "dst_q", "mover", register_consumer=True)).drain()
+            seconds = time.monotonic() - started
+        finally:
+            s.close()
+            t.close()
+    finally:
+        holder.close()
+    assert caught.value.side == "source" and "lock_timeout" in str(caught.value), str(caught.value)
+    assert seconds < TIMEOUTS.lock_timeout + MARGIN, seconds
+    assert open_transactions(source) == 0
+    run_mover(source, target, register_consumer=True)
+    assert queue_events(target, "dst_q") == queue_events(source, "src_q")
+
+
 @pytest.mark.parametrize("side", ["target", "source"])
 def test_frozen_copy_is_cancelled_within_network_timeout(
     source: Server, target: Server, proxies: tuple[FaultProxy, FaultProxy], side: str
