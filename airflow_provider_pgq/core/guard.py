@@ -328,8 +328,8 @@ class GuardedConnection(psycopg2.extensions.connection):
         if exc.pgcode is not None or self.stream_bound is None or waited < self.stream_bound:
             return
         raise WaitTimeout(
-            f"{self.side} {self.server()}: no answer to {what} for {waited:.0f}s, then the connection was"
-            f" lost (a silent peer found by TCP keepalives / tcp_user_timeout, set from network_timeout="
+            f"{self.side} {self.server()}: the connection was lost during {what}, after {waited:.0f}s (a"
+            f" silent peer given up by TCP keepalives / tcp_user_timeout, set from network_timeout="
             f"{self.stream_bound:g}s, or a connection dropped on the way); the server rolls the transaction"
             " back, nothing of it was committed; the next run goes on from the last committed batch",
             self.side, self.server(), what,
