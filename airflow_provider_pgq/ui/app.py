@@ -117,10 +117,12 @@ def _movers(reader: live.LiveReader, user: Any, runs: int) -> dict[str, Any]:
                  for spec in movers_in_dag(sd.dag_id, sd.data or {})]
         rendered = last_rendered(session, {(s.dag_id, s.task_id) for s in found if not s.live})
         specs = [r for s in found for r in _resolved(s, rendered)]
-        # a run's state and report: task instances and XComs of the DAG
-        reports = {d for d in {s.dag_id for s in specs}
-                   if all(auth.is_authorized_dag(method="GET", access_entity=entity, details=DagDetails(id=d),
-                                                 user=user)
+        # a run's state and report: task instances and XComs of the DAG (of its team, if any)
+        dags = sorted({s.dag_id for s in specs})
+        teams = DagModel.get_dag_id_to_team_name_mapping(dags, session=session) if dags else {}
+        reports = {d for d in dags
+                   if all(auth.is_authorized_dag(method="GET", access_entity=entity,
+                                                 details=DagDetails(id=d, team_name=teams.get(d)), user=user)
                           for entity in (DagAccessEntity.TASK_INSTANCE, DagAccessEntity.XCOM))}
         history = recent_runs(session, {(s.dag_id, s.task_id) for s in specs if s.dag_id in reports}, runs)
     behind = _conf_float("ui_behind_seconds", DEFAULT_BEHIND_SECONDS)
