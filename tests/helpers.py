@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -54,6 +56,36 @@ class Server:
 
     def execute(self, query: Any, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return self.cluster.execute(self.dbname, query, params)
+
+
+@dataclass(frozen=True)
+class Login:
+    """A password login a test created (see create_login)."""
+
+    name: str
+    password: str
+
+    def dsn(self, server: Server) -> str:
+        return server.cluster.dsn(server.dbname, user=self.name, password=self.password)
+
+    def uri(self, server: Server) -> str:
+        return server.uri(user=self.name, password=self.password)
+
+    def raw(self, server: Server) -> psycopg2.extensions.connection:
+        """A plain libpq session with the role's and database's defaults (no pinned search_path)."""
+        return psycopg2.connect(self.dsn(server))
+
+
+def create_login(cluster: ThrowawayCluster, prefix: str, in_role: str | None = None,
+                 superuser: bool = False) -> Login:
+    """A new login role ``<prefix>_<random>`` with a random password, member of ``in_role``."""
+    login = Login(f"{prefix}_{uuid.uuid4().hex[:10]}", "pw-" + secrets.token_urlsafe(12))
+    create = sql.SQL("create role {} login password %s" + (" superuser" if superuser else "")).format(
+        sql.Identifier(login.name))
+    if in_role:
+        create = sql.SQL("{} in role {}").format(create, sql.Identifier(in_role))
+    cluster.execute("postgres", create, (login.password,))
+    return login
 
 
 def create_queue(server: Server, queue: str) -> None:

@@ -19,6 +19,7 @@ from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import InvalidParameter
 from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
 from tests.core import test_privileges
+from tests.core.test_pgq_ext import CLASSIC_LAYOUT
 from tests.core.test_privileges import LoginMaker
 from tests.helpers import Server, mark_of, produce, queue_events, register, run_mover, tick
 
@@ -62,19 +63,9 @@ SKYTOOLS2_LAYOUT = [
     "create function pgq_ext.version() returns text language sql as $$ select '2.1.8'::text $$",
 ]
 
-#: skytools 3.0 before its upgrade_schema(): subconsumer_id, but without a default.
-SKYTOOLS30_LAYOUT = [
-    "create schema pgq_ext",
-    "create table pgq_ext.completed_tick (consumer_id text not null, subconsumer_id text not null,"
-    " last_tick_id bigint not null, primary key (consumer_id, subconsumer_id))",
-    "create table pgq_ext.completed_batch (consumer_id text not null, subconsumer_id text not null,"
-    " last_batch_id bigint not null, primary key (consumer_id, subconsumer_id))",
-    "create table pgq_ext.completed_event (consumer_id text not null, subconsumer_id text not null,"
-    " batch_id bigint not null, event_id bigint not null,"
-    " primary key (consumer_id, subconsumer_id, batch_id, event_id))",
-    "create table pgq_ext.partial_batch (consumer_id text not null, subconsumer_id text not null,"
-    " cur_batch_id bigint not null, primary key (consumer_id, subconsumer_id))",
-]
+#: skytools 3.0 before its upgrade_schema(): subconsumer_id, but without a default (the
+#: classic tables alone, without the classic functions).
+SKYTOOLS30_LAYOUT = CLASSIC_LAYOUT[:5]
 
 
 def build_skytools2(db: Server, mover_tick: int | None = None) -> None:

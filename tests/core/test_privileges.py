@@ -10,10 +10,7 @@ The grants found here are the ones docs/reliability.md lists.
 
 from __future__ import annotations
 
-import secrets
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
@@ -23,7 +20,7 @@ from psycopg2 import sql
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import ConnectionFailed, PgqError
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, DrainBounds, MoveReport, MoverOptions, QueueMover
-from tests.helpers import Server, mark_of, produce, queue_events, register, simple_events, tick
+from tests.helpers import Login, Server, create_login, mark_of, produce, queue_events, register, simple_events, tick
 from tests.support.cluster import ThrowawayCluster
 from tests.support.pgqd import Pgqd
 
@@ -41,15 +38,6 @@ MOVER_PGQ_EXT_FUNCTIONS = (
 )
 
 
-@dataclass(frozen=True)
-class Login:
-    name: str
-    password: str
-
-    def dsn(self, server: Server) -> str:
-        return server.cluster.dsn(server.dbname, user=self.name, password=self.password)
-
-
 LoginMaker = Callable[[Server, "str | None"], Login]
 
 
@@ -60,11 +48,7 @@ def login_in(cluster: ThrowawayCluster) -> Iterator[LoginMaker]:
     made: list[tuple[Login, Server]] = []
 
     def make(server: Server, pgq_role: str | None) -> Login:
-        login = Login(f"lp_{uuid.uuid4().hex[:10]}", "pw-" + secrets.token_urlsafe(12))
-        create = sql.SQL("create role {} login password %s").format(sql.Identifier(login.name))
-        if pgq_role:
-            create = sql.SQL("{} in role {}").format(create, sql.Identifier(pgq_role))
-        cluster.execute("postgres", create, (login.password,))
+        login = create_login(cluster, "lp", in_role=pgq_role)
         made.append((login, server))
         db = sql.Identifier(server.dbname)
         cluster.execute("postgres", sql.SQL("revoke connect on database {} from public").format(db))

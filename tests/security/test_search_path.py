@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import subprocess
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
@@ -38,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
@@ -49,7 +46,7 @@ from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, DrainBounds, MoverOptions, QueueMover
 from airflow_provider_pgq.core.pending import pending_status
-from tests.helpers import Server, create_queue, mark_of, produce, queue_events, simple_events, tick
+from tests.helpers import Login, Server, create_login, create_queue, mark_of, produce, queue_events, simple_events, tick
 from tests.support.cluster import ThrowawayCluster
 
 PACKAGE = Path(airflow_provider_pgq.__file__).resolve().parent
@@ -457,32 +454,6 @@ PLANT_STEPS = ("functions", "variants", "aggregates", "operators", "relations_an
 # -- roles and databases ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Login:
-    name: str
-    password: str
-
-    def dsn(self, server: Server) -> str:
-        return server.cluster.dsn(server.dbname, user=self.name, password=self.password)
-
-    def uri(self, server: Server) -> str:
-        return server.uri(user=self.name, password=self.password)
-
-    def raw(self, server: Server) -> Connection:
-        """A plain libpq session with the role's and database's defaults, as the code
-        before the fix opened them (no search_path of its own)."""
-        return psycopg2.connect(self.dsn(server))
-
-
-def _login(cluster: ThrowawayCluster, prefix: str, extra: str = "", in_role: str | None = None) -> Login:
-    login = Login(f"{prefix}_{uuid.uuid4().hex[:10]}", "pw-" + secrets.token_urlsafe(12))
-    create = sql.SQL("create role {} login password %s " + extra).format(sql.Identifier(login.name))
-    if in_role:
-        create = sql.SQL("{} in role {}").format(create, sql.Identifier(in_role))
-    cluster.execute("postgres", create, (login.password,))
-    return login
-
-
 def _one(conn: Connection, query: Any, params: tuple[Any, ...] = ()) -> Any:
     with conn.cursor() as cur:
         cur.execute(query, params)
@@ -616,12 +587,12 @@ def arena(cluster: ThrowawayCluster, make_db: Callable[..., Server]) -> Iterator
     admin = str(cluster.execute("postgres", "select current_user::text")[0][0])
     logins: list[Login] = []
     try:
-        attacker = _login(cluster, "sp_attacker")
+        attacker = create_login(cluster, "sp_attacker")
         logins.append(attacker)
-        mover = _login(cluster, "sp_mover", "superuser")
+        mover = create_login(cluster, "sp_mover", superuser=True)
         logins.append(mover)
         # the target login of the chunk path holds only the role pgq_ext's install made for it
-        chunk_writer = _login(cluster, "sp_chunk", in_role=getattr(pgq_ext, "MOVER_ROLE", "pgq_writer"))
+        chunk_writer = create_login(cluster, "sp_chunk", in_role=getattr(pgq_ext, "MOVER_ROLE", "pgq_writer"))
         logins.append(chunk_writer)
         for server in databases:
             db = sql.Identifier(server.dbname)

@@ -61,17 +61,19 @@ def test_password_change_ends_the_sensor_wait_at_once(reader):
     assert "changed-elsewhere-77" not in message
 
 
+async def _first_payload() -> dict[str, Any]:
+    """The sensor trigger's first event, then the trigger is stopped."""
+    agen = PgqEventsTrigger(**_kwargs()).run()
+    event = await asyncio.wait_for(agen.__anext__(), FIRE_TIMEOUT)
+    await _stop(agen)
+    return dict(event.payload)
+
+
 def test_missing_database_ends_the_sensor_wait_at_once(reader, monkeypatch):
     db, _ = reader
     monkeypatch.setenv("AIRFLOW_CONN_PGQ_SRC", db.uri().rsplit("/", 1)[0] + "/no_such_db_14")
 
-    async def scenario() -> dict[str, Any]:
-        agen = PgqEventsTrigger(**_kwargs()).run()
-        event = await asyncio.wait_for(agen.__anext__(), FIRE_TIMEOUT)
-        await _stop(agen)
-        return dict(event.payload)
-
-    payload = asyncio.run(scenario())
+    payload = asyncio.run(_first_payload())
     assert payload["status"] == "error" and 'database "no_such_db_14" does not exist' in payload["message"]
 
 
@@ -182,12 +184,6 @@ def test_event_trigger_waits_out_a_database_without_pgq(bare, caplog):
 
 
 def test_sensor_trigger_ends_with_a_clear_error_on_a_database_without_pgq(bare):
-    async def scenario() -> dict[str, Any]:
-        agen = PgqEventsTrigger(**_kwargs()).run()
-        event = await asyncio.wait_for(agen.__anext__(), FIRE_TIMEOUT)
-        await _stop(agen)
-        return dict(event.payload)
-
-    payload = asyncio.run(scenario())
+    payload = asyncio.run(_first_payload())
     assert payload["status"] == "error"
     assert "the pgq extension is not installed" in payload["message"] and "create extension pgq" in payload["message"]
