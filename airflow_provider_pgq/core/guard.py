@@ -20,7 +20,7 @@ the client. So:
   ``client_connection_check_interval``) and rolls the transaction back: nothing is
   ever half-committed. (Not ``conn.cancel()``: psycopg2 holds the GIL through its
   blocking connect, so a cancel towards a dead network would freeze every thread.)
-- ``abort`` / ``abort_all`` shut the sockets of running statements on purpose
+- ``abort`` shuts the sockets of running statements on purpose
   (SIGTERM, Airflow's on_kill); ``interrupt_waits_on`` does that from a signal that
   arrives while the main thread is blocked inside libpq, where no Python signal
   handler can run until the wait ends.
@@ -34,7 +34,6 @@ import signal
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -221,6 +220,11 @@ def unsent_bytes(conn: psycopg2.extensions.connection) -> int | None:
         return None
 
 
+def server_of(conn: psycopg2.extensions.connection) -> str:
+    """host:port/dbname of a connection this module opened, for messages; "?" otherwise."""
+    return conn.server() if isinstance(conn, GuardedConnection) else "?"
+
+
 class _StatementWatch(Watch):
     """A statement past its bound: its socket is shut."""
 
@@ -237,8 +241,6 @@ class _StatementWatch(Watch):
 
 # -- the connection ---------------------------------------------------------------------
 
-_REGISTRY: weakref.WeakSet[GuardedConnection] = weakref.WeakSet()
-_REGISTRY_LOCK = threading.Lock()
 
 
 def _statement_text(query: Any, cursor: psycopg2.extensions.cursor) -> str:
@@ -269,8 +271,6 @@ class GuardedConnection(psycopg2.extensions.connection):
         self.streaming = False
         self.aborted: str | None = None
         self._watch: _StatementWatch | None = None
-        with _REGISTRY_LOCK:
-            _REGISTRY.add(self)
 
     def server(self) -> str:
         """host:port/dbname, never the password."""
@@ -421,20 +421,13 @@ def abort(conns: Iterable[psycopg2.extensions.connection | None], reason: str) -
         shut_socket(conn)
 
 
-def abort_all(reason: str) -> None:
-    """abort() for every open GuardedConnection of the process."""
-    with _REGISTRY_LOCK:
-        conns = list(_REGISTRY)
-    abort(conns, reason)
-
-
 @contextmanager
 def interrupt_waits_on(
     signals: Iterable[signal.Signals],
-    conns: Callable[[], Iterable[psycopg2.extensions.connection | None]] | None = None,
+    conns: Callable[[], Iterable[psycopg2.extensions.connection | None]],
 ) -> Iterator[None]:
-    """While inside: when one of signals arrives, abort the connections (conns(), or all
-    of the process) from a helper thread, so that the main thread's blocked libpq wait
+    """While inside: when one of signals arrives, abort the connections conns() gives
+    from a helper thread, so that the main thread's blocked libpq wait
     ends and the Python handler of the signal runs within a moment.
 
     Python runs signal handlers only between bytecodes of the main thread, never while
@@ -474,7 +467,7 @@ def interrupt_waits_on(
             hit = [b for b in data if b in wanted]
             if hit and not stop.is_set():
                 reason = f"got {signal.Signals(hit[0]).name}"
-                abort(conns() if conns is not None else _all_open(), reason)
+                abort(conns(), reason)
 
     thread = threading.Thread(target=watch, name="pgq-signal-watch", daemon=True)
     thread.start()
@@ -490,7 +483,3 @@ def interrupt_waits_on(
         thread.join(timeout=1.0)
         os.close(read_fd)
 
-
-def _all_open() -> list[GuardedConnection]:
-    with _REGISTRY_LOCK:
-        return [c for c in _REGISTRY if not c.closed]

@@ -207,10 +207,7 @@ class MoverOptions:
         check_batching(self.min_batch_events, self.min_batch_interval, self.chunk_size)
         _require_whole("batch_target_events", self.batch_target_events, 1, 2**62)
         _require_seconds("batch_target_seconds", self.batch_target_seconds)
-        if self.register_at not in REGISTER_AT:
-            raise InvalidParameter(
-                f"register_at must be one of {', '.join(map(repr, REGISTER_AT))}, got {self.register_at!r}"
-            )
+        registration.check_register_at(self.register_at)
         object.__setattr__(self, "table_filter", normalize_table_filter(self.table_filter))
         check_keep_lag(self.keep_lag)
 
@@ -529,7 +526,7 @@ class QueueMover:
         except psycopg2.Error as exc:
             _quietly(self.source.rollback)
             if isinstance(exc, psycopg2.errors.LockNotAvailable):
-                server = self.source.server() if isinstance(self.source, guard.GuardedConnection) else "?"
+                server = guard.server_of(self.source)
                 raise WaitTimeout(
                     f"source {server}: taking the next batch of consumer {o.consumer!r} on queue"
                     f" {o.source_queue!r} waited for a lock longer than lock_timeout: another mover of"

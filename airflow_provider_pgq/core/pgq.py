@@ -218,7 +218,6 @@ class BatchPlan:
     at: no more than ``target`` events, not later than ``until`` (see plan_next_batch)."""
 
     open_batch: bool
-    pending_ticks: int
     pick_tick: int | None
     pick_number: int | None
     pick_is_last: bool
@@ -227,7 +226,7 @@ class BatchPlan:
     prev_interval: dt.timedelta | None
 
 
-# One row: the consumer's open batch, how many ticks are pending, and the pick. A tick k
+# One row: the consumer's open batch and the pick. A tick k
 # can be selected exactly by next_batch_custom with min_count = count(k-1) + 1 and
 # min_interval = interval(k-1) + 1 us only while PgQ's find_tick_helper takes its scan
 # (the newest tick more than twice as far as either threshold); otherwise it would take
@@ -254,7 +253,6 @@ with sub as (
     select * from ticks order by tick_id desc limit 1
 )
 select (select sub_batch is not null from sub),
-       (select pg_catalog.count(*) from ticks),
        p.tick_id, p.n, p.tick_id = newest.tick_id, p.ival, p.prev_cnt, p.prev_ival
   from newest
   left join lateral (
@@ -286,7 +284,7 @@ def plan_next_batch(
                              "until": until, "min_lag": min_lag})
     if row is None:
         return None
-    return BatchPlan(bool(row[0]), int(row[1]), row[2], row[3], bool(row[4]), row[5], row[6], row[7])
+    return BatchPlan(bool(row[0]), row[1], row[2], bool(row[3]), row[4], row[5], row[6])
 
 
 def events_up_to_last_tick(conn: Connection, queue: str, consumer: str) -> int:

@@ -24,10 +24,15 @@ log = logging.getLogger(__name__)
 REGISTER_AT = ("now", "oldest")
 
 
-def register(conn: Connection, queue: str, consumer: str, at: str = "now") -> bool:
-    """Registers the consumer unless it is; True when it did. Commits."""
+def check_register_at(at: object) -> None:
+    """InvalidParameter unless ``at`` is one of REGISTER_AT (checked where it is given)."""
     if at not in REGISTER_AT:
         raise InvalidParameter(f"register_at must be one of {', '.join(map(repr, REGISTER_AT))}, got {at!r}")
+
+
+def register(conn: Connection, queue: str, consumer: str, at: str = "now") -> bool:
+    """Registers the consumer unless it is; True when it did. Commits."""
+    check_register_at(at)
     if pgq.is_registered(conn, queue, consumer):
         conn.rollback()
         return False

@@ -31,7 +31,7 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import WaitTimeout
-from airflow_provider_pgq.core.guard import WATCHDOG, GuardedConnection, Watch, shut_socket, unsent_bytes
+from airflow_provider_pgq.core.guard import WATCHDOG, GuardedConnection, Watch, server_of, shut_socket, unsent_bytes
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class _StreamWatch(Watch):
         conn = self.stalled
         assert conn is not None
         side = getattr(conn, "side", "database")
-        server = conn.server() if isinstance(conn, GuardedConnection) else "?"
+        server = server_of(conn)
         return WaitTimeout(
             f"{side} {server}: the batch's COPY moved no bytes for {self.bound:g}s (network_timeout):"
             f" the {side} stopped {'sending' if conn is self.source else 'taking'} data; both"

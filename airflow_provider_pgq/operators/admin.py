@@ -110,8 +110,7 @@ class PgqRegisterConsumerOperator(BaseOperator):
         self.pgq_conn_id = pgq_conn_id
         self.queue_name = queue_name
         self.consumer_name = consumer_name
-        if register_at not in registration.REGISTER_AT:
-            raise InvalidParameter(f"register_at must be 'now' or 'oldest', got {register_at!r}")
+        registration.check_register_at(register_at)
         self.register_at = register_at
 
     def execute(self, context: Context) -> dict[str, list[str]]:

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - Airflow 3.0, before the Task SDK had i
     from airflow.configuration import conf
 
 from airflow_provider_pgq.core.errors import PgqError
-from airflow_provider_pgq.core.pending import PendingStatus, pending_status, require_registered, validate_thresholds
+from airflow_provider_pgq.core.pending import PendingStatus, require_registered, validate_thresholds
 from airflow_provider_pgq.hooks.pgq import PgqHook
 from airflow_provider_pgq.triggers.pgq import PgqEventsTrigger
 
@@ -84,11 +84,7 @@ class PgqQueueSensor(BaseSensorOperator):
 
     def _status(self) -> PendingStatus:
         hook = PgqHook(self.pgq_conn_id, application_name=f"airflow:{self.dag_id}.{self.task_id}"[:63])
-        with hook.psycopg2_connection() as conn:
-            try:
-                status = pending_status(conn, self.queue_name, self.consumer_name)
-            finally:
-                conn.rollback()
+        status = hook.get_lag(self.queue_name, self.consumer_name)
         require_registered(status)
         return status
 

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from airflow_provider_pgq.cli.config.model import DEFAULT_LOOP_DELAY, SECRET_KEYS, ConfigError
+from airflow_provider_pgq.core.errors import InvalidParameter
 from airflow_provider_pgq.core.guard import Timeouts
-from airflow_provider_pgq.core.mover import MAX_BATCH_INTERVAL
+from airflow_provider_pgq.core.mover import MAX_BATCH_INTERVAL, normalize_table_filter
 
 T = TypeVar("T")
 
@@ -128,13 +129,10 @@ class Reader:
         fq_name), compared with ev_extra1 as written, case and all."""
         if not self.has("table_filter"):
             return ()
-        names = []
-        for item in self.text("table_filter").split(","):
-            name = item.strip()
-            if not name:
-                continue
-            names.append(name if "." in name else f"public.{name}")
-        return tuple(dict.fromkeys(names))
+        try:
+            return normalize_table_filter([n for n in self.text("table_filter").split(",") if n.strip()])
+        except InvalidParameter as exc:
+            raise self.error("table_filter", str(exc)) from None
 
     def boolean(self, key: str) -> bool:
         if not self.has(key):

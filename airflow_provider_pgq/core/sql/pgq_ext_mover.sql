@@ -11,7 +11,7 @@ create table if not exists pgq_ext.tracking_source (
     source_system_id  text        not null,
     source_database   text        not null,
     source_queue      text        not null,
-    bound_at          timestamptz not null default now(),
+    bound_at          timestamptz not null default pg_catalog.now(),
     primary key (consumer_id, subconsumer_id)
 );
 
@@ -27,7 +27,7 @@ declare
 begin
     -- One source consumer feeds one key: two subconsumers of one consumer on one
     -- source queue would both be handed the same batches, under different locks.
-    perform pg_advisory_xact_lock(hashtextextended('pgq_ext bind:' || a_consumer, 0));
+    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgq_ext bind:' || a_consumer, 0));
     select subconsumer_id into other from pgq_ext.tracking_source
      where consumer_id = a_consumer and subconsumer_id <> a_subconsumer
        and (source_system_id, source_database, source_queue) = (a_system_id, a_database, a_queue);
@@ -73,7 +73,9 @@ create or replace function pgq_ext.begin_batch(a_consumer text, a_subconsumer te
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 begin
-    perform pg_advisory_xact_lock(hashtextextended('pgq_ext:' || a_consumer || chr(1) || a_subconsumer, 0));
+    -- concat, as core/pgq_ext.py lock_key: the same key, and a NULL part cannot drop the lock
+    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+        pg_catalog.concat('pgq_ext:', a_consumer, pg_catalog.chr(1), a_subconsumer), 0));
     other_source := pgq_ext.bind_source(a_consumer, a_subconsumer, a_system_id, a_database, a_queue);
     if other_source is null then
         last_tick := pgq_ext.get_last_tick(a_consumer, a_subconsumer);
@@ -102,15 +104,15 @@ begin
         perform pgq_ext._require_kept_ids_claim(a_queue);
     end if;
     -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
-    perform txid_current();
+    perform pg_catalog.txid_current();
     tbl := pgq.current_event_table(a_queue);
     if a_id is null then
-        execute format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
+        execute pg_catalog.format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
                        ' ev_extra4, ev_time) select * from unnest($1, $2, $3, $4, $5, $6, $7)',
                        pgq.quote_fqname(tbl))
           using a_type, a_data, a_extra1, a_extra2, a_extra3, a_extra4, a_time;
     else
-        execute format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
+        execute pg_catalog.format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
                        ' ev_extra4, ev_time, ev_id) select * from unnest($1, $2, $3, $4, $5,'
                        ' $6, $7, $8)', pgq.quote_fqname(tbl))
           using a_type, a_data, a_extra1, a_extra2, a_extra3, a_extra4, a_time, a_id;
@@ -133,10 +135,10 @@ create or replace function pgq_ext.stage_events()
 returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
-    rel oid := to_regclass('pg_temp.pgq_mover_rows');
+    rel oid := pg_catalog.to_regclass('pg_temp.pgq_mover_rows');
 begin
     if rel is null then
-        if not has_database_privilege(current_database(), 'TEMPORARY') then
+        if not pg_catalog.has_database_privilege(pg_catalog.current_database(), 'TEMPORARY') then
             return null;
         end if;
         -- No index: maintaining one costs more than sorting the batch once (measured).
@@ -145,11 +147,11 @@ begin
             ev_type text, ev_data text, ev_extra1 text, ev_extra2 text, ev_extra3 text,
             ev_extra4 text, ev_time timestamptz, ev_id bigint
         ) on commit delete rows;
-        grant insert, select on pg_temp.pgq_mover_rows to public;
+        grant insert, select on pg_temp.pgq_mover_rows to pgq_mover;
         return 0;
     end if;
     perform pgq_ext._require_own_staging(rel);
-    return coalesce(pg_sequence_last_value(pg_get_serial_sequence('pg_temp.pgq_mover_rows', 'ord')), 0);
+    return coalesce(pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence('pg_temp.pgq_mover_rows', 'ord')), 0);
 end;
 $$;
 
@@ -160,10 +162,10 @@ create or replace function pgq_ext._require_own_staging(a_rel oid)
 returns void language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 begin
-    if not exists (select 1 from pg_class c
+    if not exists (select 1 from pg_catalog.pg_class c
                     where c.oid = a_rel and c.relkind = 'r' and c.relpersistence = 't'
-                      and c.relnamespace = pg_my_temp_schema()
-                      and c.relowner = (select r.oid from pg_roles r where r.rolname = current_user)) then
+                      and c.relnamespace = pg_catalog.pg_my_temp_schema()
+                      and c.relowner = (select r.oid from pg_catalog.pg_roles r where r.rolname = current_user)) then
         raise exception 'pg_temp.pgq_mover_rows was not made by pgq_ext.stage_events: drop it (it is'
                         ' this session''s own temporary table) and retry'
               using errcode = 'insufficient_privilege';
@@ -179,7 +181,7 @@ returns void language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 begin
     if not exists (select 1 from pgq_ext.kept_ids_claims
-                    where target_queue = a_queue and claim_txid = txid_current()) then
+                    where target_queue = a_queue and claim_txid = pg_catalog.txid_current()) then
         raise exception 'explicit event ids into queue % need the queue''s kept-id claim in this'
                         ' transaction (pgq_ext.kept_ids_claim)', a_queue
               using errcode = 'insufficient_privilege';
@@ -193,7 +195,7 @@ create or replace function pgq_ext.insert_staged_events(a_queue text, a_after_or
 returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
-    rel oid := to_regclass('pg_temp.pgq_mover_rows');
+    rel oid := pg_catalog.to_regclass('pg_temp.pgq_mover_rows');
     cols text := 'ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time';
     n bigint;
 begin
@@ -206,8 +208,8 @@ begin
         cols := cols || ', ev_id';
     end if;
     -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
-    perform txid_current();
-    execute format('insert into %s (%s) select %s from only pg_temp.pgq_mover_rows'
+    perform pg_catalog.txid_current();
+    execute pg_catalog.format('insert into %s (%s) select %s from only pg_temp.pgq_mover_rows'
                    ' where ord > $1 order by ord',
                    pgq.quote_fqname(pgq.current_event_table(a_queue)), cols, cols)
       using a_after_ord;
@@ -226,7 +228,7 @@ create table if not exists pgq_ext.kept_event_ids (
     consumer_id       text        not null,
     subconsumer_id    text        not null default '',
     seq_high          bigint      not null,
-    updated_at        timestamptz not null default now()
+    updated_at        timestamptz not null default pg_catalog.now()
 );
 
 -- How many ids the queue's event sequence has handed out (last_value, or one less while
@@ -242,7 +244,7 @@ begin
     if not found then
         return null;
     end if;
-    execute format('select case when is_called then last_value else last_value - 1 end from %s',
+    execute pg_catalog.format('select case when is_called then last_value else last_value - 1 end from %s',
                    pgq.quote_fqname(seq_name))
        into pos;
     return pos;
@@ -261,29 +263,29 @@ declare
 begin
     select queue_data_pfx into q from pgq.queue where queue_name = a_queue;
     if not found then
-        return format('target queue %L does not exist', a_queue);
+        return pg_catalog.format('target queue %L does not exist', a_queue);
     end if;
     seq_now := pgq_ext.kept_ids_seq_position(a_queue);
     select consumer_id, subconsumer_id, seq_high into owner
       from pgq_ext.kept_event_ids where target_queue = a_queue;
     if found then
         if (owner.consumer_id, owner.subconsumer_id) <> (a_consumer, a_subconsumer) then
-            return format('target queue %L already receives kept event ids from tracking key'
+            return pg_catalog.format('target queue %L already receives kept event ids from tracking key'
                           ' consumer %L subconsumer %L: two sources would collide',
                           a_queue, owner.consumer_id, owner.subconsumer_id);
         end if;
         if seq_now <> owner.seq_high then
-            return format('the event id sequence of target queue %L moved from %s to %s since this'
+            return pg_catalog.format('the event id sequence of target queue %L moved from %s to %s since this'
                           ' key last wrote: something else allocates ids there (a local producer,'
                           ' another mover without kept ids, or pgq.force_tick on the target)',
                           a_queue, owner.seq_high, seq_now);
         end if;
         return null;
     end if;
-    execute format('select exists (select 1 from %s)', pgq.quote_fqname(q.queue_data_pfx))
+    execute pg_catalog.format('select exists (select 1 from %s)', pgq.quote_fqname(q.queue_data_pfx))
        into has_events;
     if has_events then
-        return format('target queue %L already holds events not written with kept ids by this key:'
+        return pg_catalog.format('target queue %L already holds events not written with kept ids by this key:'
                       ' their ids could collide with the source''s', a_queue);
     end if;
     return null;
@@ -317,14 +319,14 @@ begin
     if refusal is not null then
         return refusal;
     end if;
-    perform pg_advisory_xact_lock(hashtextextended('pgq_ext kept ids:' || a_queue, 0));
-    execute format('lock table %s in share row exclusive mode',
+    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgq_ext kept ids:' || a_queue, 0));
+    execute pg_catalog.format('lock table %s in share row exclusive mode',
                    pgq.quote_fqname(pgq.current_event_table(a_queue)));
     refusal := pgq_ext.kept_ids_refusal(a_consumer, a_subconsumer, a_queue);
     if refusal is null then
         insert into pgq_ext.kept_ids_claims as c
                (target_queue, consumer_id, subconsumer_id, claim_txid, seq_at_claim)
-        values (a_queue, a_consumer, a_subconsumer, txid_current(),
+        values (a_queue, a_consumer, a_subconsumer, pg_catalog.txid_current(),
                 pgq_ext.kept_ids_seq_position(a_queue))
         on conflict (target_queue) do update
            set consumer_id = excluded.consumer_id, subconsumer_id = excluded.subconsumer_id,
@@ -349,7 +351,7 @@ declare
 begin
     select seq_at_claim into claimed from pgq_ext.kept_ids_claims
      where target_queue = a_queue and consumer_id = a_consumer and subconsumer_id = a_subconsumer
-       and claim_txid = txid_current();
+       and claim_txid = pg_catalog.txid_current();
     if not found then
         raise exception 'kept_ids_commit(%) without kept_ids_claim of this key in this transaction', a_queue
               using errcode = 'insufficient_privilege';
@@ -366,7 +368,7 @@ begin
     insert into pgq_ext.kept_event_ids as k (target_queue, consumer_id, subconsumer_id, seq_high)
     values (a_queue, a_consumer, a_subconsumer, seq_now)
     on conflict (target_queue) do update
-       set seq_high = excluded.seq_high, updated_at = now()
+       set seq_high = excluded.seq_high, updated_at = pg_catalog.now()
      where k.consumer_id = excluded.consumer_id and k.subconsumer_id = excluded.subconsumer_id;
     if not found then
         raise exception 'target queue % receives kept event ids from another tracking key', a_queue;
