@@ -31,6 +31,7 @@ from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import MoverOptions
 from tests.helpers import CLASSIC_BATCHES, EXAMPLES, ROOT, DagRunner, Server, create_queue
 from tests.support.cluster import ThrowawayCluster, memory_dir
+from tests.support.pgbouncer import PgBouncer
 from tests.support.pgqd import Pgqd
 
 
@@ -157,6 +158,17 @@ def cluster() -> Iterator[ThrowawayCluster]:
         for name in (TEMPLATE_EXT, TEMPLATE):
             c.drop_database(name)
         c.stop()
+
+
+@pytest.fixture(scope="session")
+def bouncer(cluster: ThrowawayCluster) -> Iterator[PgBouncer]:
+    """A real PgBouncer in transaction pooling in front of the cluster: two server
+    sessions per database and login, used round robin."""
+    b = PgBouncer(cluster, "transaction", pool_size=2).start()
+    try:
+        yield b
+    finally:
+        b.remove()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping
 
 import psycopg2
 from psycopg2.extensions import ISOLATION_LEVEL_READ_COMMITTED, parse_dsn
-from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import ConnectionFailed
 from airflow_provider_pgq.core.guard import STATEMENT_GRACE, GuardedConnection, Timeouts
@@ -230,59 +229,56 @@ def connect(
     # The setup statements below: bounded like the connect itself.
     conn.statement_bound = timeouts.connect_timeout + min(STATEMENT_GRACE, timeouts.network_timeout)
     conn.stream_bound = timeouts.network_timeout
-    # The protocol's "lock, then read" steps need a fresh snapshot per statement.
+    # The protocol's "lock, then read" steps need a fresh snapshot per statement
+    # (psycopg2 says it in each BEGIN: nothing is set on the session).
     conn.set_session(isolation_level=ISOLATION_LEVEL_READ_COMMITTED, autocommit=False)
-    pin_search_path(conn)
-    apply_session_bounds(conn, timeouts)
+    conn.set_transaction_settings({"search_path": SAFE_SEARCH_PATH})
+    settle_bounds(conn, timeouts)
     return conn
 
 
-#: Where a setting comes from when nobody chose it for this session, role or database:
-#: only there do the mover's bounds replace it.
-_UNCHOSEN = ("default", "configuration file")
+#: Where a setting comes from when the user chose it for this login, database or
+#: connection (ALTER ROLE/DATABASE SET, options in the connection string): there the
+#: user's value stays. Anything else (the server's configuration, or a SET another
+#: client of a pooled server session left behind) gives way to the mover's bounds.
+_CHOSEN = ("client", "database", "user", "database user")
 
 
-def apply_session_bounds(conn: GuardedConnection, timeouts: Timeouts) -> None:
-    """The session settings of timeouts, each where no one chose a value (connection
-    options, ALTER ROLE/DATABASE SET keep theirs); then the client's statement bound
-    from the statement_timeout in effect (0: none). Committed, as pin_search_path."""
-    names = list(timeouts.session_settings())
-    values = [timeouts.session_settings()[n] for n in names]
+def settle_bounds(conn: GuardedConnection, timeouts: Timeouts) -> None:
+    """Adds the bounds of timeouts to the connection's transaction settings, each where
+    the user did not choose a value; then the client's statement bound from the
+    statement_timeout in force (0: none). One statement, in autocommit: no transaction
+    is left open and nothing is set on the session."""
+    wanted = timeouts.server_settings()
     try:
+        conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(
-                "select pg_catalog.count(case when s.source = any(%s::text[])"
-                " then pg_catalog.set_config(s.name, v.value, false) end),"
-                " pg_catalog.bool_or(s.source = any(%s::text[])) filter (where s.name = 'statement_timeout')"
-                " from rows from (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[])) v(name, value)"
-                " join pg_catalog.pg_settings s on s.name = v.name",
-                (list(_UNCHOSEN), list(_UNCHOSEN), names, values),
+                "select s.name, s.source = any(%s::text[]),"
+                " pg_catalog.current_setting('statement_timeout')::pg_catalog.interval"
+                " from pg_catalog.pg_settings s where s.name = any(%s::text[])",
+                (list(_CHOSEN), list(wanted)),
             )
-            row = cur.fetchone()
-            cur.execute("select pg_catalog.current_setting('statement_timeout')::pg_catalog.interval")
-            effective = cur.fetchone()
-        conn.commit()
+            rows = cur.fetchall()
+        conn.autocommit = False
     except BaseException:
         conn.close()
         raise
-    conn.own_statement_timeout = bool(row and row[1])
-    seconds = effective[0].total_seconds() if effective and effective[0] is not None else 0.0
+    chosen = {str(name) for name, is_chosen, _ in rows if is_chosen}
+    settings = dict(conn.transaction_settings)
+    settings.update((name, value) for name, value in wanted.items() if name not in chosen)
+    conn.set_transaction_settings(settings)
+    conn.own_statement_timeout = "statement_timeout" not in chosen
+    if conn.own_statement_timeout:
+        seconds = timeouts.statement_timeout
+    else:
+        effective = rows[0][2] if rows else None
+        seconds = effective.total_seconds() if effective is not None else 0.0
     conn.statement_bound = seconds + min(STATEMENT_GRACE, timeouts.network_timeout) if seconds > 0 else None
 
 
 #: The only schemas an unqualified name may resolve to in our sessions: nobody but a
 #: superuser can create in pg_catalog, and pg_temp is this session's own (PostgreSQL
 #: never looks functions or operators up there). A role or database default that puts
-#: a writable schema such as public first is overridden here.
+#: a writable schema such as public first is overridden, in every transaction.
 SAFE_SEARCH_PATH = "pg_catalog, pg_temp"
-
-
-def pin_search_path(conn: Connection) -> None:
-    """Sets the session's search_path (committed, so no rollback undoes it)."""
-    try:
-        with conn.cursor() as cur:
-            cur.execute("select pg_catalog.set_config('search_path', %s, false)", (SAFE_SEARCH_PATH,))
-        conn.commit()
-    except BaseException:
-        conn.close()
-        raise

@@ -8,10 +8,14 @@ timeouts (statement_timeout, lock_timeout) do not help when their error cannot r
 the client. So:
 
 - ``Timeouts`` holds the bounds; ``connect.connect`` turns them into libpq parameters
-  (connect_timeout, TCP keepalives, tcp_user_timeout) and session settings
+  (connect_timeout, TCP keepalives, tcp_user_timeout) and server settings
   (statement_timeout, lock_timeout, idle_in_transaction_session_timeout and the
   server's own keepalives), each only where the connection string, the Airflow
   connection's extras or a role/database setting did not choose a value already.
+  The server settings, with the pinned search_path, are transaction-local: they ride
+  on the first statement of every transaction (``GuardedConnection.opening``), so a
+  pooler that hands the server session to another client between our transactions
+  (PgBouncer's transaction pooling) neither drops them nor passes them on.
 - ``GuardedConnection`` (the connection class ``connect`` makes) times every
   statement, fetch, commit and rollback on a watchdog thread. Past its bound the
   watchdog shuts the socket down, which ends libpq's wait at once; the statement
@@ -41,6 +45,7 @@ from typing import Any, TypeVar
 
 import psycopg2
 import psycopg2.extensions
+from psycopg2 import sql
 
 from airflow_provider_pgq.core.errors import InvalidParameter, WaitAborted, WaitTimeout
 
@@ -104,8 +109,10 @@ class Timeouts:
             "tcp_user_timeout": str(max(1, int(3 * nt * 1000))),
         }
 
-    def session_settings(self) -> dict[str, str]:
-        """Server settings (in ms / s as PostgreSQL takes them). The source's read
+    def server_settings(self) -> dict[str, str]:
+        """Server settings of every transaction (in ms / s as PostgreSQL takes them;
+        the TCP ones act on the server's socket, which behind a pooler is the pooler's
+        link, not ours: there the client's libpq parameters are the bound). The source's read
         transaction is never idle longer than a statement on the target: a mover that
         vanishes without closing cannot hold back PgQ's rotation for longer."""
         nt = self.network_timeout
@@ -268,6 +275,10 @@ class GuardedConnection(psycopg2.extensions.connection):
         self.statement_bound: float | None = None
         self.stream_bound: float | None = None
         self.own_statement_timeout = False
+        #: set_config(name, value, true) of each, before the first statement of every
+        #: transaction (connect.py fills it in)
+        self.transaction_settings: dict[str, str] = {}
+        self._opening_sql = ""
         self.streaming = False
         self.aborted: str | None = None
         self._watch: _StatementWatch | None = None
@@ -280,6 +291,40 @@ class GuardedConnection(psycopg2.extensions.connection):
             return f"{host}:{info.port}/{info.dbname}"
         except Exception:
             return "?"
+
+    def set_transaction_settings(self, settings: dict[str, str]) -> None:
+        """What every transaction of this connection starts with (set_config(..., true))."""
+        self.transaction_settings = dict(settings)
+        calls = [sql.SQL("pg_catalog.set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
+                 for k, v in self.transaction_settings.items()]
+        self._opening_sql = sql.SQL("select {}; ").format(sql.SQL(", ").join(calls)).as_string(self) if calls else ""
+
+    def starts_transaction(self) -> bool:
+        """Whether the next statement opens a transaction (in autocommit: every one)."""
+        return bool(self._opening_sql) and self.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+    def opening(self, query: Any, vars: Any, cursor: psycopg2.extensions.cursor) -> Any:  # noqa: A002
+        """query, led by the transaction settings when it opens a transaction: one
+        string, one round trip. PostgreSQL analyses each statement of a string only
+        after the one before it ran, so the query already resolves its names under the
+        pinned search_path and runs under the bounds."""
+        if not self.starts_transaction():
+            return query
+        text = query.as_string(cursor) if isinstance(query, sql.Composable) else query
+        if isinstance(text, bytes):
+            text = text.decode(self.encoding_name())
+        prefix = self._opening_sql.replace("%", "%%") if vars is not None else self._opening_sql
+        return prefix + text
+
+    def open_transaction(self) -> None:
+        """The transaction settings as a statement of their own, for what cannot carry
+        them (a named cursor's DECLARE)."""
+        if self.starts_transaction():
+            with self.cursor() as cur:
+                cur.execute("select")
+
+    def encoding_name(self) -> str:
+        return psycopg2.extensions.encodings.get(self.encoding, "utf-8")
 
     def run(self, what: str, action: Callable[[], T], timed: bool = True, translate: bool = True) -> T:
         """action() under the statement bound (timed=False: none, the caller bounds it):
@@ -364,11 +409,15 @@ class GuardedCursor(psycopg2.extensions.cursor):
     connection: GuardedConnection
 
     def execute(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - psycopg2's name
-        self.connection.run(
-            f"statement {_statement_text(query, self)!r}", lambda: super(GuardedCursor, self).execute(query, vars)
-        )
+        what = f"statement {_statement_text(query, self)!r}"
+        if self.name is not None:
+            self.connection.open_transaction()
+        else:
+            query = self.connection.opening(query, vars, self)
+        self.connection.run(what, lambda: super(GuardedCursor, self).execute(query, vars))
 
     def executemany(self, query: Any, vars_list: Any) -> None:
+        self.connection.open_transaction()
         self.connection.run(
             f"statement {_statement_text(query, self)!r}",
             lambda: super(GuardedCursor, self).executemany(query, vars_list),
@@ -376,12 +425,12 @@ class GuardedCursor(psycopg2.extensions.cursor):
 
     def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> None:
         """A COPY of the transfer is bounded by its progress (transfer.py), others as statements."""
+        what = f"COPY {_statement_text(sql, self)!r}"
+        sql = self.connection.opening(sql, None, self)
         if self.connection.streaming:
             self.connection.run("COPY", lambda: super(GuardedCursor, self).copy_expert(sql, file, size), timed=False)
             return
-        self.connection.run(
-            f"COPY {_statement_text(sql, self)!r}", lambda: super(GuardedCursor, self).copy_expert(sql, file, size)
-        )
+        self.connection.run(what, lambda: super(GuardedCursor, self).copy_expert(sql, file, size))
 
     def _fetch(self, action: Callable[[], T]) -> T:
         if self.name is None:  # a client-side cursor holds its rows already
