@@ -58,6 +58,12 @@ class Server:
         return self.cluster.execute(self.dbname, query, params)
 
 
+def pooled(bouncer: Any, server: Server) -> Server:
+    """The same database as clients behind the PgBouncer (tests/support/pgbouncer.py)
+    reach it: dsn() and uri() through the pool, the harness's execute() direct."""
+    return Server(bouncer.view(server.cluster), server.dbname)
+
+
 @dataclass(frozen=True)
 class Login:
     """A password login a test created (see create_login)."""

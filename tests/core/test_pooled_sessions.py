@@ -15,7 +15,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ from airflow_provider_pgq.core.errors import KeyLocked
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoverOptions, QueueMover
 from airflow_provider_pgq.core.pending import pending_status
-from tests.helpers import Login, Server, create_login, produce, queue_events, register, simple_events, tick
-from tests.support.pgbouncer import PgBouncer
+from tests.helpers import Login, Server, create_login, pooled, produce, queue_events, register, simple_events, tick
+from tests.support.pgbouncer import PgBouncer, every_server_session, leave_settings
 
 #: What the neighbours leave on every server session.
 NEIGHBOUR = {"search_path": "public, pg_catalog", "statement_timeout": "0", "lock_timeout": "0",
@@ -44,49 +44,20 @@ TIMEOUTS = Timeouts(connect_timeout=5, network_timeout=10, statement_timeout=11,
 CLI = [sys.executable, "-m", "airflow_provider_pgq.cli"]
 
 
-def pooled(bouncer: PgBouncer, server: Server) -> Server:
-    """The same database as the package's clients reach it: through the pool."""
-    return Server(bouncer.view(server.cluster), server.dbname)  # type: ignore[arg-type]
-
-
-@contextmanager
-def all_server_sessions(bouncer: PgBouncer, server: Server, login: Login | None = None,
-                        ) -> Iterator[list[psycopg2.extensions.connection]]:
-    """One plain client per server session of the pool, each inside a transaction (so
-    each holds its own server session) until the block ends, then rolled back."""
-    dsn = login.dsn(pooled(bouncer, server)) if login else pooled(bouncer, server).dsn
-    conns = [psycopg2.connect(dsn) for _ in range(bouncer.pool_size)]
-    try:
-        pids = set()
-        for conn in conns:
-            with conn.cursor() as cur:
-                cur.execute("select pg_catalog.pg_backend_pid()")
-                pids.add(cur.fetchone()[0])  # type: ignore[index]
-        assert len(pids) == bouncer.pool_size, pids
-        yield conns
-    finally:
-        for conn in conns:
-            conn.rollback()
-            conn.close()
-
-
 def spoil(bouncer: PgBouncer, server: Server, login: Login | None = None) -> None:
     """The neighbours' session-level settings, on every server session of the pool."""
-    with all_server_sessions(bouncer, server, login) as conns:
-        for conn in conns:
-            with conn.cursor() as cur:
-                for name, value in NEIGHBOUR.items():
-                    cur.execute("select pg_catalog.set_config(%s, %s, false)", (name, value))
-            conn.commit()
-            with conn.cursor() as cur:  # back inside a transaction: keep this server session
-                cur.execute("select 1")
+    leave_settings(_dsn(bouncer, server, login), bouncer.pool_size, NEIGHBOUR)
+
+
+def _dsn(bouncer: PgBouncer, server: Server, login: Login | None) -> str:
+    return login.dsn(pooled(bouncer, server)) if login else pooled(bouncer, server).dsn
 
 
 def left_behind(bouncer: PgBouncer, server: Server, login: Login | None = None) -> list[dict[str, Any]]:
     """What another client of the login finds on each server session: the settings of
     ours, and every setting some client set at session level."""
     found = []
-    with all_server_sessions(bouncer, server, login) as conns:
+    with every_server_session(_dsn(bouncer, server, login), bouncer.pool_size) as conns:
         for conn in conns:
             with conn.cursor() as cur:
                 cur.execute("select pg_catalog.pg_backend_pid(), pg_catalog.array_agg(s.name order by s.name)"

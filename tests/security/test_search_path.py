@@ -46,14 +46,28 @@ from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, DrainBounds, MoverOptions, QueueMover
 from airflow_provider_pgq.core.pending import pending_status
-from tests.helpers import Login, Server, create_login, create_queue, mark_of, produce, queue_events, simple_events, tick
+from tests.helpers import (
+    Login,
+    Server,
+    create_login,
+    create_queue,
+    mark_of,
+    pooled,
+    produce,
+    queue_events,
+    simple_events,
+    tick,
+)
 from tests.support.cluster import ThrowawayCluster
+from tests.support.pgbouncer import leave_settings
 
 PACKAGE = Path(airflow_provider_pgq.__file__).resolve().parent
 CLI = [sys.executable, "-m", "airflow_provider_pgq.cli"]
 
 #: The careless default the databases and the mover's roles carry.
 CARELESS = "public, pg_catalog"
+#: What the other clients of a shared pool leave on its server sessions.
+NEIGHBOURS = {"search_path": CARELESS, "statement_timeout": "0", "lock_timeout": "0"}
 
 #: Operators that SQL syntax stands for: ``a LIKE b`` is the operator ~~ looked up by name.
 KEYWORD_OPERATORS = {
@@ -475,6 +489,10 @@ class Arena:
     planted: dict[str, Counter[str]] = field(default_factory=dict)
     baseline: int = 0
     log_offset: int = 0
+    #: how the package's clients reach a database: directly, or through the pool
+    via: Callable[[Server], Server] = lambda server: server
+    #: the pool's other clients, run before every step (pooled arenas only)
+    neighbours: Callable[[], None] = lambda: None
 
     @property
     def databases(self) -> tuple[Server, Server, Server]:
@@ -541,6 +559,7 @@ class Arena:
         """Runs one step of the package, then asserts the attacker got nothing. A step
         that fails after reaching look-alikes (their domains and answers can break it)
         is reported as the hijack it is."""
+        self.neighbours()
         try:
             yield
         except Exception as exc:
@@ -576,8 +595,13 @@ def _plant(arena: Arena, server: Server, vocabulary: dict[str, set[str]]) -> Cou
     return Counter(kind for kind, _ in rows)
 
 
-@pytest.fixture
-def arena(cluster: ThrowawayCluster, make_db: Callable[..., Server]) -> Iterator[Arena]:
+@pytest.fixture(params=["direct", "transaction pool"])
+def arena(request: pytest.FixtureRequest, cluster: ThrowawayCluster,
+          make_db: Callable[..., Server]) -> Iterator[Arena]:
+    """direct: the package's clients connect to the server; transaction pool: through a
+    PgBouncer in transaction pooling whose two server sessions per database and login
+    other clients of the same logins share, leaving search_path = public, pg_catalog
+    (and no timeouts) on them at session level before every step."""
     source = make_db(queue="src_q")
     target = make_db(queue="dst_q", ext=True)
     for queue in ("cli_q", "chunk_q", "op_q"):
@@ -606,6 +630,16 @@ def arena(cluster: ThrowawayCluster, make_db: Callable[..., Server]) -> Iterator
             cluster.execute("postgres", sql.SQL("alter role {} set search_path = " + CARELESS)
                             .format(sql.Identifier(login.name)))
         arena = Arena(cluster, source, target, fresh, attacker, mover, chunk_writer)
+        if request.param != "direct":
+            bouncer = request.getfixturevalue("bouncer")
+            arena.via = lambda server: pooled(bouncer, server)
+
+            def neighbours() -> None:
+                for server in databases:
+                    for login in (mover, chunk_writer):
+                        leave_settings(login.dsn(pooled(bouncer, server)), bouncer.pool_size, NEIGHBOURS)
+
+            arena.neighbours = neighbours
         vocabulary = code_vocabulary()
         for server in databases:
             arena.planted[server.dbname] = _plant(arena, server, vocabulary)
@@ -662,7 +696,8 @@ def _drain(source_dsn: str, target_dsn: str, bounds: DrainBounds | None = None, 
 
 def _mover_call(arena: Arena, action: str, consumer: str = "mover") -> Any:
     opts = MoverOptions(source_queue="src_q", target_queue="dst_q", consumer=consumer)
-    with closing(connect(arena.mover.dsn(arena.source))) as s, closing(connect(arena.mover.dsn(arena.target))) as t:
+    with closing(connect(arena.mover.dsn(arena.via(arena.source)))) as s, \
+            closing(connect(arena.mover.dsn(arena.via(arena.target)))) as t:
         return getattr(QueueMover(s, t, opts), action)()
 
 
@@ -693,9 +728,11 @@ def test_search_path_hijack_reaches_nothing(arena: Arena, tmp_path: Path, monkey
     from airflow_provider_pgq.triggers.pgq import PgqEventsTrigger, PgqQueueEventTrigger
 
     source, target, fresh, mover = arena.source, arena.target, arena.fresh, arena.mover
-    src, dst = mover.dsn(source), mover.dsn(target)
-    monkeypatch.setenv("AIRFLOW_CONN_SP_SRC", mover.uri(source))
-    monkeypatch.setenv("AIRFLOW_CONN_SP_DST", mover.uri(target))
+    # how the package's clients reach the three databases (the checks read them directly)
+    to_source, to_target, to_fresh = arena.via(source), arena.via(target), arena.via(fresh)
+    src, dst = mover.dsn(to_source), mover.dsn(to_target)
+    monkeypatch.setenv("AIRFLOW_CONN_SP_SRC", mover.uri(to_source))
+    monkeypatch.setenv("AIRFLOW_CONN_SP_DST", mover.uri(to_target))
     ini = tmp_path / "sp_cli.ini"
     ini.write_text(
         "[queue_mover]\njob_name = sp_cli\n"
@@ -705,7 +742,7 @@ def test_search_path_hijack_reaches_nothing(arena: Arena, tmp_path: Path, monkey
     fresh_ini = tmp_path / "sp_fresh.ini"
     fresh_ini.write_text(
         "[queue_mover]\njob_name = sp_fresh\n"
-        f"src_db = {src}\ndst_db = {mover.dsn(fresh)}\n"
+        f"src_db = {src}\ndst_db = {mover.dsn(to_fresh)}\n"
         "pgq_queue_name = src_q\ndst_queue_name = dst_q\npgq_consumer_id = kept\n"
     )
 
@@ -713,11 +750,11 @@ def test_search_path_hijack_reaches_nothing(arena: Arena, tmp_path: Path, monkey
     with arena.step("the core mover's registration"):
         assert _drain(src, dst, consumer="mover", register_consumer=True).events == 0
     with arena.step("pgq_ext's install by the mover (install_pgq_ext=True, keep_event_id)"):
-        report = _drain(src, mover.dsn(fresh), consumer="kept", register_consumer=True, install_pgq_ext=True,
+        report = _drain(src, mover.dsn(to_fresh), consumer="kept", register_consumer=True, install_pgq_ext=True,
                         keep_event_id=True)
         assert report.events == 0
     assert fresh.execute("select pg_catalog.to_regnamespace('pgq_ext') is not null")[0][0]
-    chunk_dsn = arena.chunk_writer.dsn(target)
+    chunk_dsn = arena.chunk_writer.dsn(to_target)
     with arena.step("the chunk path's registration"):
         report = _drain(src, chunk_dsn, consumer="chunk", target_queue="chunk_q", register_consumer=True)
         assert report.write_path == CHUNK_PATH
@@ -740,7 +777,7 @@ def test_search_path_hijack_reaches_nothing(arena: Arena, tmp_path: Path, monkey
         report = _drain(src, dst, DrainBounds(force_tick=True, run_ticker=True, tick_timeout=30), consumer="mover")
         assert report.events == 70 and report.write_path == COPY_PATH
     with arena.step("the keep_event_id drain"):
-        assert _drain(src, mover.dsn(fresh), consumer="kept", keep_event_id=True).events == 70
+        assert _drain(src, mover.dsn(to_fresh), consumer="kept", keep_event_id=True).events == 70
     with arena.step("the chunk path (insert_event_chunk) with min_batch_events"):
         report = _drain(src, chunk_dsn, consumer="chunk", target_queue="chunk_q", chunk_size=9,
                         min_batch_events=1000)

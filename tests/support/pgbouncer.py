@@ -19,7 +19,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -140,6 +141,40 @@ class PgBouncer:
 
     def view(self, cluster: ThrowawayCluster | None = None) -> PooledCluster:
         return PooledCluster(self, cluster or self.default)
+
+
+@contextmanager
+def every_server_session(dsn: str, pool_size: int) -> Iterator[list[psycopg2.extensions.connection]]:
+    """One plain client per server session of a pool (dsn through the pooler), each
+    inside a transaction, so each holds a server session of its own until the block
+    ends; then rolled back and closed."""
+    conns = [psycopg2.connect(dsn) for _ in range(pool_size)]
+    try:
+        pids = set()
+        for conn in conns:
+            with conn.cursor() as cur:
+                cur.execute("select pg_catalog.pg_backend_pid()")
+                row = cur.fetchone()
+                pids.add(row[0] if row else None)
+        assert len(pids) == pool_size, f"{pool_size} clients got the server sessions {pids}"
+        yield conns
+    finally:
+        for conn in conns:
+            conn.rollback()
+            conn.close()
+
+
+def leave_settings(dsn: str, pool_size: int, settings: Mapping[str, str]) -> None:
+    """What careless neighbours do: session-level settings on every server session of
+    the pool of dsn's database and login."""
+    with every_server_session(dsn, pool_size) as conns:
+        for conn in conns:
+            with conn.cursor() as cur:
+                for name, value in settings.items():
+                    cur.execute("select pg_catalog.set_config(%s, %s, false)", (name, value))
+            conn.commit()
+            with conn.cursor() as cur:  # inside a transaction again: keep this server session
+                cur.execute("select 1")
 
 
 class PooledCluster:
