@@ -16,6 +16,7 @@ import ipaddress
 import os
 import pwd
 import re
+import time
 from collections.abc import Callable, Mapping
 
 import psycopg2
@@ -218,15 +219,24 @@ def connect(
         key: value for key, value in timeouts.libpq_parameters().items()
         if key not in parts and not os.environ.get(_BOUND_ENVIRONMENT.get(key, "-"))
     }
+    started = time.monotonic()
     try:
         conn = psycopg2.connect(
             dsn, GuardedConnection, None, application_name=application_name, **{**bounds, **extra}
         )
     except psycopg2.Error as exc:
-        raise _failure(parts, exc) from None
+        limit = float({**bounds, **parts}.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT") or 0)
+        failure = _failure(parts, exc)
+        if limit and time.monotonic() - started >= limit - 0.5:
+            failure = ConnectionFailed(
+                f"{failure}: no answer within connect_timeout={limit:g}s: the server, or a pooler in front of"
+                " it, did not let the login through in time (a PAUSEd PgBouncer pool holds new logins until"
+                " RESUME); raise connect_timeout if that is legitimately slow")
+        raise failure from None
     assert isinstance(conn, GuardedConnection)
     conn.side = side
     # The setup statements below: bounded like the connect itself.
+    conn.bound_name = "connect_timeout"
     conn.statement_bound = timeouts.connect_timeout + min(STATEMENT_GRACE, timeouts.network_timeout)
     conn.stream_bound = timeouts.network_timeout
     # The protocol's "lock, then read" steps need a fresh snapshot per statement
@@ -269,6 +279,7 @@ def settle_bounds(conn: GuardedConnection, timeouts: Timeouts) -> None:
     settings.update((name, value) for name, value in wanted.items() if name not in chosen)
     conn.set_transaction_settings(settings)
     conn.own_statement_timeout = "statement_timeout" not in chosen
+    conn.bound_name = "statement_timeout"
     if conn.own_statement_timeout:
         seconds = timeouts.statement_timeout
     else:

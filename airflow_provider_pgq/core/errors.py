@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import psycopg2
+
 
 def literal(value: str) -> str:
     """value as an SQL string literal, for the statements error messages suggest
@@ -87,6 +89,20 @@ class KeyLocked(WaitTimeout):
                  holder_pid: int | None = None) -> None:
         super().__init__(message, side, server, what)
         self.holder_pid = holder_pid
+
+
+class ConnectionLost(PgqError, psycopg2.OperationalError):
+    """A connection ended under a statement: the server or a pooler in front of it
+    (PgBouncer's KILL, RECONNECT or a restart, a terminated backend, a server restart)
+    closed it. Names the side, the server as configured (a pooler's address when one is
+    in front) and what was running. Still a psycopg2.OperationalError, so every handler
+    that retries a lost connection keeps doing so."""
+
+    def __init__(self, message: str, side: str = "", server: str = "", what: str = "") -> None:
+        super().__init__(message)
+        self.side = side
+        self.server = server
+        self.what = what
 
 
 class WaitAborted(PgqError):

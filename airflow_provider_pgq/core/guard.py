@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -47,7 +49,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
-from airflow_provider_pgq.core.errors import InvalidParameter, WaitAborted, WaitTimeout
+from airflow_provider_pgq.core.errors import ConnectionLost, InvalidParameter, WaitAborted, WaitTimeout
 
 T = TypeVar("T")
 
@@ -248,6 +250,92 @@ class _StatementWatch(Watch):
 
 # -- the connection ---------------------------------------------------------------------
 
+#: libpq's PQstatus of a usable connection (CONNECTION_OK).
+_CONNECTION_OK = 0
+#: Server shutdowns (admin_shutdown: a terminated backend; crash_shutdown; cannot_connect_now).
+_SHUTDOWN_CODES = frozenset(("57P01", "57P02", "57P03"))
+
+#: What to do when a bound fired, by the setting it came from.
+_SLOW_HINTS = {
+    "statement_timeout": "A slow server or a broken network: raise statement_timeout if the statement is"
+                         " legitimately slow",
+    "connect_timeout": "A new connection's first statement got no answer: a server that does not answer"
+                       " yet, or a pooler that holds it (a PAUSEd PgBouncer pool waits for RESUME); raise"
+                       " connect_timeout if that is legitimately slow",
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+class _DriverStderr:
+    """psycopg2 prints, instead of raising, the server's error when a COPY's connection
+    ends under it in some ways (a pooler closing it mid-COPY): "psycopg2.errors.X: <the
+    server's words>", then a SystemError about the driver's own decode call (pq_raise's
+    PyErr_Print). While a COPY runs, sys.stderr passes through this filter: those lines
+    are kept for the ConnectionLost message, every other line goes on unchanged."""
+
+    _DRIVER_LINE = re.compile(r"^(psycopg2(\.errors|\.extensions)?\.\w+): (.*)$")
+    _NOISE = re.compile(
+        r"^(SystemError: <(built-in )?function \w+ at 0x[0-9a-f]+> returned .*"
+        r"|The above exception was the direct cause of the following exception:|)$"
+    )
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._inner: Any = None
+        self._pending = ""
+        self.words: list[str] = []
+
+    def __enter__(self) -> _DriverStderr:
+        with self._lock:
+            if self._users == 0:
+                self._inner = sys.stderr
+                sys.stderr = self
+            self._users += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                if sys.stderr is self:
+                    sys.stderr = self._inner
+                if self._pending:
+                    self._inner.write(self._pending)
+                self._pending = ""
+
+    def take(self) -> str | None:
+        with self._lock:
+            words, self.words = self.words, []
+        return words[-1] if words else None
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            lines = (self._pending + text).split("\n")
+            self._pending = lines.pop()
+            for line in lines:
+                driver = self._DRIVER_LINE.match(line)
+                if driver:
+                    self.words.append(driver.group(3))
+                elif not self._NOISE.match(line):
+                    self._inner.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        inner = self._inner
+        if inner is not None:
+            inner.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+DRIVER_STDERR = _DriverStderr()
+
 
 
 def _statement_text(query: Any, cursor: psycopg2.extensions.cursor) -> str:
@@ -273,6 +361,8 @@ class GuardedConnection(psycopg2.extensions.connection):
         self.cursor_factory = GuardedCursor
         self.side = "database"
         self.statement_bound: float | None = None
+        #: the setting statement_bound comes from, for the hint when it fires
+        self.bound_name = "statement_timeout"
         self.stream_bound: float | None = None
         self.own_statement_timeout = False
         #: set_config(name, value, true) of each, before the first statement of every
@@ -281,6 +371,9 @@ class GuardedConnection(psycopg2.extensions.connection):
         self._opening_sql = ""
         self.streaming = False
         self.aborted: str | None = None
+        #: what the driver printed of the server's last error instead of raising it (see
+        #: _DriverStderr), for the next ConnectionLost's message
+        self.last_words: str | None = None
         self._watch: _StatementWatch | None = None
 
     def server(self) -> str:
@@ -339,6 +432,7 @@ class GuardedConnection(psycopg2.extensions.connection):
                 if translate:
                     self._raise_aborted(what, exc)
                     self._raise_network_timeout(what, exc, started)
+                    self._raise_connection_lost(what, exc)
                 raise
         watch = _StatementWatch(self, what, bound)
         self._watch = watch
@@ -349,14 +443,15 @@ class GuardedConnection(psycopg2.extensions.connection):
             if watch.fired and translate:
                 raise WaitTimeout(
                     f"{self.side} {self.server()}: no answer to {what} within {bound:g}s"
-                    " (statement_timeout plus a grace): the connection was closed, the server"
-                    " rolls its transaction back; nothing of it was committed. A slow server or"
-                    " a broken network: raise statement_timeout if the statement is legitimately slow",
+                    f" ({self.bound_name} plus a grace): the connection was closed, the server"
+                    " rolls its transaction back; nothing of it was committed. "
+                    + _SLOW_HINTS.get(self.bound_name, _SLOW_HINTS["statement_timeout"]),
                     self.side, self.server(), what,
                 ) from exc
             if translate:
                 self._raise_aborted(what, exc)
                 self._raise_network_timeout(what, exc, started)
+                self._raise_connection_lost(what, exc)
             raise
         finally:
             self._watch = None
@@ -377,6 +472,42 @@ class GuardedConnection(psycopg2.extensions.connection):
             f" silent peer given up by TCP keepalives / tcp_user_timeout, set from network_timeout="
             f"{self.stream_bound:g}s, or a connection dropped on the way); the server rolls the transaction"
             " back, nothing of it was committed; the next run goes on from the last committed batch",
+            self.side, self.server(), what,
+        ) from exc
+
+    def _gone(self, exc: psycopg2.Error) -> bool:
+        """Whether exc is the end of the connection, not an error of the statement."""
+        code = exc.pgcode or ""
+        if code.startswith("08") or code in _SHUTDOWN_CODES:
+            return True
+        if code or isinstance(exc, ConnectionLost):
+            return False
+        try:
+            return bool(self.closed) or self.info.status != _CONNECTION_OK
+        except psycopg2.Error:
+            return True
+
+    def _raise_connection_lost(self, what: str, exc: psycopg2.Error) -> None:
+        """The connection ended under `what`: one line naming the side, the server as
+        configured and what the server (or pooler) said, instead of libpq's or the
+        driver's words alone ("invalid socket", "error with status PGRES_COPY_OUT and no
+        message from the libpq")."""
+        if not self._gone(exc):
+            return
+        said = self.last_words or _first_line(exc)
+        if exc.pgcode is None and "no message from the libpq" in said:  # psycopg2's own words
+            said = "no error message: the socket was closed"
+        self.last_words = None
+        outcome = (
+            "whether the commit took effect is not known: the next run reads the target's mark and"
+            " goes on exactly once either way" if what == "commit"
+            else "its transaction is rolled back, nothing of it was committed; the next run goes on"
+            " from the last committed batch"
+        )
+        raise ConnectionLost(
+            f"{self.side} {self.server()}: the connection was closed during {what} ({said}): the"
+            f" server or a pooler in front of it (a PgBouncer KILL, RECONNECT or restart, a terminated"
+            f" backend, a server restart) ended it; {outcome}",
             self.side, self.server(), what,
         ) from exc
 
@@ -425,12 +556,21 @@ class GuardedCursor(psycopg2.extensions.cursor):
 
     def copy_expert(self, sql: Any, file: Any, size: int = 8192) -> None:
         """A COPY of the transfer is bounded by its progress (transfer.py), others as statements."""
+        conn = self.connection
         what = f"COPY {_statement_text(sql, self)!r}"
-        sql = self.connection.opening(sql, None, self)
-        if self.connection.streaming:
-            self.connection.run("COPY", lambda: super(GuardedCursor, self).copy_expert(sql, file, size), timed=False)
-            return
-        self.connection.run(what, lambda: super(GuardedCursor, self).copy_expert(sql, file, size))
+        sql = conn.opening(sql, None, self)
+
+        def copy() -> None:
+            with DRIVER_STDERR:
+                try:
+                    super(GuardedCursor, self).copy_expert(sql, file, size)
+                finally:
+                    conn.last_words = DRIVER_STDERR.take() or conn.last_words
+
+        if conn.streaming:
+            conn.run("COPY", copy, timed=False)
+        else:
+            conn.run(what, copy)
 
     def _fetch(self, action: Callable[[], T]) -> T:
         if self.name is None:  # a client-side cursor holds its rows already
