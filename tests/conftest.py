@@ -70,7 +70,7 @@ TEMPLATE = "pgq_test_template" + (f"_{_WORKER}" if _WORKER else "")
 #: (tests of the installation itself call pgq_ext.install on a database without it)
 TEMPLATE_EXT = TEMPLATE + "_ext"
 
-STORM_MODULES = ("test_fast_faults.py", "test_quiet_faults.py")
+STORM_MODULES = ("test_fast_faults.py", "test_quiet_faults.py", "test_pooled_storm.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

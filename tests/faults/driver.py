@@ -82,6 +82,7 @@ from tests.faults.disk import SmallDisk, move_event_tables
 from tests.faults.proxy import FaultProxy
 from tests.helpers import FAULT_ENV
 from tests.support.cluster import ThrowawayCluster
+from tests.support.pgbouncer import PgBouncer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,6 +103,20 @@ KINDS = (
     "crash_source",
     "crash_target",
     "full_disk_target",
+)
+#: The pooled storm's kinds (Storm(bouncer=...)): every mover connects through a
+#: PgBouncer in transaction pooling; the pooler itself is restarted and its console
+#: KILLs a database while a batch is open. (The network kinds need the fault proxies
+#: in front of the server, the crash and disk kinds are the direct storm's.)
+POOLED_KINDS = (
+    "kill_at_point",
+    "sigkill",
+    "sigterm",
+    "terminate_target",
+    "restart_target",
+    "race",
+    "bouncer_restart",
+    "bouncer_kill",
 )
 #: The kinds whose mover connects through the fault proxies.
 NETWORK_KINDS = frozenset({"freeze_target", "freeze_source", "cut_target_mid_copy", "cut_source_at_byte",
@@ -124,6 +139,8 @@ WEIGHTS = {
     "crash_source": 1,
     "crash_target": 1,
     "full_disk_target": 1,
+    "bouncer_restart": 2,
+    "bouncer_kill": 2,
 }
 
 #: The bounds of the network kinds' movers (mover_child --network-timeout etc.): small,
@@ -522,8 +539,11 @@ class Storm:
         target_queue: str = "storm_dst",
         consumer: str = "storm_mover",
         log: Callable[[str], None] = print,
+        bouncer: PgBouncer | None = None,
     ) -> None:
         self.source = source
+        #: where the pooled storm's movers connect (None: to the servers themselves)
+        self.bouncer = bouncer
         self.target = target
         self.source_queue = source_queue
         self.target_queue = target_queue
@@ -540,7 +560,7 @@ class Storm:
         self.target_proxy = FaultProxy(target.cluster.port)
         # the target queue's event tables go there (setup), where a tmpfs can be mounted
         self.disk: SmallDisk | None = SmallDisk(target.cluster, f"storm_disk_{tag}")
-        self.kinds: tuple[str, ...] = KINDS
+        self.kinds: tuple[str, ...] = POOLED_KINDS if bouncer is not None else KINDS
 
     # setup / teardown
 
@@ -565,7 +585,9 @@ class Storm:
                 sql.Identifier(db.dbname), sql.Identifier(login.user)))
             # a crash must keep every acknowledged commit (the clusters default to off)
             db.execute(sql.SQL("alter database {} set synchronous_commit = on").format(sql.Identifier(db.dbname)))
-        if self.disk is not None and self.disk.start():
+        if "full_disk_target" not in self.kinds:
+            self.disk = None
+        elif self.disk is not None and self.disk.start():
             move_event_tables(t.execute, self.target_queue, self.disk.tablespace)
         else:
             self.disk = None
@@ -637,6 +659,11 @@ class Storm:
         if sigterm_raises:
             args.append("--sigterm-raises")
         args += extra_args  # the last of a repeated option wins
+        if self.bouncer is not None:
+            source_dsn = self.bouncer.dsn(self.source.dbname, *(
+                (self.reader.user, self.reader.password) if as_reader else ()))
+            target_dsn = self.bouncer.dsn(self.target.dbname, *(
+                (self.writer.user, self.writer.password) if as_writer else ()))
         if via_proxy:
             source_dsn, target_dsn = self.source_proxy.dsn(source_dsn), self.target_proxy.dsn(target_dsn)
             for name, seconds in QUIET_TIMEOUTS.items():
@@ -675,7 +702,8 @@ class Storm:
         rows = db.cluster.execute(
             "postgres",
             "select pid, coalesce(state, ''), coalesce(query, '') from pg_stat_activity"
-            " where application_name = %s",
+            # behind a pooler, an idle server session keeps the name of its last client
+            " where application_name = %s order by state = 'idle'",
             (app,),
         )
         return (int(rows[0][0]), str(rows[0][1]), str(rows[0][2])) if rows else None
@@ -934,6 +962,45 @@ class Storm:
         return FaultRecord(i, "throttle", detail, code == 0 and moved >= BIG_BURST_EVENTS, [code],
                            f"events={moved} took={took:.1f}s", hang=took)
 
+    # the pooler's own faults (the pooled storm)
+
+    def _pooler_fault(self, i: int, rng: random.Random, result: StormResult, producer: Producer,
+                      kind: str) -> FaultRecord:
+        """The pooler restarted (immediate shutdown, then started again), or its console's
+        KILL of one side's database (then RESUME), while the child holds a batch open."""
+        assert self.bouncer is not None
+        bouncer = self.bouncer
+        point = rng.choice([faults.MID_STREAM, faults.MID_STREAM, faults.BEFORE_TARGET_COMMIT,
+                            faults.AFTER_TARGET_COMMIT, faults.BEFORE_SOURCE_COMMIT])
+        big = point == faults.MID_STREAM
+        if big:
+            producer.burst(BIG_BURST_EVENTS, BIG_BURST_PAD)
+        child = self.spawn(rng, pause_at=point, loop_seconds=8.0, pause_min_events=BIG_BURST_EVENTS if big else 0)
+        db = rng.choice([self.source, self.target])
+        if kind == "bouncer_restart":
+            detail, strike = point, bouncer.restart
+        else:
+            detail = f"{point}, KILL {'source' if db is self.source else 'target'}"
+
+            def strike() -> None:
+                bouncer.console(f"KILL {db.dbname}")
+                bouncer.console(f"RESUME {db.dbname}")
+
+        struck = self._strike_paused(child, strike)
+        code = self.finish(child, result)
+        hang = None if struck is None else time.monotonic() - struck
+        self._expect(child, code, (0, 1), result)
+        path = "chunks" if child.target_role == "pgq_mover" else "copy"
+        return FaultRecord(i, kind, f"{detail}, {path} path", struck is not None and code == 1, [code], hang=hang)
+
+    def _fault_bouncer_restart(self, i: int, rng: random.Random, result: StormResult,
+                               producer: Producer) -> FaultRecord:
+        return self._pooler_fault(i, rng, result, producer, "bouncer_restart")
+
+    def _fault_bouncer_kill(self, i: int, rng: random.Random, result: StormResult,
+                            producer: Producer) -> FaultRecord:
+        return self._pooler_fault(i, rng, result, producer, "bouncer_kill")
+
     def catch_up(self) -> None:
         """One clean drain in the driver (direct connections, default bounds)."""
         s = connect(self.source.dsn(), application_name="storm-catch-up")
@@ -1013,12 +1080,17 @@ class Storm:
                 allowed_error: str | None = None) -> None:
         """Exit codes outside `allowed`, and errors a disruption cannot explain, are findings."""
         line = child.error_line()
-        if code not in allowed or (code == 1 and "Traceback" in child.error_tail(400)):
+        tail = child.error_tail(400)
+        if code not in allowed or (code == 1 and ("Traceback" in tail or "SystemError" in tail)):
             result.unexpected_errors.append(f"{child.app}: exit {code}:\n{child.error_tail(25)}")
         elif code == 1 and allowed_error and allowed_error not in line and "ConnectionFailed" not in line:
             result.unexpected_errors.append(f"{child.app}: {line}")
         elif code == 1 and any(bad in line for bad in ("PositionMismatch", "TrackingKeyConflict")):
             result.unexpected_errors.append(f"{child.app}: {line}")
+        elif code == 1 and self.bouncer is not None and not (
+                f":{self.bouncer.port}/" in line or any(f": {side} " in line for side in ("source", "target"))):
+            # behind the pooler every error names its side or the server as configured
+            result.unexpected_errors.append(f"{child.app}: names neither side nor server: {line}")
 
     # checks
 
