@@ -55,9 +55,12 @@ def big_batch(source: Server, n: int = BIG) -> None:
     tick(source, "src_q")
 
 
-@pytest.fixture
-def proxies(cluster: ThrowawayCluster) -> Iterator[tuple[FaultProxy, FaultProxy]]:
-    sp, tp = FaultProxy(cluster.port).start(), FaultProxy(cluster.port).start()
+@pytest.fixture(params=["direct", "transaction pool"])
+def proxies(request: pytest.FixtureRequest, cluster: ThrowawayCluster) -> Iterator[tuple[FaultProxy, FaultProxy]]:
+    """The fault proxies in front of the server, or in front of a PgBouncer in
+    transaction pooling (the quiet network is then the one between mover and pooler)."""
+    port = cluster.port if request.param == "direct" else request.getfixturevalue("bouncer").port
+    sp, tp = FaultProxy(port).start(), FaultProxy(port).start()
     try:
         yield sp, tp
     finally:
