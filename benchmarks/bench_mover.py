@@ -14,13 +14,16 @@ source consumer and a fresh target database:
 (d) the least-privilege path: the same with a target role that holds only pgq_mover;
 (e) the command line: the real `pgq-queue-mover --once mover.ini` as a child process
     (rate over the drain time it logs; wall: the whole command);
+(g) the core mover as (b), both connections through a PgBouncer in transaction
+    pooling (Debian's pgbouncer; skipped with a note without it): what the per-
+    transaction settings and the pooler's hop cost;
 (f) the classic baseline: a skytools-style queue mover on PyPI's pgq package
     (benchmarks/classic_mover.py: pgq.SerialConsumer, pgq.bulk_insert_events, pgq_ext
     ticks, one target transaction per batch); skipped with a note without `pgq`;
 (c) the Airflow operator PgqQueueMoverOperator through dag.test(), in a child
     process with its own AIRFLOW_HOME (migrated first, not timed), at the end.
 
-Scenarios (a), (b), (d), (e), (f) run interleaved per repeat so that load from other
+Scenarios (a), (b), (d), (e), (f), (g) run interleaved per repeat so that load from other
 processes hits them alike; the table shows medians. Rates of the movers are taken
 over their drain (QueueMover.drain; for (c) the drain time the operator returns as
 XCom, for (e) the one the command logs, for (f) skytools' run loop), so process and
@@ -72,6 +75,7 @@ LEAST = "(d) least privilege, pgq_mover only"
 CLI = "(e) CLI, pgq-queue-mover --once"
 CLASSIC = "(f) classic, python-pgq SerialConsumer"
 OPERATOR = "(c) operator, dag.test()"
+POOLED = "(g) core mover through PgBouncer (txn)"
 
 #: The line `pgq-queue-mover --once` logs at the end of its drain.
 CLI_REPORT = re.compile(r"moved (\d+) events in (\d+) batch(?:es)? \(.*?\) in ([0-9.]+)s, stopped")
@@ -381,13 +385,15 @@ class Bench:
         self.start_tick = 0
         self.source_sums: tuple[Any, ...] = ()
         self.airflow_home: Path | None = None
+        self.bouncer: Any = None
         self.workdir = Path(tempfile.mkdtemp(prefix="pgq-bench-"))  # ini and log files
 
     # -- set-up -------------------------------------------------------------------
 
-    def dsn(self, db: str, user: str | None = None) -> str:
+    def dsn(self, db: str, user: str | None = None, pooled: bool = False) -> str:
         """Without password: libpq takes it from our PGPASSFILE, so none is on a command line."""
-        return f"host=127.0.0.1 port={self.cluster.port} dbname={db} user={user or self.superuser}"
+        port = self.bouncer.port if pooled else self.cluster.port
+        return f"host=127.0.0.1 port={port} dbname={db} user={user or self.superuser}"
 
     def child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "AIRFLOW"))}
@@ -402,6 +408,10 @@ class Bench:
             _passfile_line("127.0.0.1", self.cluster.port, self.superuser, self.cluster.password)
             + _passfile_line("127.0.0.1", self.cluster.port, self.writer, self.writer_password)
         )
+        if self.bouncer is not None:
+            self.bouncer.start()
+            with passfile.open("a") as f:
+                f.write(_passfile_line("127.0.0.1", self.bouncer.port, self.superuser, self.cluster.password))
         passfile.chmod(0o600)
         os.environ["PGPASSFILE"] = str(passfile)
         with _session(self.dsn("postgres")) as admin:
@@ -493,12 +503,12 @@ class Bench:
         self.verify("(a)")
         return Run(self.args.events, seconds, wall)
 
-    def core(self, user: str | None = None, min_batch_events: int | None = None) -> Run:
-        """(b) and (d): QueueMover.drain in a child process."""
+    def core(self, user: str | None = None, min_batch_events: int | None = None, pooled: bool = False) -> Run:
+        """(b), (d) and (g): QueueMover.drain in a child process."""
         self.reset()
         argv = [
             sys.executable, "-m", "benchmarks.bench_mover", "--child", "core",
-            "--source-dsn", self.dsn(SOURCE_DB), "--target-dsn", self.dsn(TARGET_DB, user),
+            "--source-dsn", self.dsn(SOURCE_DB, pooled=pooled), "--target-dsn", self.dsn(TARGET_DB, user, pooled),
             "--chunk-size", str(self.args.chunk_size),
         ]
         if min_batch_events:
@@ -618,6 +628,8 @@ class Bench:
         return Run(int(result["events"]), float(result["seconds"]), wall, peak, cpu, result)
 
     def stop(self) -> None:
+        if self.bouncer is not None:
+            self.bouncer.remove()
         if self.airflow_home is not None:
             shutil.rmtree(self.airflow_home, ignore_errors=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -668,6 +680,9 @@ def report(
         if mid.detail.get("target_backend_cpu") is not None:
             print(f"  {label}: backend CPU source {mid.detail['source_backend_cpu']}s,"
                   f" target {mid.detail['target_backend_cpu']}s over {mid.seconds:.2f}s")
+    if POOLED in results and CORE in results:
+        print(f"  (g) against (b): {_paired_ratio(results[POOLED], results[CORE]):.2f}x the direct core"
+              " mover's drain rate (per-repeat pairs)")
     if OPERATOR in results and CORE in results:
         print(f"  (c) against (b): {_paired_ratio(results[OPERATOR], results[CORE]):.2f}x the core"
               " mover's drain rate (medians; (c) ran after the interleaved repeats)")
@@ -698,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coalesce", type=int, default=None, metavar="N",
                         help="also run the core mover with min_batch_events=N")
     parser.add_argument("--skip", default="",
-                        help="scenario letters to leave out of b c d e f, e.g. 'cf'")
+                        help="scenario letters to leave out of b c d e f g, e.g. 'cf'")
     # internal: the child processes
     parser.add_argument("--child", choices=("core", "airflow", "classic"), help=argparse.SUPPRESS)
     parser.add_argument("--source-dsn", help=argparse.SUPPRESS)
@@ -721,8 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_classic(args)
     if args.events < 1 or args.batch_size < 1 or args.repeat < 1:
         parser.error("--events, --ticks-of and --repeat must be positive")
-    if set(args.skip) - set("bcdef"):
-        parser.error(f"--skip takes letters of b c d e f, not {args.skip!r}")
+    if set(args.skip) - set("bcdefg"):
+        parser.error(f"--skip takes letters of b c d e f g, not {args.skip!r}")
 
     bench = Bench(args)
     results: dict[str, list[Run]] = {}
@@ -737,6 +752,16 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.append((LEAST, lambda: bench.core(user=bench.writer)))
     if "e" not in args.skip:
         scenarios.append((CLI, bench.cli))
+    if "g" in args.skip:
+        pass
+    elif shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():
+        notes.append("(g) skipped: no pgbouncer (apt-get install pgbouncer; scripts/setup-env does)")
+        print(notes[-1], flush=True)
+    else:
+        from tests.support.pgbouncer import PgBouncer
+
+        bench.bouncer = PgBouncer(bench.cluster, "transaction", pool_size=2)
+        scenarios.append((POOLED, lambda: bench.core(pooled=True)))
     if "f" in args.skip:
         pass
     elif importlib.util.find_spec("pgq") is None:

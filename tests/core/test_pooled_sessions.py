@@ -156,8 +156,8 @@ def test_no_setting_of_ours_is_left_on_a_pooled_server_session(
     bouncer: PgBouncer, source: Server, target: Server, login: Login, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """After the mover (both write paths), the command line, the hook, the sensor and
-    both triggers worked through the pool, another client of the same login finds every
+    """After the mover (both write paths), the command line, the hook, the sensor, a
+    trigger and the PgQ page's read-only sessions worked through the pool, another client of the same login finds every
     server session as the database configures it."""
     from airflow_provider_pgq.hooks.pgq import PgqHook
     from airflow_provider_pgq.sensors.pgq import PgqQueueSensor
@@ -205,6 +205,12 @@ def test_no_setting_of_ours_is_left_on_a_pooled_server_session(
                 await run.aclose()
 
         assert asyncio.run(first_event())["batch_available"] is True
+        from airflow_provider_pgq.ui.app import _open  # the PgQ page's read-only sessions
+
+        with closing(_open("pooled_src")) as page:
+            for _ in range(3):
+                assert pending_status(page, "src_q", "mover").registered
+                page.rollback()
     finally:
         source.cluster.execute("postgres", f'drop role if exists "{chunk.name}"')
     # two consumers moved the 40 events into one queue; the CLI's, registered after them, none
