@@ -17,6 +17,10 @@ source consumer and a fresh target database:
 (g) the core mover as (b), both connections through a PgBouncer in transaction
     pooling (Debian's pgbouncer; skipped with a note without it): what the per-
     transaction settings and the pooler's hop cost;
+(h) the core mover as (b) with the per-transaction settings switched off (the pinned
+    search_path and the bounds sent at the head of every transaction): unsafe, only to
+    measure what they cost, best seen with many small batches
+    (--ticks-of 100 --batch-target-events 1);
 (f) the classic baseline: a skytools-style queue mover on PyPI's pgq package
     (benchmarks/classic_mover.py: pgq.SerialConsumer, pgq.bulk_insert_events, pgq_ext
     ticks, one target transaction per batch); skipped with a note without `pgq`;
@@ -76,6 +80,7 @@ CLI = "(e) CLI, pgq-queue-mover --once"
 CLASSIC = "(f) classic, python-pgq SerialConsumer"
 OPERATOR = "(c) operator, dag.test()"
 POOLED = "(g) core mover through PgBouncer (txn)"
+BARE = "(h) core mover, no per-transaction settings"
 
 #: The line `pgq-queue-mover --once` logs at the end of its drain.
 CLI_REPORT = re.compile(r"moved (\d+) events in (\d+) batch(?:es)? \(.*?\) in ([0-9.]+)s, stopped")
@@ -244,11 +249,15 @@ def child_core(args: argparse.Namespace) -> int:
 
     source = connect(args.source_dsn, application_name="pgq-bench-mover")
     target = connect(args.target_dsn, application_name="pgq-bench-mover")
+    if args.bare:  # (h): what the per-transaction settings cost; never do this in earnest
+        source.set_transaction_settings({})
+        target.set_transaction_settings({})
     pids = (source.get_backend_pid(), target.get_backend_pid())
     cpu_before = [_backend_cpu(p) for p in pids]
+    batching = {} if args.batch_target_events is None else {"batch_target_events": args.batch_target_events}
     options = MoverOptions(
         source_queue=SOURCE_QUEUE, target_queue=TARGET_QUEUE, consumer=args.consumer,
-        chunk_size=args.chunk_size, min_batch_events=args.min_batch_events,
+        chunk_size=args.chunk_size, min_batch_events=args.min_batch_events, **batching,
     )
     mover = QueueMover(source, target, options)
     if args.wait_go:  # bench_scaleout: connected, now all start at once
@@ -503,8 +512,9 @@ class Bench:
         self.verify("(a)")
         return Run(self.args.events, seconds, wall)
 
-    def core(self, user: str | None = None, min_batch_events: int | None = None, pooled: bool = False) -> Run:
-        """(b), (d) and (g): QueueMover.drain in a child process."""
+    def core(self, user: str | None = None, min_batch_events: int | None = None, pooled: bool = False,
+             bare: bool = False) -> Run:
+        """(b), (d), (g) and (h): QueueMover.drain in a child process."""
         self.reset()
         argv = [
             sys.executable, "-m", "benchmarks.bench_mover", "--child", "core",
@@ -513,6 +523,10 @@ class Bench:
         ]
         if min_batch_events:
             argv += ["--min-batch-events", str(min_batch_events)]
+        if self.args.batch_target_events is not None:
+            argv += ["--batch-target-events", str(self.args.batch_target_events)]
+        if bare:
+            argv.append("--bare")
         result, wall, peak, cpu = run_child(argv, self.child_env())
         self.verify("(d)" if user else "(b)")
         if result["events"] != self.args.events:
@@ -680,6 +694,9 @@ def report(
         if mid.detail.get("target_backend_cpu") is not None:
             print(f"  {label}: backend CPU source {mid.detail['source_backend_cpu']}s,"
                   f" target {mid.detail['target_backend_cpu']}s over {mid.seconds:.2f}s")
+    if BARE in results and CORE in results:
+        print(f"  (b) against (h): {_paired_ratio(results[CORE], results[BARE]):.3f}x the drain rate without"
+              " per-transaction settings (per-repeat pairs): what the pin and the bounds cost")
     if POOLED in results and CORE in results:
         print(f"  (g) against (b): {_paired_ratio(results[POOLED], results[CORE]):.2f}x the direct core"
               " mover's drain rate (per-repeat pairs)")
@@ -713,7 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coalesce", type=int, default=None, metavar="N",
                         help="also run the core mover with min_batch_events=N")
     parser.add_argument("--skip", default="",
-                        help="scenario letters to leave out of b c d e f g, e.g. 'cf'")
+                        help="scenario letters to leave out of b c d e f g h, e.g. 'cf'")
+    parser.add_argument("--batch-target-events", type=int, default=None, metavar="N",
+                        help="MoverOptions.batch_target_events of (b), (d), (g), (h) (1: one tick a batch)")
     # internal: the child processes
     parser.add_argument("--child", choices=("core", "airflow", "classic"), help=argparse.SUPPRESS)
     parser.add_argument("--source-dsn", help=argparse.SUPPRESS)
@@ -723,6 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-batch-events", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dag-id", help=argparse.SUPPRESS)
     parser.add_argument("--ini", help=argparse.SUPPRESS)
+    parser.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.chunk_size is None:
         from airflow_provider_pgq.core.mover import MoverOptions
@@ -736,8 +756,8 @@ def main(argv: list[str] | None = None) -> int:
         return child_classic(args)
     if args.events < 1 or args.batch_size < 1 or args.repeat < 1:
         parser.error("--events, --ticks-of and --repeat must be positive")
-    if set(args.skip) - set("bcdefg"):
-        parser.error(f"--skip takes letters of b c d e f g, not {args.skip!r}")
+    if set(args.skip) - set("bcdefgh"):
+        parser.error(f"--skip takes letters of b c d e f g h, not {args.skip!r}")
 
     bench = Bench(args)
     results: dict[str, list[Run]] = {}
@@ -752,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
         scenarios.append((LEAST, lambda: bench.core(user=bench.writer)))
     if "e" not in args.skip:
         scenarios.append((CLI, bench.cli))
+    if "h" not in args.skip:
+        scenarios.append((BARE, lambda: bench.core(bare=True)))
     if "g" in args.skip:
         pass
     elif shutil.which("pgbouncer") is None and not Path("/usr/sbin/pgbouncer").exists():

@@ -152,8 +152,22 @@ def test_a_held_key_is_key_locked_within_lock_timeout_through_the_pool(
     assert sum(queue_events(target, "dst_q").values()) == 0
 
 
+@pytest.fixture(params=["transaction", "session"])
+def any_pool(request: pytest.FixtureRequest, bouncer: PgBouncer, source: Server) -> Iterator[PgBouncer]:
+    """The shared transaction pool, or a session pool without server_reset_query (so a
+    setting a client left on its session would reach the next client)."""
+    if request.param == "transaction":
+        yield bouncer
+        return
+    own = PgBouncer(source.cluster, "session", pool_size=bouncer.pool_size, reset_query="").start()
+    try:
+        yield own
+    finally:
+        own.remove()
+
+
 def test_no_setting_of_ours_is_left_on_a_pooled_server_session(
-    bouncer: PgBouncer, source: Server, target: Server, login: Login, tmp_path: Path,
+    any_pool: PgBouncer, source: Server, target: Server, login: Login, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """After the mover (both write paths), the command line, the hook, the sensor, a
@@ -165,7 +179,7 @@ def test_no_setting_of_ours_is_left_on_a_pooled_server_session(
 
     chunk = create_login(source.cluster, "pooled_chunk", in_role="pgq_mover")
     try:
-        src, dst = login.dsn(pooled(bouncer, source)), login.dsn(pooled(bouncer, target))
+        src, dst = login.dsn(pooled(any_pool, source)), login.dsn(pooled(any_pool, target))
         events = simple_events(40)
         produce(source, "src_q", events[:20])
         register(source, "src_q", "mover")
@@ -175,7 +189,7 @@ def test_no_setting_of_ours_is_left_on_a_pooled_server_session(
         tick(source, "src_q")
         moved = queue_events(source, "src_q")
         for dsn_t, consumer, path in ((dst, "mover", COPY_PATH),
-                                      (chunk.dsn(pooled(bouncer, target)), "chunked", CHUNK_PATH)):
+                                      (chunk.dsn(pooled(any_pool, target)), "chunked", CHUNK_PATH)):
             with closing(connect(src, side="source")) as s, closing(connect(dsn_t, side="target")) as t:
                 report = QueueMover(s, t, MoverOptions("src_q", "dst_q", consumer)).drain()
             assert (report.events, report.write_path) == (40, path)
@@ -185,7 +199,7 @@ def test_no_setting_of_ours_is_left_on_a_pooled_server_session(
         for switches in (["--register"], ["--once"], ["--status"]):
             proc = subprocess.run([*CLI, *switches, str(ini)], capture_output=True, text=True, timeout=120)
             assert proc.returncode == 0, proc.stderr
-        monkeypatch.setenv("AIRFLOW_CONN_POOLED_SRC", login.uri(pooled(bouncer, source)))
+        monkeypatch.setenv("AIRFLOW_CONN_POOLED_SRC", login.uri(pooled(any_pool, source)))
         hook = PgqHook("pooled_src")
         assert hook.get_lag("src_q", "mover").registered
         assert hook.count_events("src_q") == 40
@@ -217,8 +231,28 @@ def test_no_setting_of_ours_is_left_on_a_pooled_server_session(
     assert queue_events(target, "dst_q") == Counter({e: 2 for e in moved})
     for server in (source, target):
         expected = database_defaults(server, login)
-        for session in left_behind(bouncer, server, login):
+        for session in left_behind(any_pool, server, login):
             assert session["set by a client"] == [], session
             # (the TCP settings differ by socket: the pool reaches the server over its own)
             assert {k: session[k] for k in expected if not k.startswith("tcp_")} == \
                 {k: v for k, v in expected.items() if not k.startswith("tcp_")}, session
+
+
+def test_a_direct_session_keeps_nothing_of_ours_between_transactions(source: Server, target: Server) -> None:
+    """Without a pooler too: between our transactions the session holds the database's
+    own settings (read through a plain cursor, which sends no settings of its own)."""
+    register(source, "src_q", "mover")
+    produce(source, "src_q", simple_events(5))
+    tick(source, "src_q")
+    expected = database_defaults(source)
+    with closing(connect(source.dsn)) as s, closing(connect(target.dsn)) as t:
+        assert QueueMover(s, t, MoverOptions("src_q", "dst_q", "mover")).drain().events == 5
+        for conn, server in ((s, source), (t, target)):
+            with conn.cursor(cursor_factory=psycopg2.extensions.cursor) as cur:
+                cur.execute("select pg_catalog.json_object_agg(name, setting) from pg_catalog.pg_settings"
+                            " where name = any(%s)", (list(OURS),))
+                row = cur.fetchone()
+            conn.rollback()
+            assert row is not None
+            assert row[0] == database_defaults(server)
+    assert expected["search_path"] == '"$user", public'

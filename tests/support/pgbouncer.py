@@ -37,13 +37,16 @@ class PgBouncer:
     default cluster serves every other name)."""
 
     def __init__(self, default: ThrowawayCluster, pool_mode: str = "transaction", pool_size: int = 2,
-                 routes: Mapping[str, ThrowawayCluster] | None = None) -> None:
+                 routes: Mapping[str, ThrowawayCluster] | None = None, reset_query: str | None = None) -> None:
         if not Path(BINARY).exists():
             raise RuntimeError("pgbouncer is not installed: the README's test command installs Debian's pgbouncer")
         self.default = default
         self.routes = dict(routes or {})
         self.pool_mode = pool_mode
         self.pool_size = pool_size
+        #: session pooling's server_reset_query (None: PgBouncer's DISCARD ALL; "": none,
+        #: so that whatever a client leaves on its session stays for the next)
+        self.reset_query = reset_query
         self.port = free_port()
         self.os_user = getattr(default, "os_user", None) or ("postgres" if os.geteuid() == 0 else None)
         self.root = Path(tempfile.mkdtemp(prefix="pgq-bouncer-"))
@@ -71,7 +74,8 @@ class PgBouncer:
             "max_client_conn = 500", f"admin_users = {SUPERUSER}",
             f"logfile = {self.logfile}", f"pidfile = {self.root / 'pgbouncer.pid'}",
             # round robin, not LIFO: a client's transactions land on every server session
-            "server_round_robin = 1", "server_login_retry = 1", "query_wait_timeout = 60", "",
+            "server_round_robin = 1", "server_login_retry = 1", "query_wait_timeout = 60",
+            *([f"server_reset_query = {self.reset_query}"] if self.reset_query is not None else []), "",
         ]))
         (self.root / "userlist.txt").write_text(f'"{SUPERUSER}" "{self.default.password}"\n')
         if self.os_user:
