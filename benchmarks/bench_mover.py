@@ -80,7 +80,7 @@ CLI = "(e) CLI, pgq-queue-mover --once"
 CLASSIC = "(f) classic, python-pgq SerialConsumer"
 OPERATOR = "(c) operator, dag.test()"
 POOLED = "(g) core mover through PgBouncer (txn)"
-BARE = "(h) core mover, no per-transaction settings"
+BARE = "(h) core mover, no per-txn settings"
 
 #: The line `pgq-queue-mover --once` logs at the end of its drain.
 CLI_REPORT = re.compile(r"moved (\d+) events in (\d+) batch(?:es)? \(.*?\) in ([0-9.]+)s, stopped")
