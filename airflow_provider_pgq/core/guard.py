@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +47,7 @@ import psycopg2
 import psycopg2.extensions
 from psycopg2 import sql
 
+from airflow_provider_pgq.core.driver_stderr import DRIVER_STDERR
 from airflow_provider_pgq.core.errors import ConnectionLost, InvalidParameter, WaitAborted, WaitTimeout
 
 T = TypeVar("T")
@@ -270,71 +269,6 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-class _DriverStderr:
-    """psycopg2 prints, instead of raising, the server's error when a COPY's connection
-    ends under it in some ways (a pooler closing it mid-COPY): "psycopg2.errors.X: <the
-    server's words>", then a SystemError about the driver's own decode call (pq_raise's
-    PyErr_Print). While a COPY runs, sys.stderr passes through this filter: those lines
-    are kept for the ConnectionLost message, every other line goes on unchanged."""
-
-    _DRIVER_LINE = re.compile(r"^(psycopg2(\.errors|\.extensions)?\.\w+): (.*)$")
-    _NOISE = re.compile(
-        r"^(SystemError: <(built-in )?function \w+ at 0x[0-9a-f]+> returned .*"
-        r"|The above exception was the direct cause of the following exception:|)$"
-    )
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._inner: Any = None
-        self._pending = ""
-        self.words: list[str] = []
-
-    def __enter__(self) -> _DriverStderr:
-        with self._lock:
-            if self._users == 0:
-                self._inner = sys.stderr
-                sys.stderr = self
-            self._users += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                if sys.stderr is self:
-                    sys.stderr = self._inner
-                if self._pending:
-                    self._inner.write(self._pending)
-                self._pending = ""
-
-    def take(self) -> str | None:
-        with self._lock:
-            words, self.words = self.words, []
-        return words[-1] if words else None
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            lines = (self._pending + text).split("\n")
-            self._pending = lines.pop()
-            for line in lines:
-                driver = self._DRIVER_LINE.match(line)
-                if driver:
-                    self.words.append(driver.group(3))
-                elif not self._NOISE.match(line):
-                    self._inner.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        inner = self._inner
-        if inner is not None:
-            inner.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-DRIVER_STDERR = _DriverStderr()
 
 
 
@@ -372,7 +306,7 @@ class GuardedConnection(psycopg2.extensions.connection):
         self.streaming = False
         self.aborted: str | None = None
         #: what the driver printed of the server's last error instead of raising it (see
-        #: _DriverStderr), for the next ConnectionLost's message
+        #: driver_stderr), for the next ConnectionLost's message
         self.last_words: str | None = None
         self._watch: _StatementWatch | None = None
 
