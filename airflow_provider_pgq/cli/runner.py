@@ -157,7 +157,9 @@ class Runner:
             self._disconnect()
             self.reconnect_reason = ""
         if self.mover is None:
-            conns = Connections(self.config)
+            # a new mover checks both sides once (prepare) on its first drain: after a
+            # reconnect or a reload, not at every poll
+            conns = self.conns or Connections(self.config)
             try:
                 self.mover = QueueMover(conns.source, conns.target, self.config.options(),
                                         on_batch=self._on_batch)
@@ -244,3 +246,5 @@ class Runner:
         if needs_reconnect(old, new):
             self._disconnect()
             self.reconnect_reason = "config reloaded"
+        else:
+            self.mover = None  # the new options, checked again on the next drain

@@ -249,6 +249,20 @@ class _StatementWatch(Watch):
 
 # -- the connection ---------------------------------------------------------------------
 
+#: set_session()'s values as words of BEGIN ("" for the server's default).
+_ISOLATION = {
+    psycopg2.extensions.ISOLATION_LEVEL_READ_UNCOMMITTED: "isolation level read uncommitted",
+    psycopg2.extensions.ISOLATION_LEVEL_READ_COMMITTED: "isolation level read committed",
+    psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ: "isolation level repeatable read",
+    psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE: "isolation level serializable",
+    psycopg2.extensions.ISOLATION_LEVEL_DEFAULT: "",
+    "READ UNCOMMITTED": "isolation level read uncommitted", "READ COMMITTED": "isolation level read committed",
+    "REPEATABLE READ": "isolation level repeatable read", "SERIALIZABLE": "isolation level serializable",
+    "DEFAULT": "",
+}
+_READ_ONLY = {True: "read only", False: "read write", "DEFAULT": ""}
+_DEFERRABLE = {True: "deferrable", False: "not deferrable", "DEFAULT": ""}
+
 #: libpq's PQstatus of a usable connection (CONNECTION_OK).
 _CONNECTION_OK = 0
 #: Server shutdowns (admin_shutdown: a terminated backend; crash_shutdown; cannot_connect_now).
@@ -292,6 +306,16 @@ class GuardedConnection(psycopg2.extensions.connection):
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(dsn, *args, **kwargs)
+        # psycopg2 sends every statement as it is (its own autocommit): the BEGIN of a
+        # transaction is ours and rides on the transaction's first statement (opening()),
+        # instead of psycopg2's BEGIN of its own round trip. What callers see as
+        # autocommit, set_session() and commit()/rollback() is kept here.
+        psycopg2.extensions.connection.autocommit.__set__(self, True)  # type: ignore[attr-defined]
+        self._autocommit = False
+        self._characteristics: dict[str, str] = {}
+        self._begin_sql = "begin; "
+        #: added to the next statement whatever it is (then()); cleared at commit/rollback
+        self._then = ""
         self.cursor_factory = GuardedCursor
         self.side = "database"
         self.statement_bound: float | None = None
@@ -319,6 +343,71 @@ class GuardedConnection(psycopg2.extensions.connection):
         except Exception:
             return "?"
 
+    # -- transactions: ours, not psycopg2's --------------------------------------------
+
+    @property
+    def autocommit(self) -> bool:
+        return self._autocommit
+
+    @autocommit.setter
+    def autocommit(self, value: bool) -> None:
+        self._require_idle("autocommit")
+        self._autocommit = bool(value)
+
+    def set_session(self, isolation_level: Any = None, readonly: Any = None, deferrable: Any = None,
+                    autocommit: Any = None) -> None:
+        """As psycopg2's, but the characteristics go into each transaction's BEGIN: a
+        pooled server session is never left with a default of ours."""
+        self._require_idle("set_session")
+        for key, value, names in (("isolation", isolation_level, _ISOLATION),
+                                  ("readonly", readonly, _READ_ONLY), ("deferrable", deferrable, _DEFERRABLE)):
+            if value is None:
+                continue
+            word = names.get(value.upper() if isinstance(value, str) else value)
+            if word is None:
+                raise psycopg2.ProgrammingError(f"bad value for {key}: {value!r}")
+            if word:
+                self._characteristics[key] = word
+            else:
+                self._characteristics.pop(key, None)
+        if autocommit is not None:
+            self._autocommit = bool(autocommit)
+        self._begin_sql = " ".join(["begin", *self._characteristics.values()]) + "; "
+
+    def set_isolation_level(self, level: int | None) -> None:
+        if level == psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT:
+            self.set_session(autocommit=True)
+        else:
+            self.set_session(isolation_level=level, autocommit=False)
+
+    def _require_idle(self, what: str) -> None:
+        if not self.closed and self.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            raise psycopg2.ProgrammingError(f"{what} cannot be used inside a transaction")
+
+    def then(self, statement: str) -> None:
+        """statement (complete, with its ";") goes ahead of the next statement sent, in
+        the same round trip: a setting for the statement it guards, or put back after it."""
+        self._then += statement
+
+    def _plain(self, statement: str) -> None:
+        with psycopg2.extensions.connection.cursor(self, cursor_factory=psycopg2.extensions.cursor) as cur:
+            cur.execute(statement)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """`with conn:` commits or rolls back our transaction (psycopg2's own would see none)."""
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        """A named cursor is declared WITH HOLD: psycopg2 refuses one without outside its
+        own transactions (the server has ours); it is closed before the commit anyway."""
+        name = args[0] if args else kwargs.get("name")
+        if name is not None and len(args) < 4:
+            kwargs.setdefault("withhold", True)
+        return super().cursor(*args, **kwargs)
+
     def set_transaction_settings(self, settings: dict[str, str]) -> None:
         """What every transaction of this connection starts with (set_config(..., true))."""
         self.transaction_settings = dict(settings)
@@ -328,25 +417,29 @@ class GuardedConnection(psycopg2.extensions.connection):
 
     def starts_transaction(self) -> bool:
         """Whether the next statement opens a transaction (in autocommit: every one)."""
-        return bool(self._opening_sql) and self.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        return self.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
     def opening(self, query: Any, vars: Any, cursor: psycopg2.extensions.cursor) -> Any:  # noqa: A002
-        """query, led by the transaction settings when it opens a transaction: one
-        string, one round trip. PostgreSQL analyses each statement of a string only
-        after the one before it ran, so the query already resolves its names under the
-        pinned search_path and runs under the bounds."""
-        if not self.starts_transaction():
+        """query, led by BEGIN and the transaction settings when it opens a transaction
+        (in autocommit: the settings, for the implicit transaction of the string), and by
+        what then() queued: one string, one round trip. PostgreSQL analyses each
+        statement of a string only after the one before it ran, so the query already
+        resolves its names under the pinned search_path and runs under the bounds."""
+        prefix = self._then
+        self._then = ""
+        if self.starts_transaction():
+            prefix = ("" if self._autocommit else self._begin_sql) + self._opening_sql + prefix
+        if not prefix:
             return query
         text = query.as_string(cursor) if isinstance(query, sql.Composable) else query
         if isinstance(text, bytes):
             text = text.decode(self.encoding_name())
-        prefix = self._opening_sql.replace("%", "%%") if vars is not None else self._opening_sql
-        return prefix + text
+        return (prefix.replace("%", "%%") if vars is not None else prefix) + text
 
     def open_transaction(self) -> None:
-        """The transaction settings as a statement of their own, for what cannot carry
-        them (a named cursor's DECLARE)."""
-        if self.starts_transaction():
+        """BEGIN, the transaction settings and what then() queued as a statement of their
+        own, for what cannot carry them (a named cursor's DECLARE)."""
+        if self.starts_transaction() or self._then:
             with self.cursor() as cur:
                 cur.execute("select")
 
@@ -453,13 +546,30 @@ class GuardedConnection(psycopg2.extensions.connection):
             ) from exc
 
     def commit(self) -> None:
-        self.run("commit", super().commit)
+        self._then = ""
+        if self.closed or self.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            self.run("commit", lambda: self._plain("commit"))
+
+    def commit_after(self, query: Any, vars: Any = None) -> None:  # noqa: A002 - psycopg2's name
+        """query, then the commit, in one round trip (an error in query leaves the
+        transaction to roll back). A lost connection is told as a commit whose outcome
+        is not known."""
+        with self.cursor() as cur:
+            text = query.as_string(cur) if isinstance(query, sql.Composable) else query
+            composed = self.opening(text, vars, cur) + "; commit"
+            self.run("commit", lambda: psycopg2.extensions.cursor.execute(cur, composed, vars))
+        self._then = ""
 
     def rollback(self) -> None:
         """A rollback that fails (connection lost, or still inside a broken COPY) closes
         the connection: the server then ends the transaction, so nothing is left open."""
+        self._then = ""
+        if self.closed:
+            super().rollback()  # psycopg2's own error for a closed connection
+        if self.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+            return
         try:
-            self.run("rollback", super().rollback, translate=False)  # callers ignore its errors
+            self.run("rollback", lambda: self._plain("rollback"), translate=False)  # callers ignore its errors
         except BaseException:
             try:
                 self.close()
@@ -527,6 +637,24 @@ class GuardedCursor(psycopg2.extensions.cursor):
 
     def __next__(self) -> Any:
         return self._fetch(lambda: super(GuardedCursor, self).__next__())
+
+
+@contextmanager
+def autocommit(conn: psycopg2.extensions.connection) -> Iterator[None]:
+    """Inside, every string sent is a transaction of its own, committed when it ends
+    (an implicit transaction: no BEGIN, no COMMIT, one round trip); the connection must
+    not be inside a transaction."""
+    if conn.autocommit:
+        yield
+        return
+    conn.autocommit = True
+    try:
+        yield
+    finally:
+        if isinstance(conn, GuardedConnection):
+            conn._autocommit = False  # a flag of ours: also when a broken COPY left it mid-statement
+        elif not conn.closed:
+            conn.autocommit = False
 
 
 # -- aborting on purpose ----------------------------------------------------------------------

@@ -354,6 +354,8 @@ class QueueMover:
         self._target_events = options.batch_target_events
         self.held_back = False
         self._prepared = False
+        #: the last next_batch() that found no batch said where the consumer stands
+        self._last_taken: pgq.Taken | None = None
         self._filtered = 0  # table_filter's left-out events of the batch being applied
         self._source_identity: tuple[str, str] = ("", "")
         self.write_path = ""
@@ -489,23 +491,27 @@ class QueueMover:
         later under another batch id. With ``until``, no new batch ends after it
         (``held_back`` tells that ticks are pending beyond it)."""
         o = self.options
+        # PgQ's next_batch_* read the subscription without locking it: two movers of one
+        # consumer calling at once could each allocate a batch for the same ticks, the
+        # later overwriting the earlier, whose holder then fails with "batch not found".
+        # Serialized per consumer, the second sees the first's batch and gets the same one back.
+        lock = f"airflow_provider_pgq:next_batch:{o.source_queue}\x01{o.consumer}"
         try:
-            # PgQ's next_batch_* read the subscription without locking it: two movers of
-            # one consumer calling at once could each allocate a batch for the same
-            # ticks, the later overwriting the earlier, whose holder then fails with
-            # "batch not found". Serialized per consumer, the second sees the first's
-            # batch and gets the same one back.
+            batch: pgq.BatchInfo | None
+            self.held_back = False
+            if o.keep_lag is None and o.min_batch_events is None and o.min_batch_interval is None:
+                # lock, plan, allocation and the batch's SQL: one round trip, committed by itself
+                with guard.autocommit(self.source):
+                    taken = pgq.take_batch(self.source, o.source_queue, o.consumer, self._target_events, until, lock)
+                self.held_back, self._last_taken = taken.held_back, taken
+                return taken.batch
             with self.source.cursor() as cur:
                 cur.execute(
                     "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(%s::text, 0::bigint))",
-                    (f"airflow_provider_pgq:next_batch:{o.source_queue}\x01{o.consumer}",),
+                    (lock,),
                 )
-            batch: pgq.BatchInfo | None
-            self.held_back = False
             if o.keep_lag is not None:
                 batch = self._next_batch_lagged()
-            elif o.min_batch_events is None and o.min_batch_interval is None:
-                batch = self._next_batch_adaptive(until)
             else:  # the user's floors, PgQ's own coalescing
                 batch = pgq.next_batch_custom(
                     self.source, o.source_queue, o.consumer,
@@ -558,28 +564,6 @@ class QueueMover:
         if batch is None:
             batch = pgq.next_batch_custom(self.source, o.source_queue, o.consumer, min_lag=o.keep_lag)
         return batch
-
-    def _next_batch_adaptive(self, until: dt.datetime | None) -> pgq.BatchInfo | None:
-        """Near real time one tick is one batch, as the classic tool did; catching up,
-        several ticks become one batch of about ``_target_events`` events, so that the
-        fixed cost of a batch (round trips, the source's scan) is paid rarely."""
-        o = self.options
-        plan = pgq.plan_next_batch(self.source, o.source_queue, o.consumer, self._target_events, until)
-        if plan is None or plan.open_batch or plan.pick_number == 1:
-            return pgq.next_batch_info(self.source, o.source_queue, o.consumer)
-        if plan.pick_tick is None:
-            self.held_back = True  # the first pending tick ends after `until`
-            return None
-        if plan.pick_is_last:
-            # every pending tick: an interval reaching the newest tick selects it
-            return pgq.next_batch_custom(self.source, o.source_queue, o.consumer, min_interval=plan.pick_interval)
-        assert plan.prev_count is not None and plan.prev_interval is not None
-        count = plan.prev_count + 1
-        return pgq.next_batch_custom(
-            self.source, o.source_queue, o.consumer,
-            min_count=count if count <= MAX_MIN_BATCH_EVENTS else None,
-            min_interval=plan.prev_interval + dt.timedelta(microseconds=1),
-        )
 
     def _adapt_target(self, result: BatchResult) -> None:
         """Batches should take about batch_target_seconds: a slow target or wide events
@@ -656,31 +640,31 @@ class QueueMover:
             )
         if o.keep_event_id:  # its lock wait comes before the event table is chosen
             kept_ids.claim(t, o.consumer, o.subconsumer, o.target_queue, o.key)
-        batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
-        if o.table_filter:  # filtered on the source: events of other tables never leave it
-            self._filtered = transfer.count_filtered_out(self.source, batch_sql, o.table_filter)
-            batch_sql = transfer.filter_batch_sql(self.source, batch_sql, o.table_filter)
-        events = self._transfer(batch_sql)
-        pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id)
-        if o.keep_event_id and events:
+        # The source's reads are each a transaction of their own (the COPY's included):
+        # no source transaction is held open while the target works (it would hold back
+        # PgQ's rotation), and none needs a BEGIN, a COMMIT or a rollback.
+        with guard.autocommit(self.source):
+            batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
+            if o.table_filter:  # filtered on the source: events of other tables never leave it
+                self._filtered = transfer.count_filtered_out(self.source, batch_sql, o.table_filter)
+                batch_sql = transfer.filter_batch_sql(self.source, batch_sql, o.table_filter)
+            events = self._transfer(batch_sql)
+            last_id = pgq.batch_max_event_id(self.source, batch_sql) if o.keep_event_id and events else None
+        if last_id is not None:
+            pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id)
             # Last before the commit: the setval inside cannot be rolled back.
-            kept_ids.commit(
-                t, o.consumer, o.subconsumer, o.target_queue,
-                pgq.batch_max_event_id(self.source, batch_sql), o.key,
-            )
-        # The source's read transaction ends before the target commits: a slow target
-        # never keeps a source transaction open (it would hold back rotation).
-        self.source.rollback()
-        self._hit(faults.BEFORE_TARGET_COMMIT)
-        t.commit()
+            kept_ids.commit(t, o.consumer, o.subconsumer, o.target_queue, last_id, o.key)
+            self._hit(faults.BEFORE_TARGET_COMMIT)
+            t.commit()
+        else:
+            self._hit(faults.BEFORE_TARGET_COMMIT)
+            pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id, commit=True)
         self._hit(faults.AFTER_TARGET_COMMIT)
         return "moved", events
 
     def _batch_still_active(self, batch: pgq.BatchInfo) -> bool:
-        try:
+        with guard.autocommit(self.source):
             return pgq.batch_is_active(self.source, batch.batch_id)
-        finally:
-            self.source.rollback()
 
     def _current_event_table(self) -> str:
         """Read only once the target transaction has its txid: PgQ finds a batch's rows by
@@ -723,9 +707,9 @@ class QueueMover:
             raise
 
     def _finish_on_source(self, batch: pgq.BatchInfo) -> None:
-        finished = pgq.finish_batch(self.source, batch.batch_id)
         self._hit(faults.BEFORE_SOURCE_COMMIT)
-        self.source.commit()
+        with guard.autocommit(self.source):  # finished and committed in one round trip
+            finished = pgq.finish_batch(self.source, batch.batch_id)
         if not finished:
             # Two runs of one mover handed the same open batch: the first to finish it wins.
             # The target's mark decided who applied it, so nothing is lost or doubled.
@@ -747,7 +731,8 @@ class QueueMover:
         o = self.options
         started = time.monotonic()
         report = MoveReport(o.source_queue, o.target_queue, o.consumer, o.subconsumer)
-        self.prepare()
+        if not self._prepared:  # once per mover (the CLI keeps one per connection)
+            self.prepare()
         report.write_path = self.write_path
         if bounds.force_tick:
             tick = ticking.force_tick_and_wait(
@@ -755,6 +740,7 @@ class QueueMover:
                 timeout=bounds.tick_timeout,
             )
             log.info("cut tick %s on source queue %r", tick, o.source_queue)
+        self._last_taken = None
         while True:
             reason = self._bound_reached(bounds, report, started)
             if reason:
@@ -773,6 +759,7 @@ class QueueMover:
                     batch.batch_id, batch.cur_tick_time, bounds.stop_at,
                 )
                 break
+            self._last_taken = None
             report.add(self.apply_batch(batch))
         report.stop_reason = reason
         report.seconds = round(time.monotonic() - started, 6)
@@ -790,6 +777,11 @@ class QueueMover:
         return ""
 
     def _fill_lag(self, report: MoveReport) -> None:
+        taken = self._last_taken
+        if taken is not None and taken.batch is None and not taken.held_back:
+            # the poll that found nothing read it already (an idle poll: one round trip)
+            report.lag_seconds, report.pending_events = taken.lag_seconds, taken.pending_events
+            return
         try:
             info = pgq.get_consumer_info(self.source, self.options.source_queue, self.options.consumer)
         finally:

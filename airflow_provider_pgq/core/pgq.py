@@ -212,27 +212,19 @@ def next_batch_custom(
     )
 
 
-@dataclass(frozen=True)
-class BatchPlan:
-    """What lies ahead of a consumer, and the furthest pending tick a batch should end
-    at: no more than ``target`` events, not later than ``until`` (see plan_next_batch)."""
-
-    open_batch: bool
-    pick_tick: int | None
-    pick_number: int | None
-    pick_is_last: bool
-    pick_interval: dt.timedelta | None
-    prev_count: int | None
-    prev_interval: dt.timedelta | None
-
-
-# One row: the consumer's open batch and the pick. A tick k
-# can be selected exactly by next_batch_custom with min_count = count(k-1) + 1 and
-# min_interval = interval(k-1) + 1 us only while PgQ's find_tick_helper takes its scan
-# (the newest tick more than twice as far as either threshold); otherwise it would take
-# the newest tick. So a pick is the first pending tick, the newest one, or a tick for
-# which that scan is certain.
-_PLAN = """
+# The batch an adaptive mover takes next, in one string (one round trip, one implicit
+# transaction, so the allocation is committed on its own): the per-consumer lock; then
+# one statement that plans (sub, ticks, newest, plan), decides (decision), allocates
+# (next_batch_custom, in taken) and returns the batch. (Not its event SQL as well: a
+# concurrent run of the same mover may finish the batch before that is read, and
+# batch_event_sql then fails; it is read after the target's decision.) A tick k can be selected
+# exactly by next_batch_custom with min_count = count(k-1) + 1 and min_interval =
+# interval(k-1) + 1 microsecond: each is met first at k. The plan: the furthest pending
+# tick a batch of at most %(target)s events (at least one tick) may end at, no later than
+# %(until)s; a batch near real time (one tick pending), the consumer's open batch, or no
+# plan at all (not registered, nothing pending: PgQ answers that) is next_batch_info's.
+_TAKE_BATCH = """
+select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(%(lock)s::text, 0::bigint));
 with sub as (
     select s.sub_queue, s.sub_last_tick, s.sub_batch, l.tick_time as l_time, l.tick_event_seq as l_seq
       from pgq.queue q
@@ -251,40 +243,75 @@ with sub as (
     window w as (order by t.tick_id)
 ), newest as (
     select * from ticks order by tick_id desc limit 1
+), plan as (
+    select (select sub_batch is not null from sub) as open_batch,
+           p.tick_id as pick_tick, p.n as pick_number, p.tick_id = newest.tick_id as pick_is_last,
+           p.ival as pick_interval, p.prev_cnt, p.prev_ival
+      from newest
+      left join lateral (
+          select * from ticks
+           where ticks.tick_time <= coalesce(%(until)s::timestamptz, 'infinity')
+             and (ticks.n = 1 or ticks.cnt <= %(target)s::bigint)
+             and (ticks.n = 1 or ticks.tick_id = newest.tick_id
+                  or newest.cnt > 2 * (ticks.prev_cnt + 1)
+                  or newest.ival > 2 * (ticks.prev_ival + interval '1 microsecond'))
+           order by ticks.tick_id desc
+           limit 1
+      ) p on true
+), decision as (
+    select case when pl.open_batch is null or pl.open_batch or pl.pick_number = 1 then 'info'
+                when pl.pick_tick is null then 'hold'
+                when pl.pick_is_last then 'last'
+                else 'custom' end as how,
+           pl.pick_interval, pl.prev_cnt, pl.prev_ival
+      from (select) one left join plan pl on true
 )
-select (select sub_batch is not null from sub),
-       p.tick_id, p.n, p.tick_id = newest.tick_id, p.ival, p.prev_cnt, p.prev_ival
-  from newest
+select b.batch_id, b.cur_tick_id, b.prev_tick_id, b.cur_tick_time, b.prev_tick_time,
+       b.cur_tick_event_seq, b.prev_tick_event_seq, d.how = 'hold',
+       -- no batch: where the consumer stands, for the report (read only then)
+       case when b.batch_id is null then (
+           select array[pg_catalog.date_part('epoch', i.lag)::text, i.pending_events::text]
+             from pgq.get_consumer_info(%(queue)s::text, %(consumer)s::text) i) end
+  from decision d
   left join lateral (
-      select * from ticks
-       where ticks.tick_time <= coalesce(%(until)s::timestamptz, 'infinity')
-         and ticks.tick_time <= pg_catalog.now() - coalesce(%(min_lag)s::interval, interval '0')
-         and (ticks.n = 1 or ticks.cnt <= %(target)s::bigint)
-         and (ticks.n = 1 or ticks.tick_id = newest.tick_id
-              or newest.cnt > 2 * (ticks.prev_cnt + 1)
-              or newest.ival > 2 * (ticks.prev_ival + interval '1 microsecond'))
-       order by ticks.tick_id desc
-       limit 1
-  ) p on true
+      -- the allocation takes its queue name from g, which has no row when held back
+      -- (offset 0: g is not folded into the call), so it runs only when decided, once
+      select nb.* from (select %(queue)s::text as queue_name where d.how <> 'hold' offset 0) g
+      cross join lateral pgq.next_batch_custom(
+          g.queue_name, %(consumer)s::text, null::interval,
+          case when d.how = 'custom' and d.prev_cnt + 1 <= 2147483647 then (d.prev_cnt + 1)::int4 end,
+          case d.how when 'last' then d.pick_interval
+                     when 'custom' then d.prev_ival + interval '1 microsecond' end) nb
+  ) b on true
 """
 
 
-def plan_next_batch(
-    conn: Connection,
-    queue: str,
-    consumer: str,
-    target: int,
-    until: dt.datetime | None = None,
-    min_lag: dt.timedelta | None = None,
-) -> BatchPlan | None:
-    """The furthest pending tick a batch of at most ``target`` events (at least one tick)
-    may end at, no later than ``until`` and at least ``min_lag`` old. None when the
-    consumer is not registered or no tick is pending."""
-    row = _one(conn, _PLAN, {"queue": queue, "consumer": consumer, "target": target,
-                             "until": until, "min_lag": min_lag})
-    if row is None:
-        return None
-    return BatchPlan(bool(row[0]), row[1], row[2], bool(row[3]), row[4], row[5], row[6])
+@dataclass(frozen=True)
+class Taken:
+    """What take_batch found: the batch, or none and then whether
+    ticks are held back by ``until`` and the consumer's lag and pending events."""
+
+    batch: BatchInfo | None
+    held_back: bool = False
+    lag_seconds: float | None = None
+    pending_events: int | None = None
+
+
+def take_batch(
+    conn: Connection, queue: str, consumer: str, target: int, until: dt.datetime | None, lock: str,
+) -> Taken:
+    """The next batch in one round trip. Run it in autocommit: the string is one implicit
+    transaction, so the lock is held through the allocation and the allocation is
+    committed on its own."""
+    row = _one(conn, _TAKE_BATCH, {"lock": lock, "queue": queue, "consumer": consumer, "target": target,
+                                   "until": until})
+    assert row is not None
+    batch = _batch(row[:7])
+    if batch is not None:
+        return Taken(batch)
+    lag, pending = row[8] if row[8] is not None else (None, None)
+    return Taken(None, bool(row[7]), float(lag) if lag is not None else None,
+                 int(pending) if pending is not None else None)
 
 
 def events_up_to_last_tick(conn: Connection, queue: str, consumer: str) -> int:

@@ -372,10 +372,18 @@ def get_last_tick(conn: Connection, consumer: str, subconsumer: str) -> int | No
     return None if row is None or row[0] is None else int(row[0])
 
 
-def set_last_tick(conn: Connection, consumer: str, subconsumer: str, tick_id: int | None) -> None:
-    """None forgets the mark."""
+def set_last_tick(conn: Connection, consumer: str, subconsumer: str, tick_id: int | None,
+                  commit: bool = False) -> None:
+    """None forgets the mark. commit: and commit the transaction, in the same round trip
+    where the connection can (GuardedConnection.commit_after)."""
+    query, params = "select pgq_ext.set_last_tick(%s::text, %s::text, %s::bigint)", (consumer, subconsumer, tick_id)
+    if commit and hasattr(conn, "commit_after"):
+        conn.commit_after(query, params)
+        return
     with conn.cursor() as cur:
-        cur.execute("select pgq_ext.set_last_tick(%s::text, %s::text, %s::bigint)", (consumer, subconsumer, tick_id))
+        cur.execute(query, params)
+    if commit:
+        conn.commit()
 
 
 def bind_source(

@@ -136,21 +136,19 @@ def _stream_bound(*conns: Connection) -> float | None:
 
 def _lift_statement_timeout(conn: Connection) -> str | None:
     """A COPY may legitimately outlast the statement bound (its progress is watched
-    instead): lifted for this transaction when the bound is the mover's own; returns
-    the value to put back."""
-    if not getattr(conn, "own_statement_timeout", False):
+    instead): lifted for this transaction when the bound is the mover's own, in the
+    COPY's own round trip (GuardedConnection.then); returns the value to put back."""
+    if not getattr(conn, "own_statement_timeout", False) or not isinstance(conn, GuardedConnection):
         return None
-    with conn.cursor() as cur:
-        cur.execute("select pg_catalog.current_setting('statement_timeout'),"
-                    " pg_catalog.set_config('statement_timeout', '0', true)")
-        row = cur.fetchone()
-    return str(row[0]) if row else None
+    conn.then("select pg_catalog.set_config('statement_timeout', '0', true); ")
+    return conn.transaction_settings.get("statement_timeout")
 
 
 def _restore_statement_timeout(conn: Connection, value: str | None) -> None:
-    if value is not None:
-        with conn.cursor() as cur:
-            cur.execute("select pg_catalog.set_config('statement_timeout', %s::text, true)", (value,))
+    """Put back with the next statement (a commit or rollback ends the lift anyway)."""
+    if value is not None and isinstance(conn, GuardedConnection):
+        conn.then(sql.SQL("select pg_catalog.set_config('statement_timeout', {}, true); ")
+                  .format(sql.Literal(value)).as_string(conn))
 
 
 def _columns(keep_event_id: bool) -> list[str]:
@@ -366,9 +364,14 @@ def _pipe(
 
 def _set_client_encoding(conn: Connection, encoding: str) -> None:
     """SET LOCAL client_encoding behind psycopg2's back: only for the COPY's bytes,
-    which psycopg2 never decodes; set back before any text is read again."""
+    which psycopg2 never decodes; set back before any text is read again (with the
+    next statement, in its round trip, where the connection can carry it)."""
+    statement = sql.SQL("select pg_catalog.set_config('client_encoding', {}, true); ").format(sql.Literal(encoding))
+    if isinstance(conn, GuardedConnection):
+        conn.then(statement.as_string(conn))
+        return
     with conn.cursor() as cur:
-        cur.execute("select pg_catalog.set_config('client_encoding', %s::text, true)", (encoding,))
+        cur.execute(statement)
 
 
 def copy_stream(

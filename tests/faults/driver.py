@@ -55,6 +55,7 @@ import json
 import os
 import queue as queue_mod
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -770,7 +771,8 @@ class Storm:
             backend = self._backend(db, f"{child.app}:{'src' if side == 'source' else 'tgt'}")
             if backend is not None:
                 pid, st, query = backend
-                in_copy = st == "active" and query.lstrip().lower().startswith("copy")
+                # the COPY leads its string, or follows the settings of its transaction
+                in_copy = st == "active" and re.search(r"(^|;)\s*copy\b", query.lower()) is not None
                 state = "in COPY" if in_copy else (st or "?")
                 result.mid_copy_hits += int(in_copy)
                 fired = bool(db.cluster.execute("postgres", "select pg_terminate_backend(%s)", (pid,))[0][0])

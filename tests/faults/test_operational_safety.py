@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections import Counter
@@ -91,10 +92,11 @@ def test_no_source_transaction_is_open_while_the_target_is_slow(
         s.close()
         t.close()
     assert report.batches == 2 and report.events == 1200
-    # The probe sees an open source transaction where there is one: mid-stream, the
-    # source's COPY runs (or has just run) inside the batch's read transaction.
+    # The probe sees the source's COPY where there is one: mid-stream it runs (its own
+    # transaction, ended with the COPY), or has just ended, leaving nothing open.
     assert samples[faults.MID_STREAM]
-    assert all(state in ("active", "idle in transaction") for state, _ in samples[faults.MID_STREAM])
+    assert all(state == "active" or (state == "idle" and xact_start is None)
+               for state, xact_start in samples[faults.MID_STREAM])
     # ...and sees none while the target holds the batch open and is slow to commit.
     assert target_states == ["idle in transaction"] * 2
     slow = samples[faults.BEFORE_TARGET_COMMIT] + samples[faults.AFTER_TARGET_COMMIT]
@@ -163,7 +165,7 @@ def test_target_killed_while_the_source_still_streams_reports_the_target_error(
         s.close()
         t.close()
     state, query = seen["source"]
-    assert state == "active" and query.lower().startswith("copy"), seen  # truly mid-COPY
+    assert state == "active" and re.search(r"(^|;)\s*copy\b", query.lower()), seen  # truly mid-COPY
     # The target's own error, not the BrokenPipeError the dead target causes on the pipe.
     assert isinstance(info.value, psycopg2.Error), repr(info.value)
     assert not queue_events(target, "dst_q") and mark_of(target, "mover") is None

@@ -107,8 +107,11 @@ def test_a_pooler_fault_mid_copy_is_one_line_and_moves_once_after(
         lost = result.side
         assert lost == side or (side is None and lost in sides), message
         assert message.startswith(f"{lost} 127.0.0.1:{own_bouncer.port}/{sides[lost].dbname}: "), message
-        assert "during COPY" in message and "nothing of it was committed" in message
-        assert sum(queue_events(target, "dst_q").values()) == 0
+        if lost == "target" or "during COPY" in message:
+            assert "during COPY" in message and "nothing of it was committed" in message
+            assert sum(queue_events(target, "dst_q").values()) == 0
+        else:  # the source's COPY had all arrived: the KILL met the finish, after the target's commit
+            assert "during statement 'select pgq.finish_batch" in message, message
     after = move(own_bouncer, source, target, target_dsn)
     assert not isinstance(after, Exception), repr(after)
     src, dst = queue_events(source, "src_q"), queue_events(target, "dst_q")
