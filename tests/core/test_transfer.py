@@ -504,7 +504,7 @@ def test_mover_killed_source_mid_stream_then_retry_moves_batch_once(
         if point == faults.MID_STREAM:
             rows = cluster.execute(
                 "postgres",
-                "select pid from pg_stat_activity where datname = %s and query ilike 'copy (%%'",
+                "select pid from pg_stat_activity where datname = %s and query ilike '%%copy (%%'",
                 (source.dbname,),
             )
             assert len(rows) == 1

@@ -323,7 +323,8 @@ def test_sigterm_ends_the_cli_within_a_second_during_a_frozen_copy(
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         in_copy = wait_until(lambda: bool(target.execute(
-            "select 1 from pg_stat_activity where datname = %s and query ilike 'copy%%' and state = 'active'",
+            "select 1 from pg_stat_activity where datname = %s"
+            " and query ~* '(^|;)[[:space:]]*copy ' and state = 'active'",
             (target.dbname,))), timeout=20, poll=0.02)
         assert in_copy, "the CLI never reached the COPY"
         tp.freeze()
