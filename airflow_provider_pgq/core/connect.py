@@ -240,7 +240,7 @@ def connect(
     conn.statement_bound = timeouts.connect_timeout + min(STATEMENT_GRACE, timeouts.network_timeout)
     conn.stream_bound = timeouts.network_timeout
     # The protocol's "lock, then read" steps need a fresh snapshot per statement
-    # (psycopg2 says it in each BEGIN: nothing is set on the session).
+    # (said in each transaction's BEGIN, guard.GuardedConnection: nothing is set on the session).
     conn.set_session(isolation_level=ISOLATION_LEVEL_READ_COMMITTED, autocommit=False)
     conn.set_transaction_settings({"search_path": SAFE_SEARCH_PATH})
     settle_bounds(conn, timeouts)
