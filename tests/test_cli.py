@@ -739,6 +739,9 @@ def test_load_config_classic_defaults_and_extras(tmp_path: Path) -> None:
         ("run_ticker = true", "'run_ticker': only has a meaning together with force_tick"),
         ("pidfile = %(nothing)s.pid", "'pidfile': refers to %(nothing)s, which is not set"),
         ("consumer_name =", "'consumer_name': is empty"),
+        ("max_events_per_second = 0", "'max_events_per_second': must be a finite number of events a second above 0"),
+        ("max_events_per_second = nan", "'max_events_per_second': must be a finite number"),
+        ("max_events_per_second = fast", "'max_events_per_second': 'fast' is not a number of events a second"),
     ],
 )
 def test_load_config_rejects_bad_values(tmp_path: Path, line: str, message: str) -> None:

@@ -78,9 +78,9 @@ def _require_whole(name: str, value: object, low: int, high: int | None, extra: 
         raise InvalidParameter(f"{name} must be a whole number {allowed}{' ' + extra if extra else ''}, got {value!r}")
 
 
-def _require_seconds(name: str, value: object, extra: str = "") -> None:
-    """A finite number of seconds above zero: NaN never compares true, so a NaN bound
-    would silently never stop a drain; a bool is not a duration."""
+def _require_seconds(name: str, value: object, extra: str = "", unit: str = "seconds") -> None:
+    """A finite number of seconds (or unit) above zero: NaN never compares true, so a NaN
+    bound would silently never stop a drain; a bool is not a duration."""
     good = False
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         try:
@@ -89,7 +89,7 @@ def _require_seconds(name: str, value: object, extra: str = "") -> None:
             good = False
     if not good:
         raise InvalidParameter(
-            f"{name} must be a finite number of seconds above zero{' ' + extra if extra else ''}, got {value!r}"
+            f"{name} must be a finite number of {unit} above zero{' ' + extra if extra else ''}, got {value!r}"
         )
 
 
@@ -192,6 +192,10 @@ class MoverOptions:
     #: Only batches whose end tick is at least this old (skytools' pgq_keep_lag, PgQ's
     #: min_lag): the target stays this far behind the source.
     keep_lag: dt.timedelta | None = None
+    #: Catching up, at most this many events a second on average: batches of at most a
+    #: second of it, and after each a pause that keeps the average (a gentle hand on a
+    #: busy OLTP source). None: as fast as both sides go.
+    max_events_per_second: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("source_queue", "target_queue", "consumer"):
@@ -210,6 +214,8 @@ class MoverOptions:
         registration.check_register_at(self.register_at)
         object.__setattr__(self, "table_filter", normalize_table_filter(self.table_filter))
         check_keep_lag(self.keep_lag)
+        if self.max_events_per_second is not None:
+            _require_seconds("max_events_per_second", self.max_events_per_second, "or None", "events a second")
 
     @property
     def key(self) -> str:
@@ -351,7 +357,7 @@ class QueueMover:
         self.options = options
         self._fault = fault
         self._on_batch = on_batch
-        self._target_events = options.batch_target_events
+        self._target_events = self._capped(options.batch_target_events)
         self.held_back = False
         self._prepared = False
         #: the last next_batch() that found no batch said where the consumer stands
@@ -572,7 +578,27 @@ class QueueMover:
         if result.outcome != "moved" or result.events < 1000 or result.seconds <= 0:
             return
         rate = result.events / result.seconds
-        self._target_events = min(o.batch_target_events, max(1000, int(rate * o.batch_target_seconds)))
+        self._target_events = self._capped(
+            min(o.batch_target_events, max(1000, int(rate * o.batch_target_seconds))))
+
+    def _capped(self, events: int) -> int:
+        """A batch holds at most a second of max_events_per_second."""
+        cap = self.options.max_events_per_second
+        return events if cap is None else max(1, min(events, int(cap)))
+
+    def _pace(self, started: float, moved: int, bounds: DrainBounds) -> None:
+        """max_events_per_second: waits until the events moved so far are the cap's
+        worth (never past max_runtime)."""
+        cap = self.options.max_events_per_second
+        if cap is None or moved <= 0:
+            return
+        due = started + moved / cap
+        if bounds.max_runtime is not None:
+            due = min(due, started + bounds.max_runtime)
+        wait = due - time.monotonic()
+        if wait > 0:
+            log.debug("pausing %.2fs: %d events moved, max_events_per_second=%g", wait, moved, cap)
+            time.sleep(wait)
 
     def apply_batch(self, batch: pgq.BatchInfo) -> BatchResult:
         """Steps 2-6 for a batch taken with next_batch()."""
@@ -761,6 +787,7 @@ class QueueMover:
                 break
             self._last_taken = None
             report.add(self.apply_batch(batch))
+            self._pace(started, report.events, bounds)
         report.stop_reason = reason
         report.seconds = round(time.monotonic() - started, 6)
         self._fill_lag(report)

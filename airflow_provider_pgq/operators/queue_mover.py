@@ -108,6 +108,9 @@ class PgqQueueMoverOperator(BaseOperator):
         batch, as the classic tool).
     :param batch_target_seconds: ... and of about this duration (default 10): a slower
         move shrinks the next batch.
+    :param max_events_per_second: catching up, at most this many events a second on
+        average (batches of at most a second of it, a pause after each): spares a busy
+        OLTP source. None (default): as fast as both sides go.
     :param keep_event_id: give target events the source's ``ev_id`` (the target queue
         must have no other producer).
     :param table_filter: move only events whose ``ev_extra1`` names one of these tables
@@ -173,6 +176,7 @@ class PgqQueueMoverOperator(BaseOperator):
         min_batch_interval: float | dt.timedelta | None = None,
         batch_target_events: int = DEFAULT_BATCH_TARGET_EVENTS,
         batch_target_seconds: float = DEFAULT_BATCH_TARGET_SECONDS,
+        max_events_per_second: float | None = None,
         keep_event_id: bool = False,
         table_filter: Sequence[str] | None = None,
         keep_lag: float | dt.timedelta | None = None,
@@ -213,6 +217,7 @@ class PgqQueueMoverOperator(BaseOperator):
         self.min_batch_events = min_batch_events
         self.batch_target_events = batch_target_events
         self.batch_target_seconds = batch_target_seconds
+        self.max_events_per_second = max_events_per_second
         self.keep_event_id = keep_event_id
         self.reposition = reposition
         # Checked now: a bad bound fails when the DAG is parsed.
@@ -234,6 +239,7 @@ class PgqQueueMoverOperator(BaseOperator):
             min_batch_interval=self.min_batch_interval,
             batch_target_events=self.batch_target_events,
             batch_target_seconds=self.batch_target_seconds,
+            max_events_per_second=self.max_events_per_second,
             table_filter=self.table_filter,
             keep_lag=self.keep_lag,
         )

@@ -88,3 +88,30 @@ def test_a_tick_after_the_interval_end_is_not_allocated(source: Server, target: 
                        batch_target_events=DEFAULT_BATCH_TARGET_EVENTS)
     assert report.stop_reason == "interval_end" and report.events == 0
     assert _open_batch(source) is None
+
+
+def test_max_events_per_second_paces_the_catch_up(source: Server, target: Server) -> None:
+    """A cap of 1,000 events a second over 3,000 pending events: batches of at most a
+    second's worth, and the drain lasts at least the three seconds the cap allows (a
+    lower bound the pauses guarantee on any machine); everything arrives once."""
+    register(source, "src_q", "mover")
+    _ticks(source, 30, 100)
+    report = run_mover(source, target, batch_target_events=DEFAULT_BATCH_TARGET_EVENTS,
+                       max_events_per_second=1000)
+    sizes = [r.events for r in report.batch_results]
+    assert sum(sizes) == 3000 and max(sizes) <= 1000 and len(sizes) >= 3, sizes
+    assert report.seconds >= 2.9, report.seconds
+    assert queue_events(target, "dst_q") == queue_events(source, "src_q")
+
+
+def test_max_events_per_second_must_be_a_rate() -> None:
+    from airflow_provider_pgq.core.errors import InvalidParameter
+    from airflow_provider_pgq.core.mover import MoverOptions
+
+    for bad in (0, -5, float("nan"), float("inf"), True):
+        try:
+            MoverOptions("q", "q2", "c", max_events_per_second=bad)
+        except InvalidParameter as exc:
+            assert "max_events_per_second must be a finite number of events a second above zero" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")

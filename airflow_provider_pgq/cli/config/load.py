@@ -141,6 +141,7 @@ def load_config(
         keep_lag=r.interval("pgq_keep_lag"),
         batch_target_events=r.count("batch_target_events") or DEFAULT_BATCH_TARGET_EVENTS,
         batch_target_seconds=r.seconds("batch_target_seconds", None) or DEFAULT_BATCH_TARGET_SECONDS,
+        max_events_per_second=r.rate("max_events_per_second"),
         force_tick=r.boolean("force_tick"),
         run_ticker=r.boolean("run_ticker"),
         keep_event_id=r.boolean("keep_event_id"),

@@ -26,7 +26,7 @@ KNOWN_KEYS = frozenset(
         "job_name", "pgq_consumer_id", "pidfile", "logfile", "loop_delay", "connection_lifetime",
         "exception_sleep", "subconsumer", "max_batches", "max_events", "max_runtime",
         "min_batch_events", "min_batch_interval", "force_tick", "run_ticker", "keep_event_id",
-        "batch_target_events", "batch_target_seconds",
+        "batch_target_events", "batch_target_seconds", "max_events_per_second",
         "register_consumer", "register_at", "install_pgq_ext",
         "connect_timeout", "network_timeout", "statement_timeout", "lock_timeout",
         # skytools 3 BaseConsumer keys with a meaning here
@@ -101,6 +101,8 @@ class MoverConfig:
     #: Catching up, batches of about this many events / seconds (see MoverOptions).
     batch_target_events: int = DEFAULT_BATCH_TARGET_EVENTS
     batch_target_seconds: float = DEFAULT_BATCH_TARGET_SECONDS
+    #: catching up, at most this many events a second on average (see MoverOptions)
+    max_events_per_second: float | None = None
     force_tick: bool = False
     run_ticker: bool = False
     keep_event_id: bool = False
@@ -158,6 +160,7 @@ class MoverConfig:
             keep_lag=dt.timedelta(seconds=self.keep_lag) if self.keep_lag is not None else None,
             batch_target_events=self.batch_target_events,
             batch_target_seconds=self.batch_target_seconds,
+            max_events_per_second=self.max_events_per_second,
         )
 
     def timeouts(self) -> Timeouts:

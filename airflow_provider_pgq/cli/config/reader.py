@@ -89,6 +89,13 @@ class Reader:
             raise self.error(key, f"must be at most {maximum:g} seconds, got {value:g}")
         return value
 
+    def rate(self, key: str) -> float | None:
+        """A finite number of events a second above zero; empty or missing: None."""
+        value = self.optional(key, float, "a number of events a second")
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise self.error(key, f"must be a finite number of events a second above 0, got {value!r}")
+        return value
+
     def count(self, key: str, maximum: int | None = None, zero_is_none: bool = False) -> int | None:
         value = self.optional(key, int, "a whole number")
         if value == 0 and zero_is_none:  # skytools: 0 disables

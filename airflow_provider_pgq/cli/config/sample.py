@@ -43,6 +43,8 @@ dst_queue_name = target_queue
 ; (1: one tick a batch, as the classic tool)
 ;batch_target_events = 200000
 ;batch_target_seconds = 10
+; catching up, at most this many events a second on average (spares a busy OLTP source)
+;max_events_per_second =
 ;max_batches =
 ;max_events =
 ;max_runtime =
