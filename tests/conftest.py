@@ -164,11 +164,8 @@ def cluster() -> Iterator[ThrowawayCluster]:
 def bouncer(cluster: ThrowawayCluster) -> Iterator[PgBouncer]:
     """A real PgBouncer in transaction pooling in front of the cluster: two server
     sessions per database and login, used round robin."""
-    b = PgBouncer(cluster, "transaction", pool_size=2).start()
-    try:
+    with PgBouncer(cluster, "transaction", pool_size=2) as b:
         yield b
-    finally:
-        b.remove()
 
 
 @pytest.fixture

@@ -159,11 +159,8 @@ def any_pool(request: pytest.FixtureRequest, bouncer: PgBouncer, source: Server)
     if request.param == "transaction":
         yield bouncer
         return
-    own = PgBouncer(source.cluster, "session", pool_size=bouncer.pool_size, reset_query="").start()
-    try:
+    with PgBouncer(source.cluster, "session", pool_size=bouncer.pool_size, reset_query="") as own:
         yield own
-    finally:
-        own.remove()
 
 
 def test_no_setting_of_ours_is_left_on_a_pooled_server_session(

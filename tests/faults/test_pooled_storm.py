@@ -21,15 +21,14 @@ POOLED_FAULTS = 20
 def test_pooled_fault_storm_loses_and_doubles_nothing(storm_source: Database, storm_target: Database) -> None:
     seed = int(os.environ.get("PGQ_FAULT_SEED", "20260101"))
     # four server sessions per database and login: three racing movers, each holding both sides
-    bouncer = PgBouncer(storm_target.cluster, "transaction", pool_size=4,
-                        routes={storm_source.dbname: storm_source.cluster}).start()
-    storm = Storm(storm_source, storm_target, bouncer=bouncer)
-    try:
-        storm.setup()
-        result = storm.run(POOLED_FAULTS, seed)
-    finally:
-        storm.teardown()
-        bouncer.remove()
+    with PgBouncer(storm_target.cluster, "transaction", pool_size=4,
+                   routes={storm_source.dbname: storm_source.cluster}) as bouncer:
+        storm = Storm(storm_source, storm_target, bouncer=bouncer)
+        try:
+            storm.setup()
+            result = storm.run(POOLED_FAULTS, seed)
+        finally:
+            storm.teardown()
     print()
     print(result.table())
 

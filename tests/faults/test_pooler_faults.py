@@ -32,11 +32,8 @@ CLI = [sys.executable, "-m", "airflow_provider_pgq.cli"]
 @pytest.fixture(scope="module")
 def own_bouncer(cluster: ThrowawayCluster) -> Iterator[PgBouncer]:
     """A pooler of this module's own: its faults must not reach other tests."""
-    b = PgBouncer(cluster, "transaction", pool_size=2).start()
-    try:
+    with PgBouncer(cluster, "transaction", pool_size=2) as b:
         yield b
-    finally:
-        b.remove()
 
 
 @pytest.fixture

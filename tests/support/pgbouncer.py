@@ -118,6 +118,12 @@ class PgBouncer:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def __enter__(self) -> PgBouncer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
     def log_tail(self, n: int = 4000) -> str:
         return self.logfile.read_text(errors="replace")[-n:] if self.logfile.exists() else ""
 
