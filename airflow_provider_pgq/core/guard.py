@@ -301,7 +301,9 @@ class GuardedConnection(psycopg2.extensions.connection):
     side: "source" / "target" / "database", for messages; statement_bound: the client's
     bound of one statement (None: none); stream_bound: the longest a COPY may move no
     byte; own_statement_timeout: the session's statement_timeout is ours (so a COPY
-    may lift it for itself), not one the user chose.
+    may lift it for itself), not one the user chose. Transactions are its own (see
+    __init__): autocommit, set_session(), commit(), rollback() and `with conn:` behave
+    as psycopg2's, with BEGIN sent along with a transaction's first statement.
     """
 
     def __init__(self, dsn: str, *args: Any, **kwargs: Any) -> None:
@@ -404,7 +406,7 @@ class GuardedConnection(psycopg2.extensions.connection):
         """A named cursor is declared WITH HOLD: psycopg2 refuses one without outside its
         own transactions (the server has ours); it is closed before the commit anyway."""
         name = args[0] if args else kwargs.get("name")
-        if name is not None and len(args) < 4:
+        if name is not None and len(args) < 3:  # (name, cursor_factory, withhold, scrollable)
             kwargs.setdefault("withhold", True)
         return super().cursor(*args, **kwargs)
 
