@@ -219,8 +219,10 @@ class Runner:
                           "one batch (loop_delay < 0)" if self._one_batch() else "drain")
                 return EXIT_OK
             if report.events == 0 and report.stop_reason == "drained":
-                log.debug("idle: sleeping %gs (loop_delay)", self.config.loop_delay)
-                self._sleep(self.config.loop_delay)
+                # at most loop_delay; sooner when the next tick is due sooner
+                wait = self._ensure_connected().idle_wait(self.config.loop_delay)
+                log.debug("idle: sleeping %.2fs (loop_delay %g)", wait, self.config.loop_delay)
+                self._sleep(wait)
 
     def _single_run(self) -> bool:
         """--once, or loop_delay <= 0 (skytools: 0 works while there is work, then exits;

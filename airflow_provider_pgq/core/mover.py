@@ -46,6 +46,9 @@ COPY_PATH = "copy"
 CHUNK_PATH = "insert_event_chunk"
 
 
+#: An idle loop polls this long after the next tick is due (idle_wait).
+IDLE_POLL_MARGIN = 0.05
+
 #: pgq.next_batch_custom takes min_count as int4: a larger threshold fails inside PgQ.
 MAX_MIN_BATCH_EVENTS = 2**31 - 1
 #: Longest min_batch_interval taken: coalescing ticks for longer is a mistake, not a plan.
@@ -802,6 +805,21 @@ class QueueMover:
         if bounds.max_runtime is not None and time.monotonic() - started >= bounds.max_runtime:
             return "max_runtime"
         return ""
+
+    def idle_wait(self, loop_delay: float) -> float:
+        """How long an idle loop should sleep, at most loop_delay: until just after the
+        next tick is due at the queue's recent pace (so a poll meets the new tick, not
+        up to loop_delay after it), shortly again while a due tick is late by less than
+        one interval, and loop_delay when the pace is not known or the queue went quiet."""
+        taken = self._last_taken
+        due = taken.next_tick_in() if taken is not None and taken.batch is None else None
+        if due is None or taken is None or taken.tick_period is None:
+            return loop_delay
+        if due >= 0:
+            return min(loop_delay, due + IDLE_POLL_MARGIN)
+        if -due < taken.tick_period:  # late: the ticker may just be slow
+            return min(loop_delay, IDLE_POLL_MARGIN * 2)
+        return loop_delay
 
     def _fill_lag(self, report: MoveReport) -> None:
         taken = self._last_taken

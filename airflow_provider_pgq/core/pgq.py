@@ -271,7 +271,15 @@ select b.batch_id, b.cur_tick_id, b.prev_tick_id, b.cur_tick_time, b.prev_tick_t
        -- no batch: where the consumer stands, for the report (read only then)
        case when b.batch_id is null then (
            select array[pg_catalog.date_part('epoch', i.lag)::text, i.pending_events::text]
-             from pgq.get_consumer_info(%(queue)s::text, %(consumer)s::text) i) end
+             from pgq.get_consumer_info(%(queue)s::text, %(consumer)s::text) i) end,
+       -- and when the next tick is due: the mean interval of the last five ticks, and
+       -- how long ago the newest was
+       case when b.batch_id is null then (
+           select array[pg_catalog.date_part('epoch', (pg_catalog.max(r.tick_time) - pg_catalog.min(r.tick_time))
+                                                      / nullif(pg_catalog.count(*) - 1, 0)::float8),
+                        pg_catalog.date_part('epoch', pg_catalog.now() - pg_catalog.max(r.tick_time))]
+             from (select k.tick_time from pgq.tick k join pgq.queue q on q.queue_id = k.tick_queue
+                    where q.queue_name = %(queue)s::text order by k.tick_id desc limit 5) r) end
   from decision d
   left join lateral (
       -- the allocation takes its queue name from g, which has no row when held back
@@ -295,6 +303,16 @@ class Taken:
     held_back: bool = False
     lag_seconds: float | None = None
     pending_events: int | None = None
+    #: the queue's recent tick interval, and the age of its newest tick (seconds)
+    tick_period: float | None = None
+    newest_tick_age: float | None = None
+
+    def next_tick_in(self) -> float | None:
+        """Seconds until the next tick is due at the recent pace: negative when it is
+        late; None when the pace is not known."""
+        if self.tick_period is None or self.newest_tick_age is None:
+            return None
+        return self.tick_period - self.newest_tick_age
 
 
 def take_batch(
@@ -310,8 +328,10 @@ def take_batch(
     if batch is not None:
         return Taken(batch)
     lag, pending = row[8] if row[8] is not None else (None, None)
+    period, age = row[9] if row[9] is not None else (None, None)
     return Taken(None, bool(row[7]), float(lag) if lag is not None else None,
-                 int(pending) if pending is not None else None)
+                 int(pending) if pending is not None else None,
+                 float(period) if period is not None else None, float(age) if age is not None else None)
 
 
 def events_up_to_last_tick(conn: Connection, queue: str, consumer: str) -> int:
