@@ -362,7 +362,8 @@ class QueueMover:
 
     def prepare(self) -> None:
         """Checks both sides once, before any batch is taken; writes nothing but
-        pgq_ext (when install_pgq_ext) and the registration (when register_consumer)."""
+        pgq_ext (when install_pgq_ext; the tracking key's row, which makes a new key this
+        login's) and the registration (when register_consumer)."""
         o = self.options
         try:
             pgq.require_pgq(self.source, "source")
@@ -378,6 +379,9 @@ class QueueMover:
             self.target.rollback()
             pgq_ext.require(self.target, install_if_missing=o.install_pgq_ext)
             self.target.rollback()
+            # A key of another role is refused here; the key's rows exist committed
+            # afterwards, so that a mover waiting for its lock can name the holder.
+            pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer)
             if o.keep_event_id:  # refused early when the target queue has another writer
                 kept_ids.check(self.target, o.consumer, o.subconsumer, o.target_queue, o.key)
                 self.target.rollback()

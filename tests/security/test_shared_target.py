@@ -1,0 +1,352 @@
+"""A central target shared by many teams (issue 21), attacked for real.
+
+Two teams move their own source queue into one target queue, each with least-privilege
+logins the test creates: a source login in pgq_reader and a target login in pgq_mover
+(no pgq_admin). Team B attacks team A's tracking key; a login with no PgQ role at all
+tries to stall team A's mover. After each attack both teams move on, and the target
+holds every event of each team exactly once; no attacker became superuser and a
+producer was never blocked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg2
+import pytest
+from psycopg2.extensions import connection as Connection
+
+from airflow_provider_pgq.core import pgq_ext
+from airflow_provider_pgq.core.connect import connect
+from airflow_provider_pgq.core.errors import KeyLocked
+from airflow_provider_pgq.core.guard import Timeouts
+from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
+from tests.helpers import (
+    Login,
+    Server,
+    create_login,
+    create_queue,
+    mark_of,
+    produce,
+    queue_events,
+    register,
+    simple_events,
+    tick,
+)
+from tests.support.cluster import ThrowawayCluster
+
+#: Short lock waits: a stalled mover shows within a second.
+TIMEOUTS = Timeouts(connect_timeout=5, network_timeout=10, statement_timeout=20, lock_timeout=1)
+
+
+@dataclass
+class Team:
+    name: str
+    consumer: str
+    source: Server
+    reader: Login  # source login: pgq_reader only
+    mover: Login  # target login: pgq_mover only
+    produced: int = 0
+
+    def produce(self, n: int) -> int:
+        """n more events on the team's source queue, and a tick."""
+        produce(self.source, "src_q", simple_events(n, start=self.produced, prefix=self.name))
+        self.produced += n
+        return tick(self.source, "src_q")
+
+    def move(self, target: Server, target_queue: str = "dst_q", **options: object) -> MoveReport:
+        s = connect(self.reader.dsn(self.source), application_name=f"team-{self.name}", timeouts=TIMEOUTS,
+                    side="source")
+        t = connect(self.mover.dsn(target), application_name=f"team-{self.name}", timeouts=TIMEOUTS,
+                    side="target")
+        try:
+            opts = MoverOptions("src_q", target_queue, self.consumer, **options)  # type: ignore[arg-type]
+            return QueueMover(s, t, opts).drain()
+        finally:
+            s.close()
+            t.close()
+
+    def session(self, target: Server) -> Connection:
+        """A plain session of the team's target login (what a hostile member would use)."""
+        return self.mover.raw(target)
+
+
+@pytest.fixture
+def teams(cluster: ThrowawayCluster, make_db: Callable[..., Server], target: Server) -> Iterator[tuple[Team, Team]]:
+    made = []
+    for name, consumer in (("a", "m1"), ("b", "m2")):
+        source = make_db(queue="src_q")
+        register(source, "src_q", consumer)
+        team = Team(name, consumer, source, create_login(cluster, f"reader_{name}", in_role="pgq_reader"),
+                    create_login(cluster, f"mover_{name}", in_role="pgq_mover"))
+        made.append(team)
+    a, b = made
+    yield a, b
+
+
+@pytest.fixture
+def nobody(cluster: ThrowawayCluster) -> Login:
+    """A login with no PgQ role at all."""
+    return create_login(cluster, "nobody")
+
+
+def call(conn: Connection, query: str, params: tuple[object, ...] = ()) -> object:
+    """One statement in its own transaction, as an attacker's session sends it."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params or None)
+            row = cur.fetchone() if cur.description else None
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return None if row is None else row[0]
+
+
+def denied(conn: Connection, query: str, params: tuple[object, ...] = ()) -> str:
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege) as info:
+        call(conn, query, params)
+    return str(info.value)
+
+
+def team_events(target: Server, team: Team, queue: str = "dst_q") -> Counter[tuple[object, ...]]:
+    return Counter({ev: n for ev, n in queue_events(target, queue).items() if str(ev[0]).startswith(f"{team.name}.")})
+
+
+def assert_each_event_once(target: Server, *teams: Team, queue: str = "dst_q") -> None:
+    for team in teams:
+        assert team_events(target, team, queue) == queue_events(team.source, "src_q"), team.name
+        assert sum(team_events(target, team, queue).values()) == team.produced, team.name
+
+
+def assert_nobody_superuser(target: Server, *logins: Login) -> None:
+    for login in logins:
+        assert target.execute("select rolsuper from pg_roles where rolname = %s", (login.name,)) == [(False,)]
+
+
+def assert_producer_not_blocked(cluster: ThrowawayCluster, target: Server, queue: str = "dst_q") -> None:
+    producer = create_login(cluster, "producer", in_role="pgq_writer")
+    conn = producer.raw(target)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("set statement_timeout = '3s'")
+            cur.execute("select pgq.insert_event(%s, 'producer.type', 'still writes')", (queue,))
+            assert cur.fetchone()[0] > 0  # type: ignore[index]
+        conn.rollback()  # the teams' counts stay exact
+    finally:
+        conn.close()
+
+
+# -- item 1: any pgq_mover member acted on every key ----------------------------------------
+
+
+def test_another_team_cannot_move_clear_bind_or_unbind_a_key(
+    cluster: ThrowawayCluster, target: Server, teams: tuple[Team, Team]
+) -> None:
+    """Team B's login, a pgq_mover member as A's, moves A's mark to the end of A's next
+    batch (the review's attack: A's next run took it for applied and it never reached the
+    target), clears it, unbinds and rebinds A's key: each is refused, naming A's role."""
+    a, b = teams
+    a.produce(5)
+    b.produce(4)
+    assert a.move(target).events == 5
+    assert b.move(target).events == 4
+    mark = mark_of(target, a.consumer)
+    assert mark is not None
+    next_tick = a.produce(6)  # A's next batch is ticks mark..next_tick
+
+    attacker = b.session(target)
+    try:
+        for query, params in (
+            ("select pgq_ext.set_last_tick('m1', '', %s)", (next_tick,)),
+            ("select pgq_ext.set_last_tick('m1', %s)", (next_tick,)),
+            ("select pgq_ext.set_last_tick('m1', '', null)", ()),
+            ("select pgq_ext.unbind_source('m1', '')", ()),
+            ("select pgq_ext.bind_source('m1', '', 'sys', 'db', 'q')", ()),
+            ("select pgq_ext.set_batch_done('m1', '', 99)", ()),
+            ("select pgq_ext.set_event_done('m1', '', 99, 1)", ()),
+            ("select * from pgq_ext.begin_batch('m1', '', 'sys', 'db', 'q')", ()),
+            ("select pgq_ext.lock_key('m1', '')", ()),
+            # a new subconsumer of A's consumer name would share A's bind lock
+            ("select pgq_ext.set_last_tick('m1', 'mine', 1)", ()),
+        ):
+            message = denied(attacker, query, params)
+            assert "m1" in message and a.mover.name in message, (query, message)
+        # B's own key is B's to write
+        assert call(attacker, "select pgq_ext.set_last_tick('m2', '', %s)", (mark_of(target, "m2"),)) == 1
+    finally:
+        attacker.close()
+    assert mark_of(target, a.consumer) == mark
+
+    b.produce(3)
+    assert a.move(target).events == 6
+    assert b.move(target).events == 3
+    assert_each_event_once(target, a, b)
+    assert_nobody_superuser(target, a.mover, b.mover)
+    assert_producer_not_blocked(cluster, target)
+
+
+def test_another_team_cannot_poison_or_release_a_queues_kept_ids(
+    cluster: ThrowawayCluster, target: Server, teams: tuple[Team, Team]
+) -> None:
+    """B claims an empty queue of A's for kept ids with B's own key and moves its id
+    sequence to the end (every later insert_event into it failed for good); B releases
+    and takes over the kept-id claim of A's queue. Each refused; A's kept ids go on."""
+    a, b = teams
+    for queue in ("a_plain", "a_kept"):
+        create_queue(target, queue)
+    a.produce(5)
+    assert a.move(target, target_queue="a_kept", keep_event_id=True).events == 5
+
+    attacker = b.session(target)
+    try:
+        with attacker.cursor() as cur:
+            cur.execute("select pgq_ext.kept_ids_claim('m2', '', 'a_plain')")
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege) as info:
+                cur.execute("select pgq_ext.kept_ids_commit('m2', '', 'a_plain', 9223372036854775807)")
+        attacker.rollback()
+        assert "a_plain" in str(info.value) and "9223372036854775807" in str(info.value)
+        message = denied(attacker, "select pgq_ext.kept_ids_release('a_kept')")
+        assert "a_kept" in message and a.mover.name in message
+        message = denied(attacker, "select pgq_ext.kept_ids_claim('m1', '', 'a_kept')")
+        assert a.mover.name in message
+    finally:
+        attacker.close()
+    assert target.execute("select count(*) from pgq_ext.kept_event_ids where target_queue = 'a_kept'") == [(1,)]
+    assert target.execute("select pgq.insert_event('a_plain', 'local', 'still works')")[0][0] < 2**40
+
+    a.produce(4)
+    assert a.move(target, target_queue="a_kept", keep_event_id=True).events == 4
+    assert queue_events(target, "a_kept", with_ids=True) == queue_events(a.source, "src_q", with_ids=True)
+    assert_nobody_superuser(target, a.mover, b.mover)
+    assert_producer_not_blocked(cluster, target, "a_plain")
+
+
+def test_an_admin_assigns_a_classic_mark_which_stays_writable_until_then(
+    target: Server, teams: tuple[Team, Team]
+) -> None:
+    """Marks that install took over (here: rows of a classic consumer) have no owner: any
+    pgq_mover member may write them, as before the upgrade, until an admin assigns them."""
+    a, b = teams
+    target.execute("insert into pgq_ext.completed_tick (consumer_id, subconsumer_id, last_tick_id)"
+                   " values ('classic_c', '', 5)")
+    conn = target.connect()
+    try:
+        pgq_ext.install(conn)
+    finally:
+        conn.close()
+    attacker = b.session(target)
+    owner = a.session(target)
+    try:
+        assert call(attacker, "select pgq_ext.set_last_tick('classic_c', '', 6)") == 1  # as today
+        assert target.execute("select owner_role from pgq_ext.tracking_key where consumer_id = 'classic_c'") == [
+            (None,)]
+        # only an admin assigns: neither team may take the key for itself
+        denied(owner, "select pgq_ext.assign_key('classic_c', '', %s)", (a.mover.name,))
+        target.execute("select pgq_ext.assign_key('classic_c', '', %s)", (a.mover.name,))
+        assert a.mover.name in denied(attacker, "select pgq_ext.set_last_tick('classic_c', '', 7)")
+        assert call(owner, "select pgq_ext.set_last_tick('classic_c', '', 7)") == 1
+    finally:
+        attacker.close()
+        owner.close()
+    assert mark_of(target, "classic_c") == 7
+
+
+# -- item 2: any login stalled any mover -----------------------------------------------------
+
+
+def test_a_login_without_pgq_roles_cannot_stall_a_mover(
+    cluster: ThrowawayCluster, target: Server, teams: tuple[Team, Team], nobody: Login
+) -> None:
+    """The tracking key's lock was an advisory lock derived from the consumer name: a
+    login with no PgQ role held it (and the bind lock) and every run of m1 failed with
+    KeyLocked after lock_timeout. Now the lock is a row of pgq_ext nobody else may lock."""
+    a, b = teams
+    a.produce(5)
+    assert a.move(target).events == 5
+    attacker = nobody.raw(target)
+    member = b.session(target)
+    try:
+        with attacker.cursor() as cur:
+            cur.execute("select pg_advisory_lock(hashtextextended(concat('pgq_ext:', 'm1', chr(1), ''), 0))")
+            cur.execute("select pg_advisory_lock(hashtextextended('pgq_ext bind:' || 'm1', 0))")
+        attacker.commit()  # session-level advisory locks stay
+        a.produce(3)
+        assert a.move(target).events == 3  # not KeyLocked
+
+        for attack in (
+            "select 1 from pgq_ext.tracking_key for update",
+            "select 1 from pgq_ext.tracking_key for key share",
+            "lock table pgq_ext.tracking_key in share mode",
+            "select 1 from pgq_ext.tracking_consumer for share",
+            "lock table pgq_ext.tracking_consumer in exclusive mode",
+        ):
+            denied(attacker, attack)
+        with attacker.cursor() as cur:  # what it may do, reading the keys, blocks nothing
+            cur.execute("lock table pgq_ext.tracking_key, pgq_ext.tracking_consumer in access share mode")
+        # neither may another team's member lock A's key through pgq_ext
+        for attack in ("select pgq_ext.lock_key('m1', '')",
+                       "select * from pgq_ext.begin_batch('m1', '', 'x', 'y', 'z')"):
+            denied(member, attack)
+        with member.cursor() as cur:
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cur.execute("select pgq_ext.lock_key('m1', '')")
+            # refused before any lock: the failed transaction holds none on pgq_ext's rows
+            assert target.execute("select count(*) from pg_locks where pid = %s and locktype <> 'virtualxid'"
+                                  " and not (locktype = 'relation' and mode = 'AccessShareLock')",
+                                  (member.get_backend_pid(),)) == [(0,)]
+        member.rollback()
+
+        a.produce(4)
+        assert a.move(target).events == 4
+    finally:
+        attacker.close()
+        member.close()
+    assert_each_event_once(target, a)
+    assert_nobody_superuser(target, nobody, b.mover)
+    assert_producer_not_blocked(cluster, target)
+
+
+def test_key_locked_names_the_holding_role_and_pid(target: Server, teams: tuple[Team, Team]) -> None:
+    a, _ = teams
+    a.produce(5)
+    holder = connect(a.mover.dsn(target), application_name="a-holder")
+    try:
+        pgq_ext.lock_key(holder, a.consumer, "")
+        with pytest.raises(KeyLocked) as info:
+            a.move(target)
+        message = str(info.value)
+        pid = holder.get_backend_pid()
+        assert info.value.holder_pid == pid
+        assert f"pg_terminate_backend({pid})" in message
+        assert f"role {a.mover.name!r}" in message and "'a-holder'" in message, message
+    finally:
+        holder.rollback()
+        holder.close()
+    assert a.move(target).events == 5
+    assert_each_event_once(target, a)
+
+
+def test_a_held_bind_lock_is_named_not_called_let_go(target: Server, teams: tuple[Team, Team]) -> None:
+    """Another key of the same consumer holds the consumer's bind lock (a second source
+    being bound): the mover's KeyLocked names that session, the bind lock and its role,
+    where it said 'its holder has let go since' while the lock was still held."""
+    a, _ = teams
+    a.produce(5)
+    holder = connect(a.mover.dsn(target), application_name="a-binder")
+    try:
+        assert pgq_ext.bind_source(holder, a.consumer, "second", "sys", "db", "other_q") is None
+        with pytest.raises(KeyLocked) as info:
+            a.move(target)
+        message = str(info.value)
+        pid = holder.get_backend_pid()
+        assert "let go" not in message, message
+        assert info.value.holder_pid == pid and f"pg_terminate_backend({pid})" in message
+        assert "bind" in message and f"role {a.mover.name!r}" in message, message
+    finally:
+        holder.rollback()
+        holder.close()
+    assert a.move(target).events == 5
+    assert_each_event_once(target, a)
