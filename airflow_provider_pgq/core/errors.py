@@ -45,6 +45,11 @@ class PgqExtUntrusted(PgqError):
     """pgq_ext (or the mover role) is controlled by a role we do not trust: never adopted."""
 
 
+class EventTablesUntrusted(PgqError):
+    """The target queue's event tables are not as PgQ makes them (another owner, another
+    schema, triggers or rules): code of whoever made them so would run as the writer."""
+
+
 class TickNotFound(PgqError):
     """A tick the consumer should be moved to is gone (rotated away)."""
 

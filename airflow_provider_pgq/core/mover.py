@@ -370,6 +370,7 @@ class QueueMover:
             pgq.require_queue(self.source, o.source_queue, "source")
             pgq.require_pgq(self.target, "target")
             pgq.require_queue(self.target, o.target_queue, "target")
+            pgq.require_own_event_tables(self.target, o.target_queue)
             self._refuse_same_queue()
             if pgq.get_queue_info(self.target, o.target_queue).disable_insert:
                 raise QueueDisabled(
@@ -379,9 +380,6 @@ class QueueMover:
             self.target.rollback()
             pgq_ext.require(self.target, install_if_missing=o.install_pgq_ext)
             self.target.rollback()
-            # A key of another role is refused here; the key's rows exist committed
-            # afterwards, so that a mover waiting for its lock can name the holder.
-            pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer)
             if o.keep_event_id:  # refused early when the target queue has another writer
                 kept_ids.check(self.target, o.consumer, o.subconsumer, o.target_queue, o.key)
                 self.target.rollback()
@@ -389,6 +387,9 @@ class QueueMover:
             # a consumer behind that holds back the source's event-table rotation.
             self.write_path = self._choose_write_path()
             self.target.rollback()
+            # A key of another role is refused here; the key's rows exist committed
+            # afterwards, so that a mover waiting for its lock can name the holder.
+            pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer)
             self.ensure_registered()
             self._source_identity = self._identify_source()
             self.source.rollback()

@@ -32,8 +32,13 @@ WRITE_FUNCTIONS = (
     "set_last_tick", "set_batch_done", "set_event_done", "bind_source", "unbind_source",
     "insert_event_chunk", "kept_ids_claim", "kept_ids_commit", "kept_ids_release",
     "stage_events", "insert_staged_events", "_require_own_staging", "_require_kept_ids_claim", "begin_batch",
-    "lock_key", "ensure_key",
+    "lock_key", "ensure_key", "kept_ids_refusal",
 )
+
+#: Functions open to PUBLIC before mover schema 5 that are the mover's since: reading
+#: kept_ids_refusal locks the queue's event tables (PgQ then skips their rotation).
+#: The upgrade to 5 moves their EXECUTE from PUBLIC to MOVER_ROLE, once.
+MOVED_TO_MOVER_IN_5 = ("kept_ids_refusal",)
 
 #: EXECUTE revoked from PUBLIC and granted to nobody: assign_key (it checks for an admin
 #: itself) and the helpers the SECURITY DEFINER functions call as their owner.
@@ -45,7 +50,7 @@ PRIVATE_FUNCTIONS = (
 #: dropped once when install first takes it over (their argument names may differ).
 OUR_FUNCTIONS = WRITE_FUNCTIONS + PRIVATE_FUNCTIONS + (
     "get_last_tick", "is_batch_done", "is_event_done", "version", "mover_schema_version",
-    "kept_ids_seq_position", "kept_ids_refusal",
+    "kept_ids_seq_position",
 )
 
 _INSTALL_LOCK = "airflow_provider_pgq:pgq_ext install"
@@ -246,6 +251,18 @@ def _move_writer_grants(conn: Connection, objects: dict[str, str]) -> list[str]:
     return moved
 
 
+def _move_public_grants(conn: Connection, objects: dict[str, str], names: tuple[str, ...]) -> list[str]:
+    """EXECUTE on these functions from PUBLIC to the mover role (an upgrade's one change)."""
+    moved = []
+    for name, kind in objects.items():
+        if kind != "function" or _function_name(name) not in names:
+            continue
+        _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
+        _execute_formatted(conn, "grant execute on function %s to %I", name, "pg_catalog.regprocedure", MOVER_ROLE)
+        moved.append(f"{name} from public to {MOVER_ROLE}")
+    return moved
+
+
 def install(conn: Connection) -> InstallReport:
     """Installs or upgrades pgq_ext in one transaction and commits; marks are kept.
 
@@ -279,6 +296,9 @@ def install(conn: Connection) -> InstallReport:
             report.granted += _default_rights(conn, name, after[name])
         if previous is not None and previous < 3:
             report.granted += _move_writer_grants(conn, after)
+        if previous is not None and previous < 5:
+            report.granted += _move_public_grants(
+                conn, {n: k for n, k in after.items() if n not in report.created}, MOVED_TO_MOVER_IN_5)
         conn.commit()
     except BaseException:
         conn.rollback()

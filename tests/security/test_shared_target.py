@@ -20,7 +20,7 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.core.errors import KeyLocked
+from airflow_provider_pgq.core.errors import KeyLocked, PgqError
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
 from tests.helpers import (
@@ -350,3 +350,179 @@ def test_a_held_bind_lock_is_named_not_called_let_go(target: Server, teams: tupl
         holder.close()
     assert a.move(target).events == 5
     assert_each_event_once(target, a)
+
+
+# -- item 3: locks on PgQ's event tables through a PUBLIC function ---------------------------
+
+
+def _event_table_locks(target: Server, conn: Connection) -> list[tuple[object, ...]]:
+    return target.execute(
+        "select l.relation::regclass::text, l.mode from pg_locks l join pg_class c on c.oid = l.relation"
+        " where l.pid = %s and l.locktype = 'relation' and c.relnamespace = 'pgq'::regnamespace"
+        " and c.relkind = 'r' and c.relname ~ '^event_'", (conn.get_backend_pid(),))
+
+
+def test_a_login_without_pgq_roles_cannot_lock_event_tables_through_pgq_ext(
+    cluster: ThrowawayCluster, target: Server, nobody: Login
+) -> None:
+    """kept_ids_refusal, open to PUBLIC, read the queue's event tables: a login with no
+    PgQ role held ACCESS SHARE on all of them for as long as it liked (PgQ then skips
+    their rotation). No function of pgq_ext that PUBLIC may call touches them now."""
+    conn = nobody.raw(target)
+    try:
+        with conn.cursor() as cur:
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cur.execute("select pgq_ext.kept_ids_refusal('x', '', 'dst_q')")
+            assert _event_table_locks(target, conn) == []
+        conn.rollback()
+        with conn.cursor() as cur:  # what stays open to all reads no event table
+            cur.execute("select pgq_ext.kept_ids_seq_position('dst_q'), pgq_ext.get_last_tick('x', '')")
+            assert _event_table_locks(target, conn) == []
+        conn.rollback()
+    finally:
+        conn.close()
+    assert_producer_not_blocked(cluster, target)
+
+
+# -- item 5: names read from pgq.queue -------------------------------------------------------
+
+EVIL = """
+create schema {schema};
+create function {schema}.evil() returns boolean language plpgsql as $$
+begin
+    if exists (select 1 from pg_catalog.pg_roles where rolname = current_user and rolsuper) then
+        execute pg_catalog.format('alter role %I superuser', {attacker});
+    end if;
+    return true;
+end $$;
+create view {schema}.ev as select 1::bigint as ev_id, 1::bigint as ev_txid where {schema}.evil();
+create view {schema}.ev_0 as select * from {schema}.ev;
+create view {schema}.seq as select 1::bigint as last_value, true as is_called where {schema}.evil();
+grant usage on schema {schema} to public;
+grant select on {schema}.ev, {schema}.ev_0, {schema}.seq to public;
+"""
+
+
+def test_names_in_pgq_queue_are_resolved_to_pgq_own_relations(
+    cluster: ThrowawayCluster, target: Server, teams: tuple[Team, Team], nobody: Login
+) -> None:
+    """A pgq_admin member points a queue's table prefix and id sequence at views of its
+    own whose function makes it superuser when a superuser reads them; pgq_ext's
+    functions ran SQL on those names as their owner (a login with no PgQ role triggered
+    it through the PUBLIC readers). They refuse such names now, before reading."""
+    from psycopg2 import sql
+
+    a, b = teams
+    create_queue(target, "victim_q")
+    admin = create_login(cluster, "qadmin", in_role="pgq_admin")
+    cluster.execute("postgres", sql.SQL("grant create on database {} to {}").format(
+        sql.Identifier(target.dbname), sql.Identifier(admin.name)))
+    schema = f"s_{admin.name}"
+    conn = admin.raw(target)
+    try:
+        call(conn, EVIL.format(schema=schema, attacker=sql.Literal(admin.name).as_string(conn)))
+        call(conn, "update pgq.queue set queue_data_pfx = %s, queue_event_seq = %s where queue_name = 'victim_q'",
+             (f"{schema}.ev", f"{schema}.seq"))
+    finally:
+        conn.close()
+    caller = nobody.raw(target)
+    member = b.session(target)
+    try:
+        for session, query in (
+            (caller, "select pgq_ext.kept_ids_seq_position('victim_q')"),
+            (member, "select pgq_ext.kept_ids_seq_position('victim_q')"),
+            (member, "select pgq_ext.kept_ids_refusal('m2', '', 'victim_q')"),
+            (member, "select pgq_ext.kept_ids_claim('m2', '', 'victim_q')"),
+            (member, "select pgq_ext.insert_event_chunk('victim_q', array['t'], array['d'], array[null]::text[],"
+                     " array[null]::text[], array[null]::text[], array[null]::text[], array[now()], null)"),
+        ):
+            try:
+                with pytest.raises(psycopg2.errors.InsufficientPrivilege) as info:
+                    call(session, query)
+            finally:
+                assert not _is_superuser(target, admin.name), query
+            assert "'victim_q'" in str(info.value) and "PgQ's own relations" in str(info.value), (query, info.value)
+        try:
+            call(caller, "select pgq_ext.kept_ids_refusal('x', '', 'victim_q')")
+        except psycopg2.errors.InsufficientPrivilege:
+            pass
+        assert not _is_superuser(target, admin.name)
+    finally:
+        caller.close()
+        member.close()
+    assert_nobody_superuser(target, admin, nobody, b.mover)
+
+
+def _is_superuser(server: Server, role: str) -> bool:
+    return bool(server.execute("select rolsuper from pg_roles where rolname = %s", (role,))[0][0])
+
+
+# -- item 4: code of an event table's owner ran as pgq_ext's owner ---------------------------
+
+TRIGGER = """
+create function {fn}() returns trigger language plpgsql as $$
+begin
+    if exists (select 1 from pg_catalog.pg_roles where rolname = current_user and rolsuper) then
+        execute pg_catalog.format('alter role %I superuser', {attacker});
+    end if;
+    return new;
+end $$;
+"""
+
+
+def _event_tables(target: Server, queue: str) -> list[str]:
+    return [r[0] for r in target.execute(
+        "select c.oid::regclass::text from pg_class c join pgq.queue q on c.oid = q.queue_data_pfx::regclass"
+        " or c.oid in (select inhrelid from pg_inherits where inhparent = q.queue_data_pfx::regclass)"
+        " where q.queue_name = %s order by 1", (queue,))]
+
+
+@pytest.mark.parametrize("path", ["staged", "copy"])
+def test_event_tables_with_a_foreign_owner_or_trigger_are_not_written(
+    cluster: ThrowawayCluster, target: Server, teams: tuple[Team, Team], path: str
+) -> None:
+    """The target queue's event tables given to an ordinary role (ALTER TABLE ... OWNER):
+    its trigger ran as the installing superuser on the staged path and made it superuser.
+    A trigger on PgQ's own event tables by a role granted TRIGGER, the same. Both are
+    refused with one error naming the queue and the table, nothing written; on the COPY
+    path too (a mover with pgq_admin), where the trigger would run as the mover."""
+    from psycopg2 import sql
+
+    a, b = teams
+    if path == "copy":
+        cluster.execute("postgres", sql.SQL("grant pgq_admin to {}").format(sql.Identifier(a.mover.name)))
+    for queue, kind in (("owned_q", "owner"), ("trig_q", "trigger")):
+        create_queue(target, queue)
+        role = create_login(cluster, f"q{kind}")
+        fn = f"public.f_{role.name}"
+        target.execute(sql.SQL("grant create on schema public to {}").format(sql.Identifier(role.name)))
+        for table in _event_tables(target, queue):
+            if kind == "owner":
+                target.execute(sql.SQL("alter table {} owner to {}").format(sql.SQL(table), sql.Identifier(role.name)))
+            else:
+                target.execute(sql.SQL("grant trigger on {} to {}").format(sql.SQL(table), sql.Identifier(role.name)))
+        conn = role.raw(target)
+        try:
+            call(conn, TRIGGER.format(fn=fn, attacker=sql.Literal(role.name).as_string(conn)))
+            for table in _event_tables(target, queue):
+                call(conn, f"create trigger t before insert on {table} for each row execute function {fn}()")
+        finally:
+            conn.close()
+        before = queue_events(a.source, "src_q")
+        a.produce(3)
+        refused: Exception | None = None
+        try:
+            a.move(target, target_queue=queue)
+        except (psycopg2.Error, PgqError) as exc:
+            refused = exc
+        assert not _is_superuser(target, role.name), f"{kind}: the role's trigger ran as a superuser"
+        assert refused is not None, f"{kind}: written into event tables PgQ did not make so"
+        message = str(refused)
+        assert queue in message and ("triggers" in message or role.name in message), message
+        assert not queue_events(target, queue)
+        # the batch stays on the source: it moves once the queue is PgQ's own again
+        target.execute("select pgq.drop_queue(%s, true)", (queue,))
+        create_queue(target, queue)
+        assert a.move(target, target_queue=queue).events == 3
+        assert queue_events(target, queue) == queue_events(a.source, "src_q") - before
+    assert_producer_not_blocked(cluster, target)

@@ -359,7 +359,7 @@ create or replace function pgq_ext.insert_event_chunk(
 returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
-    tbl text;
+    tbl pg_catalog.regclass;
     n bigint;
 begin
     if a_id is not null then
@@ -367,16 +367,16 @@ begin
     end if;
     -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
     perform pg_catalog.txid_current();
-    tbl := pgq.current_event_table(a_queue);
+    tbl := pgq_ext._queue_relation(a_queue, 'current');
     if a_id is null then
         execute pg_catalog.format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
                        ' ev_extra4, ev_time) select * from unnest($1, $2, $3, $4, $5, $6, $7)',
-                       pgq.quote_fqname(tbl))
+                       tbl)
           using a_type, a_data, a_extra1, a_extra2, a_extra3, a_extra4, a_time;
     else
         execute pg_catalog.format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
                        ' ev_extra4, ev_time, ev_id) select * from unnest($1, $2, $3, $4, $5,'
-                       ' $6, $7, $8)', pgq.quote_fqname(tbl))
+                       ' $6, $7, $8)', tbl)
           using a_type, a_data, a_extra1, a_extra2, a_extra3, a_extra4, a_time, a_id;
     end if;
     get diagnostics n = row_count;
@@ -473,7 +473,7 @@ begin
     perform pg_catalog.txid_current();
     execute pg_catalog.format('insert into %s (%s) select %s from only pg_temp.pgq_mover_rows'
                    ' where ord > $1 order by ord',
-                   pgq.quote_fqname(pgq.current_event_table(a_queue)), cols, cols)
+                   pgq_ext._queue_relation(a_queue, 'current'), cols, cols)
       using a_after_ord;
     get diagnostics n = row_count;
     return n;
@@ -502,12 +502,13 @@ declare
     seq_name text;
     pos bigint;
 begin
-    select queue_event_seq into seq_name from pgq.queue where queue_name = a_queue;
+    perform 1 from pgq.queue where queue_name = a_queue;
     if not found then
         return null;
     end if;
+    seq_name := pgq_ext._queue_relation(a_queue, 'seq');
     execute pg_catalog.format('select case when is_called then last_value else last_value - 1 end from %s',
-                   pgq.quote_fqname(seq_name))
+                   seq_name)
        into pos;
     return pos;
 end;
@@ -544,7 +545,7 @@ begin
         end if;
         return null;
     end if;
-    execute pg_catalog.format('select exists (select 1 from %s)', pgq.quote_fqname(q.queue_data_pfx))
+    execute pg_catalog.format('select exists (select 1 from %s)', pgq_ext._queue_relation(a_queue, 'data'))
        into has_events;
     if has_events then
         return pg_catalog.format('target queue %L already holds events not written with kept ids by this key:'
@@ -584,7 +585,7 @@ begin
     end if;
     perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgq_ext kept ids:' || a_queue, 0));
     execute pg_catalog.format('lock table %s in share row exclusive mode',
-                   pgq.quote_fqname(pgq.current_event_table(a_queue)));
+                   pgq_ext._queue_relation(a_queue, 'current'));
     refusal := pgq_ext.kept_ids_refusal(a_consumer, a_subconsumer, a_queue);
     if refusal is null then
         insert into pgq_ext.kept_ids_claims as c
