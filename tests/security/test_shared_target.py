@@ -526,3 +526,52 @@ def test_event_tables_with_a_foreign_owner_or_trigger_are_not_written(
         assert a.move(target, target_queue=queue).events == 3
         assert queue_events(target, queue) == queue_events(a.source, "src_q") - before
     assert_producer_not_blocked(cluster, target)
+
+
+# -- upgrading an installation of mover schema 4 in place -------------------------------------
+
+
+def test_upgrade_to_owned_keys_keeps_marks_and_grants_and_leaves_old_keys_unowned(
+    make_db: Callable[..., Server], cluster: ThrowawayCluster
+) -> None:
+    """An installation of mover schema 4 (no owners, kept_ids_refusal open to PUBLIC),
+    re-installed: its marks and an admin's grants stay, its keys are unowned (writable
+    as before until an admin assigns them), kept_ids_refusal goes to pgq_mover, and a
+    new key is its first writer's."""
+    from psycopg2 import sql
+
+    target = make_db(queue="dst_q", ext=True)
+    ops = create_login(cluster, "ops")
+    target.execute("select pgq_ext.set_last_tick('old_a', '', 11), pgq_ext.set_last_tick('old_b', 'x', 12)")
+    # what schema 4 had: no owners (its tables did not exist), the reader open to all
+    target.execute("drop table pgq_ext.tracking_key, pgq_ext.tracking_consumer")
+    target.execute("grant execute on function pgq_ext.kept_ids_refusal(text, text, text) to public")
+    target.execute(sql.SQL("grant execute on function pgq_ext.unbind_source(text, text) to {}").format(
+        sql.Identifier(ops.name)))
+    target.execute("create or replace function pgq_ext.mover_schema_version() returns integer"
+                   " language sql immutable security definer set search_path = pg_catalog, pg_temp"
+                   " as $$ select 4 $$")
+    conn = target.connect()
+    try:
+        report = pgq_ext.install(conn)
+    finally:
+        conn.close()
+    assert any("kept_ids_refusal" in g and "from public" in g for g in report.granted), report.granted
+    assert target.execute("select pgq_ext.mover_schema_version()") == [(5,)]
+    assert target.execute("select consumer_id, subconsumer_id, owner_role from pgq_ext.tracking_key"
+                          " order by 1") == [("old_a", "", None), ("old_b", "x", None)]
+    assert (mark_of(target, "old_a"), mark_of(target, "old_b", "x")) == (11, 12)
+    assert target.execute("select has_function_privilege('public', 'pgq_ext.kept_ids_refusal(text, text, text)',"
+                          " 'execute'), has_function_privilege('pgq_mover',"
+                          " 'pgq_ext.kept_ids_refusal(text, text, text)', 'execute'),"
+                          " has_function_privilege(%s, 'pgq_ext.unbind_source(text, text)', 'execute')",
+                          (ops.name,)) == [(False, True, True)]
+    mover = create_login(cluster, "upgraded", in_role="pgq_mover")
+    session = mover.raw(target)
+    try:
+        assert call(session, "select pgq_ext.set_last_tick('old_a', '', 13)") == 1  # unowned: as before
+        assert call(session, "select pgq_ext.set_last_tick('new_key', '', 1)") == 1
+    finally:
+        session.close()
+    assert target.execute("select pg_get_userbyid(owner_role) from pgq_ext.tracking_key"
+                          " where consumer_id = 'new_key'") == [(mover.name,)]
