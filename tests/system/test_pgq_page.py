@@ -136,6 +136,23 @@ def test_a_user_sees_only_the_movers_of_dags_they_may_read(system: System) -> No
     assert set(admin) - set(outsider) == {f"{HIDDEN_DAG}.move"}
 
 
+def test_a_user_who_may_not_read_the_connections_sees_neither_their_databases_nor_positions(
+    system: System,
+) -> None:
+    """The page opened every connection a readable DAG names, with that connection's
+    credentials, and showed host, port, database and positions to users the auth manager
+    does not let read connections (a viewer, under the simple auth manager)."""
+    _move_known_count(system, events=6, ticks=1)
+    admin = _rows(system, "admin")["pgq_sys_drain.move"]
+    viewer = _rows(system, "viewer")["pgq_sys_drain.move"]
+    assert admin["source"]["database"] == system.src.dbname and admin["last_tick"] is not None
+    assert viewer["source"] == {"conn_id": "pgq_sys_src", "queue": "dr"}, viewer["source"]
+    assert set(viewer["target"]) == {"conn_id", "queue"}, viewer["target"]
+    assert (viewer["last_tick"], viewer["target_mark"], viewer["pending_events"]) == (None, None, None)
+    assert any("may not read this connection" in e for e in viewer["errors"]), viewer["errors"]
+    assert system.src.dbname not in repr(viewer) and system.dst.dbname not in repr(viewer)
+
+
 def test_each_mover_task_instance_links_to_its_row(system: System) -> None:
     af = system.airflow
     run_id = af.runs("pgq_sys_drain")[-1]["dag_run_id"]
