@@ -11,7 +11,7 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import KeyLocked, PgqExtMissing, PgqExtUntrusted
+from airflow_provider_pgq.core.errors import KeyLocked, KeyNotOwned, PgqExtMissing, PgqExtUntrusted
 
 log = logging.getLogger(__name__)
 
@@ -339,10 +339,17 @@ def _idle(conn: Connection) -> bool:
 def ensure_key(conn: Connection, consumer: str, subconsumer: str) -> None:
     """Makes the tracking key (this login's when new) and its consumer's bind-lock row,
     and commits: afterwards a mover waiting for either lock can name its holder (an
-    uncommitted new row shows nobody). InsufficientPrivilege when the key, or its
-    consumer name, belongs to another role."""
-    with conn.cursor() as cur:
-        cur.execute("select pgq_ext.ensure_key(%s::text, %s::text)", (consumer, subconsumer))
+    uncommitted new row shows nobody). KeyNotOwned when the key, or its consumer name,
+    belongs to another role."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select pgq_ext.ensure_key(%s::text, %s::text)", (consumer, subconsumer))
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        _quiet_rollback(conn)
+        diag = exc.diag
+        if diag.message_hint is None:  # no refusal of ours: EXECUTE itself was denied
+            raise
+        raise KeyNotOwned(f"{diag.message_primary}. {diag.message_hint}") from exc
     conn.commit()
 
 

@@ -20,7 +20,7 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.core.errors import KeyLocked, PgqError
+from airflow_provider_pgq.core.errors import KeyLocked, KeyNotOwned, PgqError
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
 from tests.helpers import (
@@ -179,6 +179,11 @@ def test_another_team_cannot_move_clear_bind_or_unbind_a_key(
     finally:
         attacker.close()
     assert mark_of(target, a.consumer) == mark
+
+    # B's mover configured with A's consumer name is refused before anything is taken
+    with pytest.raises(KeyNotOwned) as info:
+        Team(b.name, a.consumer, b.source, b.reader, b.mover).move(target)
+    assert a.mover.name in str(info.value) and b.mover.name in str(info.value) and "assign_key" in str(info.value)
 
     b.produce(3)
     assert a.move(target).events == 6
@@ -575,3 +580,22 @@ def test_upgrade_to_owned_keys_keeps_marks_and_grants_and_leaves_old_keys_unowne
         session.close()
     assert target.execute("select pg_get_userbyid(owner_role) from pgq_ext.tracking_key"
                           " where consumer_id = 'new_key'") == [(mover.name,)]
+
+
+def test_a_login_without_pgq_roles_cannot_stall_kept_id_batches(
+    target: Server, teams: tuple[Team, Team], nobody: Login
+) -> None:
+    """kept_ids_claim serialized the kept-id writers of a queue with an advisory lock
+    derived from the queue's name, which any login may take and hold."""
+    a, _ = teams
+    create_queue(target, "a_kept")
+    attacker = nobody.raw(target)
+    try:
+        with attacker.cursor() as cur:
+            cur.execute("select pg_advisory_lock(hashtextextended('pgq_ext kept ids:' || 'a_kept', 0))")
+        attacker.commit()
+        a.produce(4)
+        assert a.move(target, target_queue="a_kept", keep_event_id=True).events == 4
+    finally:
+        attacker.close()
+    assert queue_events(target, "a_kept", with_ids=True) == queue_events(a.source, "src_q", with_ids=True)

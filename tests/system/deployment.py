@@ -219,14 +219,17 @@ class Deployment:
 
 
 def _tests_only(root: Path, home: Path) -> Path:
-    """A directory that puts the repository's ``tests`` package on the path and nothing
-    else: the repository root itself holds the editable install's egg-info, through which
-    Airflow would load this package's plugin a second time."""
+    """A directory that puts this checkout's ``tests`` and ``airflow_provider_pgq``
+    packages on the path and nothing else: the repository root itself holds the editable
+    install's egg-info, through which Airflow would load this package's plugin a second
+    time. The package is linked too, so that a deployment started from another worktree
+    than the one the editable install points at runs that worktree's code."""
     path = home / "pythonpath"
     path.mkdir(exist_ok=True)
-    link = path / "tests"
-    if not link.exists():
-        link.symlink_to(root / "tests")
+    for name in ("tests", "airflow_provider_pgq"):
+        link = path / name
+        if not link.exists():
+            link.symlink_to(root / name)
     return path
 
 

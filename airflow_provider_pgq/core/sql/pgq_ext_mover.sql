@@ -567,8 +567,15 @@ create table if not exists pgq_ext.kept_ids_claims (
     seq_at_claim      bigint  not null
 );
 
+-- One row per target queue that kept ids were claimed for: its row, locked FOR UPDATE,
+-- serializes the kept-id writers of the queue (an advisory lock anyone could hold).
+create table if not exists pgq_ext.kept_ids_queue (
+    target_queue      text    primary key
+);
+
 -- Start of a kept-id batch, in the mover's target transaction. A refusal is decided
--- before any lock is taken; otherwise it serializes kept-id writers of the queue,
+-- before any lock is taken; otherwise it serializes kept-id writers of the queue (its
+-- row in kept_ids_queue),
 -- blocks other inserts into its current event table until commit (an insert already
 -- running is waited for, and shows in the sequence), answers the refusal once more
 -- (the state may have changed during the wait) and records the claim.
@@ -583,7 +590,9 @@ begin
     if refusal is not null then
         return refusal;
     end if;
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgq_ext kept ids:' || a_queue, 0));
+    -- the queue's row in kept_ids_queue: a lock no login without pgq_mover can take
+    insert into pgq_ext.kept_ids_queue (target_queue) values (a_queue) on conflict do nothing;
+    perform 1 from pgq_ext.kept_ids_queue k where k.target_queue = a_queue for update;
     execute pg_catalog.format('lock table %s in share row exclusive mode',
                    pgq_ext._queue_relation(a_queue, 'current'));
     refusal := pgq_ext.kept_ids_refusal(a_consumer, a_subconsumer, a_queue);
