@@ -599,3 +599,38 @@ def test_a_login_without_pgq_roles_cannot_stall_kept_id_batches(
     finally:
         attacker.close()
     assert queue_events(target, "a_kept", with_ids=True) == queue_events(a.source, "src_q", with_ids=True)
+
+
+def test_the_audit_queries_of_the_docs_run_and_find_nothing_wrong(target: Server, teams: tuple[Team, Team]) -> None:
+    """Every query of docs/security.md's Audit section runs on an installation in use;
+    those that list what should not exist list nothing, and PUBLIC may call only readers."""
+    import re
+
+    from tests.helpers import ROOT
+
+    a, b = teams
+    a.produce(2)
+    b.produce(2)
+    a.move(target)
+    b.move(target)
+    text = (ROOT / "docs" / "security.md").read_text()
+    block = re.search(r"## Audit\n\n```sql\n(.*?)```", text, re.S)
+    assert block is not None
+    queries = [q.strip() for q in block.group(1).split(";\n") if q.strip()]
+    results = {}
+    for query in queries:
+        lines = [line for line in query.splitlines() if not line.startswith("--")]
+        comments = [line for line in query.splitlines() if line.startswith("--")]
+        results[" ".join(comments) or lines[0]] = target.execute("\n".join(lines))
+    assert len(results) >= 12, list(results)
+    should_be_none = {k: v for k, v in results.items() if "should be none" in k or "only an admin" in k}
+    assert len(should_be_none) == 3 and all(v == [] for v in should_be_none.values()), should_be_none
+    public = next(v for k, v in results.items() if "PUBLIC may call" in k)
+    assert {str(r[0]).split("(")[0] for r in public} == {
+        "pgq_ext.get_last_tick", "pgq_ext.is_batch_done", "pgq_ext.is_event_done", "pgq_ext.version",
+        "pgq_ext.mover_schema_version", "pgq_ext.kept_ids_seq_position"}
+    owners = next(v for k, v in results.items() if "tracking key and its owner" in k)
+    assert {(r[0], r[2]) for r in owners} == {("m1", a.mover.name), ("m2", b.mover.name)}
+    lockers = next(v for k, v in results.items() if "lock the key rows directly" in k)
+    assert all(r[0] == "pg_write_all_data" or target.execute(
+        "select rolsuper from pg_roles where rolname = %s", (r[0],))[0][0] for r in lockers), lockers
