@@ -32,7 +32,9 @@ T = TypeVar("T")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 #: The deployment's users and their SimpleAuthManager roles.
-USERS = {"admin": "admin", "viewer": "viewer", "outsider": "viewer"}
+#: operator: may read connections too (the simple auth manager's op role), as the PgQ
+#: page needs to show a mover's databases and positions.
+USERS = {"admin": "admin", "operator": "op", "viewer": "viewer", "outsider": "viewer"}
 
 
 class DeploymentError(AssertionError):

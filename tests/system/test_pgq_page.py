@@ -150,7 +150,10 @@ def test_a_user_who_may_not_read_the_connections_sees_neither_their_databases_no
     assert set(viewer["target"]) == {"conn_id", "queue"}, viewer["target"]
     assert (viewer["last_tick"], viewer["target_mark"], viewer["pending_events"]) == (None, None, None)
     assert any("may not read this connection" in e for e in viewer["errors"]), viewer["errors"]
-    assert system.src.dbname not in repr(viewer) and system.dst.dbname not in repr(viewer)
+    shown = {k: v for side in ("source", "target") for k, v in viewer[side].items() if k != "conn_id"}
+    assert set(shown) == {"queue"} and str(system.src.cluster.port) not in repr(viewer)
+    operator = _rows(system, "operator")["pgq_sys_drain.move"]  # may read connections
+    assert operator["source"]["database"] == system.src.dbname and operator["last_tick"] is not None
 
 
 def test_each_mover_task_instance_links_to_its_row(system: System) -> None:
@@ -175,8 +178,8 @@ def test_the_page_in_a_real_browser(system: System) -> None:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             # Airflow's own login form
             page.goto(f"{af.base}/auth/login")
-            page.get_by_label("Username").fill("viewer")
-            page.get_by_label("Password").fill(af.passwords["viewer"])
+            page.get_by_label("Username").fill("operator")  # may read the connections
+            page.get_by_label("Password").fill(af.passwords["operator"])
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
             # the "PgQ" entry of the navigation shows the page in a frame
