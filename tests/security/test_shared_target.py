@@ -20,7 +20,7 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.core.errors import KeyLocked, KeyNotOwned, PgqError
+from airflow_provider_pgq.core.errors import KeyLocked, PgqError
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
 from tests.helpers import (
@@ -181,6 +181,8 @@ def test_another_team_cannot_move_clear_bind_or_unbind_a_key(
     assert mark_of(target, a.consumer) == mark
 
     # B's mover configured with A's consumer name is refused before anything is taken
+    from airflow_provider_pgq.core.errors import KeyNotOwned  # new with owned keys
+
     with pytest.raises(KeyNotOwned) as info:
         Team(b.name, a.consumer, b.source, b.reader, b.mover).move(target)
     assert a.mover.name in str(info.value) and b.mover.name in str(info.value) and "assign_key" in str(info.value)
