@@ -389,7 +389,13 @@ class QueueMover:
             self.target.rollback()
             # A key of another role is refused here; the key's rows exist committed
             # afterwards, so that a mover waiting for its lock can name the holder.
-            pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer)
+            if pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer) is None:
+                log.warning(
+                    "tracking key %s on the target has no owner (pgq_ext's install took it over):"
+                    " any member of pgq_mover may move or clear it; an admin gives it to this mover's"
+                    " role with select pgq_ext.assign_key(%s, %s, <role>)",
+                    o.key, literal(o.consumer), literal(o.subconsumer),
+                )
             self.ensure_registered()
             self._source_identity = self._identify_source()
             self.source.rollback()

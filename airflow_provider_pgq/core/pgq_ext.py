@@ -336,14 +336,16 @@ def _idle(conn: Connection) -> bool:
     return bool(conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
 
 
-def ensure_key(conn: Connection, consumer: str, subconsumer: str) -> None:
+def ensure_key(conn: Connection, consumer: str, subconsumer: str) -> str | None:
     """Makes the tracking key (this login's when new) and its consumer's bind-lock row,
     and commits: afterwards a mover waiting for either lock can name its holder (an
-    uncommitted new row shows nobody). KeyNotOwned when the key, or its consumer name,
-    belongs to another role."""
+    uncommitted new row shows nobody). Returns the key's owner, None when nobody owns it
+    (a key install took over: any pgq_mover member may write it until an admin assigns
+    it). KeyNotOwned when the key, or its consumer name, belongs to another role."""
     try:
         with conn.cursor() as cur:
             cur.execute("select pgq_ext.ensure_key(%s::text, %s::text)", (consumer, subconsumer))
+            row = cur.fetchone()
     except psycopg2.errors.InsufficientPrivilege as exc:
         _quiet_rollback(conn)
         diag = exc.diag
@@ -351,6 +353,7 @@ def ensure_key(conn: Connection, consumer: str, subconsumer: str) -> None:
             raise
         raise KeyNotOwned(f"{diag.message_primary}. {diag.message_hint}") from exc
     conn.commit()
+    return None if row is None or row[0] is None else str(row[0])
 
 
 def lock_key(conn: Connection, consumer: str, subconsumer: str) -> None:

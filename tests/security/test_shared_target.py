@@ -636,3 +636,26 @@ def test_the_audit_queries_of_the_docs_run_and_find_nothing_wrong(target: Server
     lockers = next(v for k, v in results.items() if "lock the key rows directly" in k)
     assert all(r[0] == "pg_write_all_data" or target.execute(
         "select rolsuper from pg_roles where rolname = %s", (r[0],))[0][0] for r in lockers), lockers
+
+
+def test_a_mover_of_an_unowned_key_says_so_and_how_to_assign_it(
+    target: Server, teams: tuple[Team, Team], caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    a, _ = teams
+    a.produce(3)
+    assert a.move(target).events == 3
+    target.execute("update pgq_ext.tracking_key set owner_role = null where consumer_id = 'm1'")  # as install
+    a.produce(2)
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_pgq"):
+        assert a.move(target).events == 2
+    warned = [r.getMessage() for r in caplog.records if "has no owner" in r.getMessage()]
+    assert warned and "select pgq_ext.assign_key('m1', '', <role>)" in warned[0], warned
+    target.execute("select pgq_ext.assign_key('m1', '', %s)", (a.mover.name,))
+    caplog.clear()
+    a.produce(1)
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_pgq"):
+        assert a.move(target).events == 1
+    assert not [r for r in caplog.records if "has no owner" in r.getMessage()]
+    assert_each_event_once(target, a)

@@ -21,8 +21,10 @@ create table if not exists pgq_ext.tracking_source (
 -- (a superuser, or a member of the role that installed pgq_ext) may move, clear, bind,
 -- unbind or lock it and use its kept-id claim. owner_role NULL: a key install found
 -- already in use (classic marks): writable as before, by whoever may call the write
--- side, until an admin assigns it. The row is also the key's lock: FOR UPDATE, which
--- needs UPDATE on this table, which only its owner has; PUBLIC may read it.
+-- side, until an admin assigns it. The row is also the key's lock: FOR UPDATE (or any
+-- row lock, LOCK TABLE beyond ACCESS SHARE, a foreign key to it) needs a right on this
+-- table beyond SELECT, which only its owner has (and superusers, pg_write_all_data);
+-- PUBLIC may read it, which blocks nobody.
 create table if not exists pgq_ext.tracking_key (
     consumer_id     text        not null,
     subconsumer_id  text        not null default '',
@@ -143,13 +145,19 @@ $$;
 
 -- Makes the key (this login's, when new) and its consumer's bind-lock row, so that
 -- they exist committed before a batch waits for them: a waiter can then name the
--- session holding the lock. Refuses a key this login may not write.
+-- session holding the lock. Refuses a key this login may not write. Returns the key's
+-- owner, NULL for a key nobody owns (install took it over).
 create or replace function pgq_ext.ensure_key(a_consumer text, a_subconsumer text)
-returns void language plpgsql security definer
+returns text language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
+declare
+    owner_oid oid;
 begin
     perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'use', true);
     insert into pgq_ext.tracking_consumer (consumer_id) values (a_consumer) on conflict do nothing;
+    select k.owner_role into owner_oid from pgq_ext.tracking_key k
+     where k.consumer_id = a_consumer and k.subconsumer_id = a_subconsumer;
+    return case when owner_oid is null then null else pg_catalog.pg_get_userbyid(owner_oid)::text end;
 end;
 $$;
 
