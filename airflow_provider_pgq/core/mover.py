@@ -354,6 +354,7 @@ class QueueMover:
         self._target_events = options.batch_target_events
         self.held_back = False
         self._prepared = False
+        self._said_unowned = False
         self._filtered = 0  # table_filter's left-out events of the batch being applied
         self._source_identity: tuple[str, str] = ("", "")
         self.write_path = ""
@@ -389,7 +390,9 @@ class QueueMover:
             self.target.rollback()
             # A key of another role is refused here; the key's rows exist committed
             # afterwards, so that a mover waiting for its lock can name the holder.
-            if pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer) is None:
+            unowned = pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer) is None
+            if unowned and not self._said_unowned:  # once per mover, not every drain of a loop
+                self._said_unowned = True
                 log.warning(
                     "tracking key %s on the target has no owner (pgq_ext's install took it over):"
                     " any member of pgq_mover may move or clear it; an admin gives it to this mover's"
