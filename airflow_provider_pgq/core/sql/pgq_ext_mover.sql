@@ -712,8 +712,10 @@ $$;
 -- The schema version the mover checks for. Bumped with every change of this file.
 -- 3: write side for pgq_mover only, kept-id claims proven by a row of the transaction.
 -- 4: stage_events / insert_staged_events, the fast path without pgq_admin.
--- 5: tracking keys have owners (tracking_key), the key and bind locks are rows of
---    pgq_ext (lock_key, ensure_key, assign_key), kept_ids_commit bounded by what it wrote.
+-- 5: tracking keys have owners (tracking_key, assign_key), the key, bind and kept-id
+--    locks are rows of pgq_ext (lock_key, ensure_key, tracking_consumer, kept_ids_queue),
+--    kept_ids_commit bounded by what it wrote, names from pgq.queue resolved to PgQ's own
+--    relations (_queue_relation), kept_ids_refusal for pgq_mover only.
 create or replace function pgq_ext.mover_schema_version()
 returns integer language sql immutable security definer
 set search_path = pg_catalog, pg_temp as $$ select 5 $$;
