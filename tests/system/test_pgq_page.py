@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.helpers import ROOT, Server, produce, simple_events, tick
-from tests.system.conftest import HIDDEN_DAG, PARTITION_DAG, System
+from tests.system.conftest import HIDDEN_DAG, PARTITION_DAG, TEMPLATED_DAG, System
 
 pytestmark = pytest.mark.system
 
@@ -119,6 +119,23 @@ def test_a_templated_mover_is_read_as_its_last_run_rendered_it(system: System) -
     truth = _truth(system.src, system.dst, "tq", "tq_mover")
     assert (after["last_tick"], after["newest_tick"]) == (truth["last_tick"], truth["newest_tick"])
     assert after["newest_tick"] > after["last_tick"] and after["state"] == "keeping up"
+
+
+def test_values_a_run_rendered_are_shown_only_to_users_who_may_read_its_task_instances(
+    system: System,
+) -> None:
+    """What a run rendered (run-time queues, connection ids) is task-instance data: the
+    page showed it to every user who may read the DAG."""
+    af = system.airflow
+    admin = _rows(system, "admin")[f"{TEMPLATED_DAG}.move"]
+    if admin["rendered_from"] is None:  # no run yet
+        af.unpause(TEMPLATED_DAG)
+        assert af.wait_run(TEMPLATED_DAG, af.trigger(TEMPLATED_DAG)) == "success"
+        admin = _rows(system, "admin")[f"{TEMPLATED_DAG}.move"]
+    assert admin["rendered_from"] is not None and admin["source"]["queue"] == "tq"
+    outsider = _rows(system, "outsider")[f"{TEMPLATED_DAG}.move"]
+    assert outsider["rendered_from"] is None, outsider
+    assert outsider["source"]["queue"] == "{{ params.queue }}" and outsider["runs"] is None
 
 
 def test_no_password_ever(system: System) -> None:
