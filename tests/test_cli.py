@@ -34,7 +34,9 @@ WAIT = 30.0
 
 
 def write_ini(path: Path, keys: dict[str, Any], section: str = "queue_mover") -> Path:
+    """Mode 600, as an ini holding a password should be (the mover warns otherwise)."""
     path.write_text(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+    path.chmod(0o600)
     return path
 
 

@@ -15,6 +15,7 @@ never appear in output or log.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from airflow_provider_pgq.cli.config import ConfigError, load_config, sample_ini
 from airflow_provider_pgq.cli.daemon import pid_alive, signal_running
 from airflow_provider_pgq.cli.logs import Logs
 from airflow_provider_pgq.cli.runner import Runner
+from airflow_provider_pgq.cli.secrets import scrub_command_line, warn_readable_ini
 from airflow_provider_pgq.core.errors import PgqError
 
 __all__ = ["main", "pid_alive"]
@@ -51,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_switches(args)
         overrides = parse_overrides(args.set)
+        if argv is None:  # the real command line (main(argv) in-process has none of its own)
+            scrub_command_line(sys.argv[1:], overrides)
         if args.ini:
             print(sample_ini(args.section or "queue_mover", overrides), end="")
             return EXIT_OK
@@ -65,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         logs.configure(config.logfile)
         note_config(config)
+        warn_readable_ini(config, overrides)
         if admin_switches(args):
             code = admin(config, args)
             if code != EXIT_OK or not args.once:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
@@ -30,21 +31,61 @@ def pid_alive(pid: int) -> bool:
 
 
 class PidFile:
-    """One instance per pidfile: refuse a live owner, replace a stale file, clean up."""
+    """One instance per pidfile: refuse a live owner, replace a stale file, clean up.
+
+    The instance keeps its pidfile open for its whole life: that open file is what
+    tells a mover of this config from any other process whose pid the file may hold
+    (the file's directory may be writable by others, as /tmp is): see holder_problem."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.owned = False
+        self.fd: int | None = None
 
     def read(self) -> int | None:
+        """The pid in the file; 0 for content that is no pid, or a file that is no
+        regular file (a symlink is not followed); None when there is none."""
         try:
-            text = self.path.read_text().strip()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except FileNotFoundError:
             return None
+        except OSError:
+            return 0  # a symlink (ELOOP) or unreadable: no pid of a mover
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return 0
+            text = os.read(fd, 4096).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
         try:
             return int(text.split()[0])
         except (ValueError, IndexError):
             return 0  # unreadable content: treated as stale
+
+    def holder_problem(self, pid: int) -> str | None:
+        """None when pid holds this pidfile open (a mover of this config does, for its
+        whole life); else why it is not known to be one. A pid another user wrote into
+        the file, or a pidfile made a symlink to another one, is never signalled."""
+        try:
+            st = os.lstat(self.path)
+        except OSError as exc:
+            return f"the pidfile cannot be read ({exc.strerror})"
+        if not stat.S_ISREG(st.st_mode):
+            return "the pidfile is a symbolic link or no regular file"
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except PermissionError:
+            return f"this user may not see which files pid {pid} holds open"
+        except OSError:
+            return f"pid {pid} is gone"
+        for fd in fds:
+            try:
+                held = os.stat(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
+                return None
+        return f"pid {pid} ({_command_of(pid)}) does not hold the pidfile open"
 
     def running_pid(self) -> int | None:
         pid = self.read()
@@ -73,8 +114,8 @@ class PidFile:
                 except FileNotFoundError:
                     pass
                 continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"{os.getpid()}\n")
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd  # kept open: see holder_problem
             self.owned = True
             return
         raise AlreadyRunning(f"cannot take pidfile {self.path}: another process keeps writing it")
@@ -85,7 +126,18 @@ class PidFile:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         self.owned = False
+
+
+def _command_of(pid: int) -> str:
+    """The process's command name, for the message (no arguments: they may hold secrets)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or "?"
+    except OSError:
+        return "?"
 
 
 def signal_running(config: MoverConfig, sig: signal.Signals) -> int:
@@ -97,12 +149,27 @@ def signal_running(config: MoverConfig, sig: signal.Signals) -> int:
             " instance can be found to signal"
         )
     pidfile = PidFile(config.pidfile)
+    if config.pidfile.is_symlink():
+        return fail(
+            f"pidfile {config.pidfile} is a symbolic link: not followed, and nothing signalled (a mover"
+            " writes its pidfile itself, never as a link). Remove it; keep pidfiles in a directory only"
+            " the mover's user may write",
+            EXIT_RUNTIME,
+        )
     pid = pidfile.read()
     if pid is None or not pid_alive(pid):
         why = "no pidfile" if pid is None else f"stale pidfile names pid {pid}"
         code = EXIT_RUNTIME if sig == signal.SIGHUP else EXIT_OK
         print(f"{PROG}: {config.job_name} is not running ({why}: {config.pidfile})", file=sys.stderr)
         return code
+    problem = pidfile.holder_problem(pid)
+    if problem is not None:
+        return fail(
+            f"pidfile {config.pidfile} names pid {pid}, which is not a mover of this config"
+            f" ({problem}): not signalled. If no mover of {config.job_name} runs, remove the"
+            " pidfile; keep pidfiles in a directory only the mover's user may write",
+            EXIT_RUNTIME,
+        )
     os.kill(pid, sig)
     return EXIT_OK
 

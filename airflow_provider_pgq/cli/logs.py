@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +41,24 @@ class CoreOnceFilter(logging.Filter):
         return True
 
 
+class NoFollowFileHandler(logging.handlers.WatchedFileHandler):
+    """The logfile, opened (and reopened after a logrotate) with O_NOFOLLOW: a symlink
+    planted where the logfile goes (a directory others may write, as /tmp) is refused,
+    never written through. Created with mode 0640 (less where the umask says so)."""
+
+    def _open(self):  # type: ignore[no-untyped-def]  # logging's own signature
+        path = self.baseFilename
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(exc.errno, "is a symbolic link: a logfile is never written through a link"
+                              " (remove it, or keep the logfile in a directory only the mover's user may"
+                              " write)", path) from None
+            raise
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 class Logs:
     """The one handler of the package's loggers: the logfile, or stderr without one."""
 
@@ -60,7 +80,7 @@ class Logs:
         handler: logging.Handler
         if logfile is not None:
             logfile.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.WatchedFileHandler(logfile, encoding="utf-8")
+            handler = NoFollowFileHandler(logfile, encoding="utf-8")
         else:
             handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(self.FORMAT))

@@ -10,6 +10,7 @@ from typing import Any
 from airflow_provider_pgq.cli.common import log, note_config
 from airflow_provider_pgq.cli.config import SECRET_KEYS, ConfigError, MoverConfig, load_config
 from airflow_provider_pgq.cli.logs import Logs
+from airflow_provider_pgq.cli.secrets import warn_readable_ini
 from airflow_provider_pgq.core.connect import connection_parameters
 from airflow_provider_pgq.core.errors import ConnectionFailed
 
@@ -46,6 +47,7 @@ def reread(old: MoverConfig, logs: Logs, base_dir: Path, overrides: Mapping[str,
         log.warning("pidfile changed in the config: takes effect at the next start")
     log.info("config reloaded: %s", ", ".join(changes) if changes else "no changes")
     note_config(new)
+    warn_readable_ini(new, overrides)
     return dataclasses.replace(new, pidfile=old.pidfile)
 
 

@@ -47,6 +47,16 @@ class PgqExtUntrusted(PgqError):
     """pgq_ext (or the mover role) is controlled by a role we do not trust: never adopted."""
 
 
+class KeyNotOwned(PgqError):
+    """The tracking key (or its consumer name) belongs to another role on the target:
+    only its owner, its members or an admin may write it (pgq_ext.assign_key)."""
+
+
+class EventTablesUntrusted(PgqError):
+    """The target queue's event tables are not as PgQ makes them (another owner, another
+    schema, triggers or rules): code of whoever made them so would run as the writer."""
+
+
 class TickNotFound(PgqError):
     """A tick the consumer should be moved to is gone (rotated away)."""
 

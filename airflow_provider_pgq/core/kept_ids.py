@@ -12,7 +12,8 @@ one writer. The rule, checked in the target database (pgq_ext, mover schema 3):
   ids), a ``pgq.force_tick`` on the target, even a rolled-back insert, moves it.
 
 Each batch claims the queue first (``kept_ids_claim``: the refusal decided before
-any lock; then an advisory lock per queue and a SHARE ROW EXCLUSIVE lock on the
+any lock; then the queue's row in ``pgq_ext.kept_ids_queue`` (FOR UPDATE: no login
+without pgq_mover can take or hold it) and a SHARE ROW EXCLUSIVE lock on the
 current event table, so no other insert into it can start until the batch commits,
 and a row in ``pgq_ext.kept_ids_claims`` stamped with the transaction's txid: the
 proof, which no other session can forge, that ``insert_event_chunk`` may take

@@ -365,6 +365,7 @@ class QueueMover:
         self._prepared = False
         #: the last next_batch() that found no batch said where the consumer stands
         self._last_taken: pgq.Taken | None = None
+        self._said_unowned = False
         self._filtered = 0  # table_filter's left-out events of the batch being applied
         self._source_identity: tuple[str, str] = ("", "")
         self.write_path = ""
@@ -373,13 +374,15 @@ class QueueMover:
 
     def prepare(self) -> None:
         """Checks both sides once, before any batch is taken; writes nothing but
-        pgq_ext (when install_pgq_ext) and the registration (when register_consumer)."""
+        pgq_ext (when install_pgq_ext; the tracking key's row, which makes a new key this
+        login's) and the registration (when register_consumer)."""
         o = self.options
         try:
             pgq.require_pgq(self.source, "source")
             pgq.require_queue(self.source, o.source_queue, "source")
             pgq.require_pgq(self.target, "target")
             pgq.require_queue(self.target, o.target_queue, "target")
+            pgq.require_own_event_tables(self.target, o.target_queue)
             self._refuse_same_queue()
             if pgq.get_queue_info(self.target, o.target_queue).disable_insert:
                 raise QueueDisabled(
@@ -396,6 +399,17 @@ class QueueMover:
             # a consumer behind that holds back the source's event-table rotation.
             self.write_path = self._choose_write_path()
             self.target.rollback()
+            # A key of another role is refused here; the key's rows exist committed
+            # afterwards, so that a mover waiting for its lock can name the holder.
+            unowned = pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer) is None
+            if unowned and not self._said_unowned:  # once per mover, not every drain of a loop
+                self._said_unowned = True
+                log.warning(
+                    "tracking key %s on the target has no owner (pgq_ext's install took it over):"
+                    " any member of pgq_mover may move or clear it; an admin gives it to this mover's"
+                    " role with select pgq_ext.assign_key(%s, %s, <role>)",
+                    o.key, literal(o.consumer), literal(o.subconsumer),
+                )
             self.ensure_registered()
             self._source_identity = self._identify_source()
             self.source.rollback()

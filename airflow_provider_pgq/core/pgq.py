@@ -18,6 +18,7 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import (
     ConsumerNotRegistered,
+    EventTablesUntrusted,
     PgqError,
     PgqNotInstalled,
     QueueDisabled,
@@ -488,3 +489,57 @@ def events_before_tick(conn: Connection, queue: str, tick_id: int) -> int:
         " where pg_catalog.txid_visible_in_snapshot(e.ev_txid, %s::pg_catalog.txid_snapshot)"
     ).format(sql.Identifier(schema, table))
     return int(_value(conn, query.as_string(conn), (row[1],)))
+
+
+#: The first relation among a queue's event tables (the parent named in pgq.queue and
+#: the tables that inherit it) that PgQ would not have made so, and why: outside schema
+#: pgq, owned by another role than pgq.queue's owner, or carrying a trigger or rule.
+_FOREIGN_EVENT_TABLE = """
+with q as (
+    select q.queue_data_pfx as pfx, pg_catalog.to_regclass(q.queue_data_pfx) as parent,
+           (select t.relowner from pg_catalog.pg_class t where t.oid = 'pgq.queue'::pg_catalog.regclass) as owner
+      from pgq.queue q where q.queue_name = %s::text
+), rels as (
+    select c.oid, c.relnamespace, c.relowner, c.relkind, c.relhasrules, q.owner
+      from q join pg_catalog.pg_class c
+        on c.oid = q.parent
+        or c.oid in (select i.inhrelid from pg_catalog.pg_inherits i where i.inhparent = q.parent)
+)
+select pfx, null::text from q where parent is null
+union all
+select * from (
+    select r.oid::pg_catalog.regclass::text,
+           case when r.relnamespace <> 'pgq'::pg_catalog.regnamespace then 'is not in schema pgq'
+                when r.relkind <> 'r' then pg_catalog.format('is of kind %%L, not a table', r.relkind)
+                when r.relowner <> r.owner then pg_catalog.format(
+                    'is owned by %%L, not by %%L (the owner of pgq.queue)',
+                    pg_catalog.pg_get_userbyid(r.relowner), pg_catalog.pg_get_userbyid(r.owner))
+                when exists (select 1 from pg_catalog.pg_trigger t where t.tgrelid = r.oid and not t.tgisinternal)
+                then 'carries triggers (' || (select pg_catalog.string_agg(pg_catalog.quote_ident(t.tgname), ', ')
+                                               from pg_catalog.pg_trigger t
+                                              where t.tgrelid = r.oid and not t.tgisinternal) || ')'
+                when r.relhasrules then 'carries rules'
+           end as why
+      from rels r
+) f where why is not null
+limit 1
+"""
+
+
+def require_own_event_tables(conn: Connection, queue: str, side: str = "target") -> None:
+    """EventTablesUntrusted unless the queue's event tables are as PgQ makes them: in
+    schema pgq, owned by pgq.queue's owner, without triggers or rules. Whoever writes
+    them would run such a trigger's code with its own rights (a superuser mover's, or
+    pgq_ext's owner's on the least-privilege paths)."""
+    row = _one(conn, _FOREIGN_EVENT_TABLE, (queue,))
+    if row is None:
+        return
+    table, why = row
+    why = why or "which does not exist"
+    raise EventTablesUntrusted(
+        f"{side} queue {queue!r}: its event table {table} {why}; PgQ makes them owned by"
+        " the owner of pgq.queue, without triggers, and the mover writes into no other: an admin"
+        " should find out who changed them, and restore them (alter table ... owner to, drop"
+        " trigger) or recreate the queue"
+    )
+

@@ -11,14 +11,15 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import KeyLocked, PgqExtMissing, PgqExtUntrusted
+from airflow_provider_pgq.core.errors import KeyLocked, KeyNotOwned, PgqExtMissing, PgqExtUntrusted
 
 log = logging.getLogger(__name__)
 
 #: What pgq_ext.mover_schema_version() must at least answer for this release.
 #: 2: kept event ids; 3: the write side for MOVER_ROLE only, claims proven by rows;
-#: 4: staged inserts (stage_events, insert_staged_events).
-REQUIRED_MOVER_SCHEMA = 4
+#: 4: staged inserts (stage_events, insert_staged_events); 5: tracking keys have owners,
+#: their locks are rows of pgq_ext (lock_key, ensure_key, assign_key).
+REQUIRED_MOVER_SCHEMA = 5
 
 #: The NOLOGIN role install makes: the only one (besides superusers and the installing
 #: owner) that may call the write side of pgq_ext. Grant it to the mover's target login.
@@ -31,13 +32,25 @@ WRITE_FUNCTIONS = (
     "set_last_tick", "set_batch_done", "set_event_done", "bind_source", "unbind_source",
     "insert_event_chunk", "kept_ids_claim", "kept_ids_commit", "kept_ids_release",
     "stage_events", "insert_staged_events", "_require_own_staging", "_require_kept_ids_claim", "begin_batch",
+    "lock_key", "ensure_key", "kept_ids_refusal",
+)
+
+#: Functions open to PUBLIC before mover schema 5 that are the mover's since: reading
+#: kept_ids_refusal locks the queue's event tables (PgQ then skips their rotation).
+#: The upgrade to 5 moves their EXECUTE from PUBLIC to MOVER_ROLE, once.
+MOVED_TO_MOVER_IN_5 = ("kept_ids_refusal",)
+
+#: EXECUTE revoked from PUBLIC and granted to nobody: assign_key (it checks for an admin
+#: itself) and the helpers the SECURITY DEFINER functions call as their owner.
+PRIVATE_FUNCTIONS = (
+    "assign_key", "_require_key_writer", "_is_key_admin", "_may_write_key", "_key_owner_name", "_queue_relation",
 )
 
 #: The names our SQL defines; a classic installation's functions of these names are
 #: dropped once when install first takes it over (their argument names may differ).
-OUR_FUNCTIONS = WRITE_FUNCTIONS + (
+OUR_FUNCTIONS = WRITE_FUNCTIONS + PRIVATE_FUNCTIONS + (
     "get_last_tick", "is_batch_done", "is_event_done", "version", "mover_schema_version",
-    "kept_ids_seq_position", "kept_ids_refusal",
+    "kept_ids_seq_position",
 )
 
 _INSTALL_LOCK = "airflow_provider_pgq:pgq_ext install"
@@ -210,6 +223,9 @@ def _default_rights(conn: Connection, name: str, kind: str) -> list[str]:
     if kind == "table":
         _execute_formatted(conn, "grant select on table %s to public", name, "pg_catalog.regclass")
         return []  # tables are readable by all, as the classic had them: not worth a line
+    if _function_name(name) in PRIVATE_FUNCTIONS:
+        _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
+        return [f"{name} to nobody"]
     if _function_name(name) not in WRITE_FUNCTIONS:
         return []  # PostgreSQL's default: EXECUTE for PUBLIC
     _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
@@ -232,6 +248,18 @@ def _move_writer_grants(conn: Connection, objects: dict[str, str]) -> list[str]:
         _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
         _execute_formatted(conn, "grant execute on function %s to %I", name, "pg_catalog.regprocedure", MOVER_ROLE)
         moved.append(f"{name} from pgq_writer to {MOVER_ROLE}")
+    return moved
+
+
+def _move_public_grants(conn: Connection, objects: dict[str, str], names: tuple[str, ...]) -> list[str]:
+    """EXECUTE on these functions from PUBLIC to the mover role (an upgrade's one change)."""
+    moved = []
+    for name, kind in objects.items():
+        if kind != "function" or _function_name(name) not in names:
+            continue
+        _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
+        _execute_formatted(conn, "grant execute on function %s to %I", name, "pg_catalog.regprocedure", MOVER_ROLE)
+        moved.append(f"{name} from public to {MOVER_ROLE}")
     return moved
 
 
@@ -268,6 +296,9 @@ def install(conn: Connection) -> InstallReport:
             report.granted += _default_rights(conn, name, after[name])
         if previous is not None and previous < 3:
             report.granted += _move_writer_grants(conn, after)
+        if previous is not None and previous < 5:
+            report.granted += _move_public_grants(
+                conn, {n: k for n, k in after.items() if n not in report.created}, MOVED_TO_MOVER_IN_5)
         conn.commit()
     except BaseException:
         conn.rollback()
@@ -301,44 +332,76 @@ def require(conn: Connection, install_if_missing: bool = False) -> None:
     )
 
 
-def lock_key(conn: Connection, consumer: str, subconsumer: str) -> None:
-    """Transaction-scoped lock that serializes movers sharing a tracking key."""
+def _idle(conn: Connection) -> bool:
+    return bool(conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE)
+
+
+def ensure_key(conn: Connection, consumer: str, subconsumer: str) -> str | None:
+    """Makes the tracking key (this login's when new) and its consumer's bind-lock row,
+    and commits: afterwards a mover waiting for either lock can name its holder (an
+    uncommitted new row shows nobody). Returns the key's owner, None when nobody owns it
+    (a key install took over: any pgq_mover member may write it until an admin assigns
+    it). KeyNotOwned when the key, or its consumer name, belongs to another role."""
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended("
-                "pg_catalog.concat('pgq_ext:', %s::text, pg_catalog.chr(1), %s::text), 0::bigint))",
-                (consumer, subconsumer),
-            )
+            cur.execute("select pgq_ext.ensure_key(%s::text, %s::text)", (consumer, subconsumer))
+            row = cur.fetchone()
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        _quiet_rollback(conn)
+        diag = exc.diag
+        if diag.message_hint is None:  # no refusal of ours: EXECUTE itself was denied
+            raise
+        raise KeyNotOwned(f"{diag.message_primary}. {diag.message_hint}") from exc
+    conn.commit()
+    return None if row is None or row[0] is None else str(row[0])
+
+
+def lock_key(conn: Connection, consumer: str, subconsumer: str) -> None:
+    """Transaction-scoped lock that serializes movers sharing a tracking key: the key's
+    row in pgq_ext.tracking_key FOR UPDATE (pgq_ext.lock_key), which no login without
+    pgq_mover, and no member of it but the key's owner, can take. Called outside a
+    transaction, it first makes the key's row (ensure_key, committed)."""
+    if _idle(conn):
+        ensure_key(conn, consumer, subconsumer)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select pgq_ext.lock_key(%s::text, %s::text)", (consumer, subconsumer))
     except psycopg2.errors.LockNotAvailable as exc:
         raise key_locked(conn, consumer, subconsumer, exc) from exc
 
 
-#: The session that holds a key's advisory lock (a bigint key shows in pg_locks as
-#: classid = its high, objid = its low 32 bits, objsubid = 1). What pg_stat_activity
-#: shows of another role's session depends on the caller's rights (pg_read_all_stats).
+#: The sessions holding the key's lock (its row in tracking_key) and its consumer's bind
+#: lock (its row in tracking_consumer): a row locked FOR UPDATE carries the locking
+#: transaction in xmax, and that transaction's backend holds the ExclusiveLock on its
+#: id. What pg_stat_activity shows of another role's session depends on the caller's
+#: rights (pg_read_all_stats); the role (usename) shows always.
 _KEY_HOLDER = (
-    "with k as (select pg_catalog.hashtextextended(pg_catalog.concat('pgq_ext:', %s::text,"
-    " pg_catalog.chr(1), %s::text), 0::bigint) as key)"
-    " select l.pid, a.application_name, pg_catalog.host(a.client_addr), a.state, a.wait_event,"
-    " pg_catalog.round(extract(epoch from pg_catalog.now() - a.state_change))::bigint"
-    " from k, pg_catalog.pg_locks l left join pg_catalog.pg_stat_activity a on a.pid = l.pid"
-    " where l.locktype = 'advisory' and l.granted and l.objsubid = 1"
-    " and l.database = (select oid from pg_catalog.pg_database where datname = pg_catalog.current_database())"
-    " and l.classid = ((k.key >> 32) & 4294967295)::oid and l.objid = (k.key & 4294967295)::oid"
+    "with k (lock, xmax) as ("
+    " select 'key', t.xmax from pgq_ext.tracking_key t where t.consumer_id = %s::text and t.subconsumer_id = %s::text"
+    " union all"
+    " select 'bind', c.xmax from pgq_ext.tracking_consumer c where c.consumer_id = %s::text)"
+    " select k.lock, l.pid, a.usename::text, a.application_name, pg_catalog.host(a.client_addr), a.state,"
+    " a.wait_event, pg_catalog.round(extract(epoch from pg_catalog.now() - a.state_change))::bigint"
+    " from k join pg_catalog.pg_locks l on l.locktype = 'transactionid' and l.transactionid = k.xmax"
+    " and l.mode = 'ExclusiveLock' and l.granted"
+    " left join pg_catalog.pg_stat_activity a on a.pid = l.pid"
+    " where l.pid <> pg_catalog.pg_backend_pid()"
+    " order by k.lock = 'key' desc"
 )
 
 
 def key_locked(conn: Connection, consumer: str, subconsumer: str, exc: psycopg2.Error) -> KeyLocked:
-    """The error for a key whose lock was not granted within lock_timeout, naming the
-    holder. Rolls back the failed transaction (it is lost anyway) to look it up."""
+    """The error for a key whose lock (or whose consumer's bind lock) was not granted
+    within lock_timeout, naming the holder: lock, pid, role, application. Rolls back the
+    failed transaction (it is lost anyway) to look it up."""
     key = f"{consumer}/{subconsumer}" if subconsumer else consumer
     holder = None
     try:
         conn.rollback()
-        holder = _rows(conn, _KEY_HOLDER, (consumer, subconsumer))
+        holder = _rows(conn, _KEY_HOLDER, (consumer, subconsumer, consumer))
         conn.rollback()
     except psycopg2.Error:
+        _quiet_rollback(conn)
         holder = None
     side = getattr(conn, "side", "target")
     server_of = getattr(conn, "server", None)
@@ -347,22 +410,32 @@ def key_locked(conn: Connection, consumer: str, subconsumer: str, exc: psycopg2.
     if not holder:
         return KeyLocked(
             f"{where}: the lock of tracking key {key!r} was not granted within lock_timeout"
-            f" ({str(exc).strip()}); its holder has let go since: the next try should get it",
+            f" ({str(exc).strip()}); no session holds it or its consumer's bind lock now (its holder"
+            " has let go since): the next try should get it",
             side=side, server=server, what="lock")
-    pid, app, client, state, wait_event, seconds = holder[0]
+    lock, pid, role, app, client, state, wait_event, seconds = holder[0]
     about = ", ".join(part for part in (
         f"application {app!r}" if app else "",
         f"client {client}" if client else "",
         f"{state}" + (f" (waiting for {wait_event})" if wait_event else "") if state else "",
         f"for {seconds} s" if seconds is not None else "",
     ) if part)
+    what = (f"the lock of tracking key {key!r}" if lock == "key" else
+            f"the bind lock of consumer {consumer!r} (held while a key of it is bound to its source)")
     return KeyLocked(
-        f"{where}: the lock of tracking key {key!r} was not granted within lock_timeout: backend pid {pid}"
+        f"{where}: {what} was not granted within lock_timeout: backend pid {pid} of role {role!r}"
         f" holds it ({about or 'no details visible to this role'}). Another run of this mover is"
         f" working, or one that vanished left its session behind (a proxy or middlebox that keeps the"
         f" server's side of a dead connection open, a COPY waiting for data that never comes); if no"
         f" mover of this key is running, end it: select pg_terminate_backend({pid})",
         side=side, server=server, what="lock", holder_pid=int(pid))
+
+
+def _quiet_rollback(conn: Connection) -> None:
+    try:
+        conn.rollback()
+    except psycopg2.Error:
+        pass
 
 
 def get_last_tick(conn: Connection, consumer: str, subconsumer: str) -> int | None:
@@ -389,7 +462,10 @@ def set_last_tick(conn: Connection, consumer: str, subconsumer: str, tick_id: in
 def bind_source(
     conn: Connection, consumer: str, subconsumer: str, system_id: str, database: str, queue: str
 ) -> str | None:
-    """Binds the key to this source; returns the other source it belongs to, if any."""
+    """Binds the key to this source; returns the other source it belongs to, if any.
+    Called outside a transaction, it first makes the key's rows (ensure_key)."""
+    if _idle(conn):
+        ensure_key(conn, consumer, subconsumer)
     with conn.cursor() as cur:
         cur.execute(
             "select pgq_ext.bind_source(%s::text, %s::text, %s::text, %s::text, %s::text)",

@@ -2,8 +2,12 @@
 
 Every route needs a user authenticated by Airflow's auth manager (the UI's cookie or a
 bearer token; 401 without); the movers endpoint shows only the DAGs the auth manager
-lets the user read, and run reports (XCom) only where it lets the user read XComs.
-Read-only; of a connection only host, port and database are shown.
+lets the user read, run reports (XCom) only where it lets the user read task instances
+and XComs, values a run rendered (run-time connection ids, queues) only where it lets
+the user read task instances, and opens a connection (to read positions; of it only
+host, port and database are shown) only when it lets the user read that connection,
+as Airflow's own routes ask it (the DAG's and the connection's team included).
+Read-only.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit
@@ -102,7 +106,12 @@ def create_app(reader: live.LiveReader | None = None) -> FastAPI:
 
 def _movers(reader: live.LiveReader, user: Any, runs: int) -> dict[str, Any]:
     from airflow.api_fastapi.app import get_auth_manager
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+    from airflow.api_fastapi.auth.managers.models.resource_details import (
+        ConnectionDetails,
+        DagAccessEntity,
+        DagDetails,
+    )
+    from airflow.models.connection import Connection
     from airflow.models.dag import DagModel
     from airflow.models.serialized_dag import SerializedDagModel
     from airflow.utils.session import create_session
@@ -115,19 +124,31 @@ def _movers(reader: live.LiveReader, user: Any, runs: int) -> dict[str, Any]:
                                                                     DagModel.is_stale.is_(False))))
         found = [spec for sd in SerializedDagModel.get_latest_serialized_dags(dag_ids=active, session=session)
                  for spec in movers_in_dag(sd.dag_id, sd.data or {})]
-        rendered = last_rendered(session, {(s.dag_id, s.task_id) for s in found if not s.live})
-        specs = [r for s in found for r in _resolved(s, rendered)]
-        # a run's state and report: task instances and XComs of the DAG (of its team, if any)
-        dags = sorted({s.dag_id for s in specs})
+        dags = sorted({s.dag_id for s in found})
         teams = DagModel.get_dag_id_to_team_name_mapping(dags, session=session) if dags else {}
-        reports = {d for d in dags
-                   if all(auth.is_authorized_dag(method="GET", access_entity=entity,
-                                                 details=DagDetails(id=d, team_name=teams.get(d)), user=user)
-                          for entity in (DagAccessEntity.TASK_INSTANCE, DagAccessEntity.XCOM))}
+
+        def may_read(dag_id: str, *entities: Any) -> bool:
+            return all(auth.is_authorized_dag(method="GET", access_entity=entity,
+                                              details=DagDetails(id=dag_id, team_name=teams.get(dag_id)), user=user)
+                       for entity in entities)
+
+        # what a run rendered is task-instance data; a run's state and report are task
+        # instances and XComs of the DAG (of its team, if any)
+        instances = {d for d in dags if may_read(d, DagAccessEntity.TASK_INSTANCE)}
+        reports = {d for d in instances if may_read(d, DagAccessEntity.XCOM)}
+        rendered = last_rendered(session, {(s.dag_id, s.task_id) for s in found
+                                           if not s.live and s.dag_id in instances})
+        specs = [r for s in found for r in _resolved(s, rendered)]
         history = recent_runs(session, {(s.dag_id, s.task_id) for s in specs if s.dag_id in reports}, runs)
+        conn_ids = sorted({c for s in specs if s.live for c in (s.source_conn_id, s.target_conn_id)})
+        conn_teams = Connection.get_conn_id_to_team_name_mapping(conn_ids, session=session) if conn_ids else {}
+        connections = {c for c in conn_ids
+                       if auth.is_authorized_connection(
+                           method="GET", details=ConnectionDetails(conn_id=c, team_name=conn_teams.get(c)),
+                           user=user)}
     behind = _conf_float("ui_behind_seconds", DEFAULT_BEHIND_SECONDS)
     rows = build_rows(reader, sorted(specs, key=lambda s: (s.dag_id, s.task_id, s.map_index)), history,
-                      behind, _ui_prefix(), reports)
+                      behind, _ui_prefix(), reports, connections=connections)
     return {"generated_at": dt.datetime.now(dt.timezone.utc).isoformat(), "behind_seconds": behind,
             "rules": rules(behind), "movers": rows}
 
@@ -143,10 +164,15 @@ def _resolved(spec: MoverSpec, rendered: dict[tuple[str, str], tuple[str, dict[i
 
 def build_rows(reader: live.LiveReader, specs: Sequence[MoverSpec],
                history: dict[tuple[str, str, int], list[RunPoint]], behind: float, ui_prefix: str,
-               reports: set[str]) -> list[dict[str, Any]]:
-    """One row per mover: live position (one read per database), last runs, state."""
+               reports: set[str], *, connections: Collection[str]) -> list[dict[str, Any]]:
+    """One row per mover: live position (one read per database), last runs, state.
+    connections: the connection ids the user may read; no other is opened or shown."""
     databases: dict[str, live.Database | str] = {}
     for conn_id in {c for s in specs if s.live for c in (s.source_conn_id, s.target_conn_id)}:
+        if conn_id not in connections:
+            databases[conn_id] = ("you may not read this connection, so the page neither opens nor shows it"
+                                  " (ask for read access to it)")
+            continue
         try:
             databases[conn_id] = _database(conn_id)
         except Exception as exc:  # noqa: BLE001 - an unknown connection is a row error

@@ -497,10 +497,10 @@ def test_second_mover_waits_on_the_key_lock_then_skips(source: Server, target: S
         except BaseException as exc:  # surfaced by the assertion below
             errors.append(exc)
 
-    def waiting_on_advisory_lock() -> bool:
+    def waiting_on_the_key_lock() -> bool:
         rows = target.execute(
             "select count(*) from pg_locks l join pg_stat_activity a on a.pid = l.pid"
-            " where l.locktype = 'advisory' and not l.granted and a.datname = current_database()"
+            " where not l.granted and a.datname = current_database()"
         )
         return int(rows[0][0]) > 0
 
@@ -510,7 +510,7 @@ def test_second_mover_waits_on_the_key_lock_then_skips(source: Server, target: S
         if point == faults.BEFORE_TARGET_COMMIT and not thread.is_alive() and not inner:
             thread.start()
             deadline = time.monotonic() + 30
-            while not waiting_on_advisory_lock():
+            while not waiting_on_the_key_lock():
                 assert time.monotonic() < deadline, "the second mover never reached the key lock"
                 time.sleep(0.02)
 

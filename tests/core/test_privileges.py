@@ -35,6 +35,7 @@ MOVER_PGQ_EXT_FUNCTIONS = (
     ("stage_events", ""),
     ("insert_staged_events", "text, bigint, boolean"),
     ("begin_batch", "text, text, text, text, text"),
+    ("ensure_key", "text, text"),
 )
 
 

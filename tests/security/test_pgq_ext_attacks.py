@@ -42,6 +42,9 @@ WRITE_SIDE = (
     ("stage_events", ""),
     ("begin_batch", "text, text, text, text, text"),
     ("insert_staged_events", "text, bigint, boolean"),
+    ("lock_key", "text, text"),
+    ("ensure_key", "text, text"),
+    ("kept_ids_refusal", "text, text, text"),
 )
 
 #: Reading marks stays open to all, as in the classic pgq_ext.
@@ -50,7 +53,7 @@ READ_SIDE = (
     ("get_last_tick", "text"),
     ("is_batch_done", "text, text, bigint"),
     ("is_event_done", "text, text, bigint, bigint"),
-    ("kept_ids_refusal", "text, text, text"),
+    ("kept_ids_seq_position", "text"),
     ("mover_schema_version", ""),
 )
 

@@ -24,6 +24,8 @@ PARTITION_DAG = "example_pgq_partition_consolidation"
 QUEUES = ("bf", "dr", "sn", "ed", "tq")
 #: The DAG the auth manager refuses to the user "outsider" (tests/system/auth.py).
 HIDDEN_DAG = "pgq_sys_event"
+#: The outsider may read this DAG, not its task instances (so not what its runs rendered).
+TEMPLATED_DAG = "pgq_sys_templated"
 
 
 @dataclass
@@ -73,6 +75,7 @@ def system(cluster: ThrowawayCluster, tmp_path_factory: pytest.TempPathFactory) 
         airflow = Deployment(cluster, work, dags, ROOT, conns,
                              env={"PGQ_PARTITION_CONN_IDS": "pgq_part_0,pgq_part_1,pgq_part_down",
                                   "PGQ_TEST_HIDDEN_DAGS": f"outsider:{HIDDEN_DAG}",
+                                  "PGQ_TEST_NO_TASK_INSTANCES": f"outsider:{TEMPLATED_DAG}",
                                   # the page's numbers are compared with the databases right after
                                   "AIRFLOW__PGQ__UI_CACHE_SECONDS": "0"})
         airflow.start()

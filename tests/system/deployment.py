@@ -32,7 +32,9 @@ T = TypeVar("T")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 #: The deployment's users and their SimpleAuthManager roles.
-USERS = {"admin": "admin", "viewer": "viewer", "outsider": "viewer"}
+#: operator: may read connections too (the simple auth manager's op role), as the PgQ
+#: page needs to show a mover's databases and positions.
+USERS = {"admin": "admin", "operator": "op", "viewer": "viewer", "outsider": "viewer"}
 
 
 class DeploymentError(AssertionError):
@@ -219,14 +221,17 @@ class Deployment:
 
 
 def _tests_only(root: Path, home: Path) -> Path:
-    """A directory that puts the repository's ``tests`` package on the path and nothing
-    else: the repository root itself holds the editable install's egg-info, through which
-    Airflow would load this package's plugin a second time."""
+    """A directory that puts this checkout's ``tests`` and ``airflow_provider_pgq``
+    packages on the path and nothing else: the repository root itself holds the editable
+    install's egg-info, through which Airflow would load this package's plugin a second
+    time. The package is linked too, so that a deployment started from another worktree
+    than the one the editable install points at runs that worktree's code."""
     path = home / "pythonpath"
     path.mkdir(exist_ok=True)
-    link = path / "tests"
-    if not link.exists():
-        link.symlink_to(root / "tests")
+    for name in ("tests", "airflow_provider_pgq"):
+        link = path / name
+        if not link.exists():
+            link.symlink_to(root / name)
     return path
 
 

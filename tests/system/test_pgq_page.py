@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.helpers import ROOT, Server, produce, simple_events, tick
-from tests.system.conftest import HIDDEN_DAG, PARTITION_DAG, System
+from tests.system.conftest import HIDDEN_DAG, PARTITION_DAG, TEMPLATED_DAG, System
 
 pytestmark = pytest.mark.system
 
@@ -121,6 +121,23 @@ def test_a_templated_mover_is_read_as_its_last_run_rendered_it(system: System) -
     assert after["newest_tick"] > after["last_tick"] and after["state"] == "keeping up"
 
 
+def test_values_a_run_rendered_are_shown_only_to_users_who_may_read_its_task_instances(
+    system: System,
+) -> None:
+    """What a run rendered (run-time queues, connection ids) is task-instance data: the
+    page showed it to every user who may read the DAG."""
+    af = system.airflow
+    admin = _rows(system, "admin")[f"{TEMPLATED_DAG}.move"]
+    if admin["rendered_from"] is None:  # no run yet
+        af.unpause(TEMPLATED_DAG)
+        assert af.wait_run(TEMPLATED_DAG, af.trigger(TEMPLATED_DAG)) == "success"
+        admin = _rows(system, "admin")[f"{TEMPLATED_DAG}.move"]
+    assert admin["rendered_from"] is not None and admin["source"]["queue"] == "tq"
+    outsider = _rows(system, "outsider")[f"{TEMPLATED_DAG}.move"]
+    assert outsider["rendered_from"] is None, outsider
+    assert outsider["source"]["queue"] == "{{ params.queue }}" and outsider["runs"] is None
+
+
 def test_no_password_ever(system: System) -> None:
     text = _movers(system, "admin").text
     assert "nopass" not in text  # pgq_part_down's password, refused by nobody at port 1
@@ -134,6 +151,26 @@ def test_a_user_sees_only_the_movers_of_dags_they_may_read(system: System) -> No
     assert f"{HIDDEN_DAG}.move" in admin
     assert f"{HIDDEN_DAG}.move" not in outsider
     assert set(admin) - set(outsider) == {f"{HIDDEN_DAG}.move"}
+
+
+def test_a_user_who_may_not_read_the_connections_sees_neither_their_databases_nor_positions(
+    system: System,
+) -> None:
+    """The page opened every connection a readable DAG names, with that connection's
+    credentials, and showed host, port, database and positions to users the auth manager
+    does not let read connections (a viewer, under the simple auth manager)."""
+    _move_known_count(system, events=6, ticks=1)
+    admin = _rows(system, "admin")["pgq_sys_drain.move"]
+    viewer = _rows(system, "viewer")["pgq_sys_drain.move"]
+    assert admin["source"]["database"] == system.src.dbname and admin["last_tick"] is not None
+    assert viewer["source"] == {"conn_id": "pgq_sys_src", "queue": "dr"}, viewer["source"]
+    assert set(viewer["target"]) == {"conn_id", "queue"}, viewer["target"]
+    assert (viewer["last_tick"], viewer["target_mark"], viewer["pending_events"]) == (None, None, None)
+    assert any("may not read this connection" in e for e in viewer["errors"]), viewer["errors"]
+    shown = {k: v for side in ("source", "target") for k, v in viewer[side].items() if k != "conn_id"}
+    assert set(shown) == {"queue"} and str(system.src.cluster.port) not in repr(viewer)
+    operator = _rows(system, "operator")["pgq_sys_drain.move"]  # may read connections
+    assert operator["source"]["database"] == system.src.dbname and operator["last_tick"] is not None
 
 
 def test_each_mover_task_instance_links_to_its_row(system: System) -> None:
@@ -158,8 +195,8 @@ def test_the_page_in_a_real_browser(system: System) -> None:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             # Airflow's own login form
             page.goto(f"{af.base}/auth/login")
-            page.get_by_label("Username").fill("viewer")
-            page.get_by_label("Password").fill(af.passwords["viewer"])
+            page.get_by_label("Username").fill("operator")  # may read the connections
+            page.get_by_label("Password").fill(af.passwords["operator"])
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
             # the "PgQ" entry of the navigation shows the page in a frame

@@ -16,6 +16,9 @@ from airflow_provider_pgq.ui.history import RunPoint
 from airflow_provider_pgq.ui.movers import MoverSpec
 from tests.helpers import Server, create_queue, produce, register, simple_events, tick
 
+#: Every connection id these tests use: a user who may read them all.
+EVERY = frozenset(("src_a", "src_b", "dst", "dst_again", "down", "silent", "no_such_conn"))
+
 
 def _spec(task: str, src: str, dst: str, queue: str, consumer: str, sub: str = "") -> MoverSpec:
     return MoverSpec(dag_id="d", task_id=task, map_index=-1, source_conn_id=src, target_conn_id=dst,
@@ -72,13 +75,13 @@ def test_one_read_per_database_for_many_movers_then_the_cache(three_databases: l
     produce(src_a, "q", simple_events(4))
     tick(src_a, "q")
     reader = live.LiveReader(lambda conn_id: _open(conn_id), ttl=60, bound=20)
-    rows = build_rows(reader, specs, {}, 900, "", set())
+    rows = build_rows(reader, specs, {}, 900, "", set(), connections=EVERY)
     assert reader.reads == 3  # twelve movers, two connection ids to one target: three databases
     assert len(rows) == 12 and all(r["errors"] == [] for r in rows), [r["errors"] for r in rows]
     a0 = next(r for r in rows if r["task_id"] == "a0")
     assert a0["registered"] is True and a0["pending_events"] > 0 and a0["newest_tick"] > a0["last_tick"]
     assert a0["source"]["database"] == src_a.dbname and a0["target"]["database"] == dst.dbname
-    build_rows(reader, specs, {}, 900, "", set())
+    build_rows(reader, specs, {}, 900, "", set(), connections=EVERY)
     assert reader.reads == 3  # within ttl: from the cache
 
 
@@ -93,7 +96,7 @@ def test_an_unreachable_and_a_silent_database_do_not_hold_the_page(
     history = {("d", "up", -1): [RunPoint("r1", None, "success", 5, 1, 0.5, 0, "drained")]}
     reader = live.LiveReader(lambda conn_id: _open(conn_id), ttl=60, bound=1.0)
     started = time.monotonic()
-    rows = {r["task_id"]: r for r in build_rows(reader, specs, history, 900, "/ui", {"d"})}
+    rows = {r["task_id"]: r for r in build_rows(reader, specs, history, 900, "/ui", {"d"}, connections=EVERY)}
     assert time.monotonic() - started < 4  # the silent server's connect timeout is 5 s
     assert rows["up"]["errors"] == [] and rows["up"]["state"] == "keeping up"
     assert rows["up"]["runs"][0]["events"] == 5 and rows["up"]["grid_url"] == "/ui/dags/d"
@@ -107,7 +110,7 @@ def test_an_unreachable_and_a_silent_database_do_not_hold_the_page(
                                       "database": "nothing"}
     # the next page load joins the silent read still in flight instead of starting another
     reads = reader.reads
-    build_rows(reader, specs, history, 900, "", {"d"})
+    build_rows(reader, specs, history, 900, "", {"d"}, connections=EVERY)
     assert reader.reads == reads
 
 
@@ -116,8 +119,38 @@ def test_run_reports_are_hidden_without_xcom_access(three_databases: list[Server
     register(src_a, "q", "c")
     history = {("d", "up", -1): [RunPoint("r1", None, "success", 5, 1, 0.5, 0, "drained")]}
     reader = live.LiveReader(lambda conn_id: _open(conn_id))
-    (row,) = build_rows(reader, [_spec("up", "src_a", "dst", "q", "c")], history, 900, "", set())
+    (row,) = build_rows(reader, [_spec("up", "src_a", "dst", "q", "c")], history, 900, "", set(),
+                        connections=EVERY)
     assert row["runs"] is None
+
+
+def test_a_connection_the_user_may_not_read_is_neither_opened_nor_shown(three_databases: list[Server]) -> None:
+    """The page opened any connection a readable DAG names, with that connection's
+    credentials, and showed its host, port, database and positions to every user who may
+    read the DAG. A connection the auth manager does not let the user read is not opened."""
+    src_a, _, dst = three_databases
+    register(src_a, "q", "c")
+    opened: list[str] = []
+
+    def open_counted(conn_id: str) -> object:
+        opened.append(conn_id)
+        return _open(conn_id)
+
+    reader = live.LiveReader(open_counted, ttl=0, bound=20)
+    spec = _spec("up", "src_a", "dst", "q", "c")
+    (row,) = build_rows(reader, [spec], {}, 900, "", set(), connections=EVERY)
+    assert sorted(opened) == ["dst", "src_a"] and row["registered"] is True  # a user who may
+    opened.clear()
+    (row,) = build_rows(reader, [spec], {}, 900, "", set(), connections={"src_a"})
+    assert opened == []  # a mover is read from both sides or not at all
+    assert row["target"] == {"conn_id": "dst", "queue": "q"}  # no host, port, database
+    assert row["target_mark"] is None and row["registered"] is None and row["state"] == "stopped"
+    assert any("may not read" in e and "'dst'" in e for e in row["errors"]), row["errors"]
+    assert row["source"]["database"] == src_a.dbname  # a connection the user may read
+    (row,) = build_rows(reader, [spec], {}, 900, "", set(), connections=set())
+    assert opened == []
+    assert row["source"] == {"conn_id": "src_a", "queue": "q"} and row["last_tick"] is None
+    assert dst.dbname not in repr(row) and src_a.dbname not in repr(row)
 
 
 def _open(conn_id: str) -> object:

@@ -2,7 +2,8 @@
 --
 -- Call-compatible with the classic skytools pgq_ext (same tables, same functions,
 -- same argument types), so a target once fed by the classic queue_mover keeps its
--- marks. Written for airflow-provider-pgq. Runs inside one transaction, after
+-- marks. The functions that write a key's marks check first that the caller may write
+-- that key (pgq_ext._require_key_writer, in pgq_ext_mover.sql: the key's owner). Written for airflow-provider-pgq. Runs inside one transaction, after
 -- core/pgq_ext.py has checked that every object already in pgq_ext belongs to a
 -- role it trusts. Tables are created only when missing (an installation keeps its
 -- data); functions are created or replaced (an installation keeps its grants). Rights
@@ -104,6 +105,7 @@ create or replace function pgq_ext.set_last_tick(a_consumer text, a_subconsumer 
 returns integer language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'set the mark of', true);
     if a_tick_id is null then
         delete from pgq_ext.completed_tick
          where consumer_id = a_consumer and subconsumer_id = a_subconsumer;
@@ -143,6 +145,7 @@ create or replace function pgq_ext.set_batch_done(a_consumer text, a_subconsumer
 returns boolean language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'mark a batch of', true);
     if pgq_ext.is_batch_done(a_consumer, a_subconsumer, a_batch_id) then
         return false;
     end if;
@@ -190,6 +193,7 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     old_batch bigint;
 begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'mark an event of', true);
     if pgq_ext.is_event_done(a_consumer, a_subconsumer, a_batch_id, a_event_id) then
         return false;
     end if;

@@ -15,6 +15,206 @@ create table if not exists pgq_ext.tracking_source (
     primary key (consumer_id, subconsumer_id)
 );
 
+-- Who may write a tracking key, and the key's lock. A key belongs to the login that
+-- first wrote it (session_user: SET ROLE cannot change it, and no setting can), or to
+-- the role an admin assigns (assign_key); its owner, the owner's members and an admin
+-- (a superuser, or a member of the role that installed pgq_ext) may move, clear, bind,
+-- unbind or lock it and use its kept-id claim. owner_role NULL: a key install found
+-- already in use (classic marks): writable as before, by whoever may call the write
+-- side, until an admin assigns it. The row is also the key's lock: FOR UPDATE (or any
+-- row lock, LOCK TABLE beyond ACCESS SHARE, a foreign key to it) needs a right on this
+-- table beyond SELECT, which only its owner has (and superusers, pg_write_all_data);
+-- PUBLIC may read it, which blocks nobody.
+create table if not exists pgq_ext.tracking_key (
+    consumer_id     text        not null,
+    subconsumer_id  text        not null default '',
+    owner_role      oid,
+    created_at      timestamptz not null default pg_catalog.now(),
+    primary key (consumer_id, subconsumer_id)
+);
+
+-- The bind lock of a consumer name (one source consumer feeds one key): a row per
+-- consumer name, locked FOR UPDATE while one of its keys is bound.
+create table if not exists pgq_ext.tracking_consumer (
+    consumer_id     text        primary key
+);
+
+-- Keys already in use when install runs (the classic consumer's marks, or those of an
+-- installation before mover schema 5) are taken over without an owner.
+insert into pgq_ext.tracking_key (consumer_id, subconsumer_id, owner_role)
+select k.consumer_id, k.subconsumer_id, null
+  from (select consumer_id, subconsumer_id from pgq_ext.completed_tick
+        union select consumer_id, subconsumer_id from pgq_ext.completed_batch
+        union select consumer_id, subconsumer_id from pgq_ext.partial_batch
+        union select consumer_id, subconsumer_id from pgq_ext.completed_event
+        union select consumer_id, subconsumer_id from pgq_ext.tracking_source) k
+on conflict (consumer_id, subconsumer_id) do nothing;
+do $kept$
+begin
+    -- kept_event_ids is made further down on a first install
+    if pg_catalog.to_regclass('pgq_ext.kept_event_ids') is not null then
+        insert into pgq_ext.tracking_key (consumer_id, subconsumer_id, owner_role)
+        select k.consumer_id, k.subconsumer_id, null from pgq_ext.kept_event_ids k
+        on conflict (consumer_id, subconsumer_id) do nothing;
+    end if;
+end
+$kept$;
+
+-- An admin of pgq_ext's keys: a superuser, or a member of the role that owns these
+-- functions (the installing role). Decided on the login (session_user).
+create or replace function pgq_ext._is_key_admin()
+returns boolean language sql stable security definer
+set search_path = pg_catalog, pg_temp as $$
+    select coalesce((select r.rolsuper from pg_catalog.pg_roles r where r.rolname = session_user), false)
+        or pg_catalog.pg_has_role(session_user, current_user, 'MEMBER');
+$$;
+
+-- May this login act for a key owned by a_owner (NULL: nobody, install took it over)?
+create or replace function pgq_ext._may_write_key(a_owner oid)
+returns boolean language sql stable security definer
+set search_path = pg_catalog, pg_temp as $$
+    select a_owner is null
+        or pgq_ext._is_key_admin()
+        or coalesce((select pg_catalog.pg_has_role(session_user, r.oid, 'MEMBER')
+                       from pg_catalog.pg_roles r where r.oid = a_owner), false);
+$$;
+
+-- The owner of a key as text for messages (a dropped owner shows as its oid).
+create or replace function pgq_ext._key_owner_name(a_owner oid)
+returns text language sql stable security definer
+set search_path = pg_catalog, pg_temp as $$
+    select coalesce((select pg_catalog.quote_literal(r.rolname) from pg_catalog.pg_roles r where r.oid = a_owner),
+                    'with oid ' || a_owner::text || ' (dropped)');
+$$;
+
+-- Refuses (insufficient_privilege) unless this login may write the key; a_what says
+-- what it wanted to do. A key nobody wrote yet becomes this login's when a_create (a
+-- key of a consumer name whose keys belong to another role is refused: they would
+-- share its bind lock). Reads only: the refusal is decided before any lock.
+create or replace function pgq_ext._require_key_writer(a_consumer text, a_subconsumer text, a_what text,
+                                                       a_create boolean)
+returns void language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    owner_oid oid;
+    other record;
+begin
+    if a_consumer is null or a_subconsumer is null then
+        raise exception 'tracking key consumer % subconsumer %: neither may be NULL',
+                        pg_catalog.quote_nullable(a_consumer), pg_catalog.quote_nullable(a_subconsumer)
+              using errcode = 'null_value_not_allowed';
+    end if;
+    select k.owner_role into owner_oid from pgq_ext.tracking_key k
+     where k.consumer_id = a_consumer and k.subconsumer_id = a_subconsumer;
+    if found then
+        if pgq_ext._may_write_key(owner_oid) then
+            return;
+        end if;
+        raise exception 'tracking key consumer % subconsumer % belongs to role %: role % may not % it',
+                        pg_catalog.quote_literal(a_consumer), pg_catalog.quote_literal(a_subconsumer),
+                        pgq_ext._key_owner_name(owner_oid), pg_catalog.quote_literal(session_user), a_what
+              using errcode = 'insufficient_privilege',
+                    hint = 'Use a consumer name of your own, or log in as (a member of) the key''s owner;'
+                        || ' an admin may reassign the key: select pgq_ext.assign_key('
+                        || pg_catalog.quote_literal(a_consumer) || ', ' || pg_catalog.quote_literal(a_subconsumer)
+                        || ', <role>)';
+    end if;
+    select k.subconsumer_id, k.owner_role into other from pgq_ext.tracking_key k
+     where k.consumer_id = a_consumer and not pgq_ext._may_write_key(k.owner_role)
+     limit 1;
+    if found then
+        raise exception 'consumer name % belongs to role % (its tracking key with subconsumer %): role %'
+                        ' may not % a key of it', pg_catalog.quote_literal(a_consumer),
+                        pgq_ext._key_owner_name(other.owner_role), pg_catalog.quote_literal(other.subconsumer_id),
+                        pg_catalog.quote_literal(session_user), a_what
+              using errcode = 'insufficient_privilege',
+                    hint = 'Choose a consumer name of your own; an admin may reassign the keys with'
+                        || ' pgq_ext.assign_key';
+    end if;
+    if not a_create then
+        return;
+    end if;
+    insert into pgq_ext.tracking_key (consumer_id, subconsumer_id, owner_role)
+    values (a_consumer, a_subconsumer, (select r.oid from pg_catalog.pg_roles r where r.rolname = session_user))
+    on conflict (consumer_id, subconsumer_id) do nothing;
+    if not found then  -- made by another transaction meanwhile: decide on its row
+        perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, a_what, false);
+    end if;
+end;
+$$;
+
+-- Makes the key (this login's, when new) and its consumer's bind-lock row, so that
+-- they exist committed before a batch waits for them: a waiter can then name the
+-- session holding the lock. Refuses a key this login may not write. Returns the key's
+-- owner, NULL for a key nobody owns (install took it over).
+create or replace function pgq_ext.ensure_key(a_consumer text, a_subconsumer text)
+returns text language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    owner_oid oid;
+begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'use', true);
+    insert into pgq_ext.tracking_consumer (consumer_id) values (a_consumer) on conflict do nothing;
+    select k.owner_role into owner_oid from pgq_ext.tracking_key k
+     where k.consumer_id = a_consumer and k.subconsumer_id = a_subconsumer;
+    return case when owner_oid is null then null else pg_catalog.pg_get_userbyid(owner_oid)::text end;
+end;
+$$;
+
+-- The key's transaction lock (step 2 of the move protocol): the key's row FOR UPDATE,
+-- after the refusal; the owner is checked again on the locked row (an admin may have
+-- reassigned it meanwhile).
+create or replace function pgq_ext.lock_key(a_consumer text, a_subconsumer text)
+returns void language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    owner_oid oid;
+begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'lock', true);
+    select k.owner_role into owner_oid from pgq_ext.tracking_key k
+     where k.consumer_id = a_consumer and k.subconsumer_id = a_subconsumer
+       for update;
+    if not pgq_ext._may_write_key(owner_oid) then
+        perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'lock', false);
+    end if;
+end;
+$$;
+
+-- An admin gives the key (made when missing) to a role, whose members may then write
+-- it; NULL: to nobody (writable by any caller of the write side, as a key install took
+-- over). Returns the previous owner's name.
+create or replace function pgq_ext.assign_key(a_consumer text, a_subconsumer text, a_role name)
+returns text language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    new_owner oid;
+    old_owner oid;
+begin
+    if not pgq_ext._is_key_admin() then
+        raise exception 'role % may not assign tracking keys: a superuser or a member of role % may',
+                        pg_catalog.quote_literal(session_user), pg_catalog.quote_literal(current_user)
+              using errcode = 'insufficient_privilege';
+    end if;
+    if a_role is not null then
+        select r.oid into new_owner from pg_catalog.pg_roles r where r.rolname = a_role;
+        if not found then
+            raise exception 'role % does not exist', pg_catalog.quote_literal(a_role)
+                  using errcode = 'undefined_object';
+        end if;
+    end if;
+    select k.owner_role into old_owner from pgq_ext.tracking_key k
+     where k.consumer_id = a_consumer and k.subconsumer_id = a_subconsumer for update;
+    if found then
+        update pgq_ext.tracking_key set owner_role = new_owner
+         where consumer_id = a_consumer and subconsumer_id = a_subconsumer;
+    else
+        insert into pgq_ext.tracking_key (consumer_id, subconsumer_id, owner_role)
+        values (a_consumer, a_subconsumer, new_owner);
+    end if;
+    return case when old_owner is null then null else pgq_ext._key_owner_name(old_owner) end;
+end;
+$$;
+
 -- Binds the key to the source on first use. Returns NULL when the key belongs to
 -- this source, else the source it belongs to, as 'system/database/queue'.
 create or replace function pgq_ext.bind_source(a_consumer text, a_subconsumer text,
@@ -25,9 +225,12 @@ declare
     cur record;
     other text;
 begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'bind', true);
     -- One source consumer feeds one key: two subconsumers of one consumer on one
-    -- source queue would both be handed the same batches, under different locks.
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgq_ext bind:' || a_consumer, 0));
+    -- source queue would both be handed the same batches, under different locks. The
+    -- consumer's row is the lock: only keys of the consumer name's owner get here.
+    insert into pgq_ext.tracking_consumer (consumer_id) values (a_consumer) on conflict do nothing;
+    perform 1 from pgq_ext.tracking_consumer c where c.consumer_id = a_consumer for update;
     select subconsumer_id into other from pgq_ext.tracking_source
      where consumer_id = a_consumer and subconsumer_id <> a_subconsumer
        and (source_system_id, source_database, source_queue) = (a_system_id, a_database, a_queue);
@@ -54,32 +257,99 @@ end;
 $$;
 
 create or replace function pgq_ext.unbind_source(a_consumer text, a_subconsumer text)
-returns integer language sql security definer
+returns integer language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
-    with d as (delete from pgq_ext.tracking_source
-                where consumer_id = a_consumer and subconsumer_id = a_subconsumer
-               returning 1)
-    select count(*)::integer from d;
+declare
+    n integer;
+begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'unbind', false);
+    delete from pgq_ext.tracking_source
+     where consumer_id = a_consumer and subconsumer_id = a_subconsumer;
+    get diagnostics n = row_count;
+    return n;
+end;
 $$;
 
 
--- Step 2 and 3 of the move protocol in one round trip: the key's transaction lock (the
--- same one pgq_ext.lock_key in core/pgq_ext.py takes), its source binding, and its
--- mark. other_source is not NULL when the key belongs to another source (then
--- last_tick is not read).
+-- Step 2 and 3 of the move protocol in one round trip: the key's transaction lock
+-- (lock_key), its source binding, and its mark. other_source is not NULL when the key
+-- belongs to another source (then last_tick is not read).
 create or replace function pgq_ext.begin_batch(a_consumer text, a_subconsumer text,
                                                a_system_id text, a_database text, a_queue text,
                                                out other_source text, out last_tick bigint)
 language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 begin
-    -- concat, as core/pgq_ext.py lock_key: the same key, and a NULL part cannot drop the lock
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
-        pg_catalog.concat('pgq_ext:', a_consumer, pg_catalog.chr(1), a_subconsumer), 0));
+    perform pgq_ext.lock_key(a_consumer, a_subconsumer);
     other_source := pgq_ext.bind_source(a_consumer, a_subconsumer, a_system_id, a_database, a_queue);
     if other_source is null then
         last_tick := pgq_ext.get_last_tick(a_consumer, a_subconsumer);
     end if;
+end;
+$$;
+
+-- A relation of a queue, resolved from the text pgq.queue holds (which pgq_admin may
+-- change) to a relation of PgQ's own: in schema pgq, owned by the owner of pgq.queue,
+-- of the right kind. a_kind 'data': the queue's parent event table; 'seq': its event id
+-- sequence; 'current': the current event table (inherits 'data'), which pgq_ext writes,
+-- so it must carry no trigger or rule either (their code would run with this owner's
+-- rights). Refused (insufficient_privilege) otherwise, before anything is read from it.
+create or replace function pgq_ext._queue_relation(a_queue text, a_kind text)
+returns pg_catalog.regclass language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    relname_text text;
+    rel pg_catalog.regclass;
+    parent pg_catalog.regclass;
+    c record;
+    pgq_owner oid := (select t.relowner from pg_catalog.pg_class t where t.oid = 'pgq.queue'::pg_catalog.regclass);
+    why text;
+begin
+    select case a_kind when 'seq' then q.queue_event_seq else q.queue_data_pfx end into relname_text
+      from pgq.queue q where q.queue_name = a_queue;
+    if not found then
+        raise exception 'target queue % does not exist', pg_catalog.quote_literal(a_queue)
+              using errcode = 'undefined_object';
+    end if;
+    if a_kind = 'current' then
+        parent := pgq_ext._queue_relation(a_queue, 'data');
+        relname_text := pgq.current_event_table(a_queue);
+    end if;
+    rel := pg_catalog.to_regclass(relname_text);
+    select x.relnamespace, x.relowner, x.relkind, x.relhastriggers, x.relhasrules into c
+      from pg_catalog.pg_class x where x.oid = rel;
+    if not found then
+        why := 'which does not exist';
+    elsif c.relnamespace <> 'pgq'::pg_catalog.regnamespace then
+        why := 'which is not in schema pgq';
+    elsif c.relowner is distinct from pgq_owner then
+        why := pg_catalog.format('which is owned by %L, not by %L, the owner of pgq.queue',
+                                 pg_catalog.pg_get_userbyid(c.relowner), pg_catalog.pg_get_userbyid(pgq_owner));
+    elsif c.relkind <> (case a_kind when 'seq' then 'S' else 'r' end) then
+        why := pg_catalog.format('which is of kind %L, not a %s', c.relkind,
+                                 case a_kind when 'seq' then 'sequence' else 'table' end);
+    elsif a_kind = 'current' and not exists (select 1 from pg_catalog.pg_inherits i
+                                              where i.inhrelid = rel and i.inhparent = parent) then
+        why := pg_catalog.format('which does not inherit %s', parent);
+    elsif a_kind = 'current' and exists (select 1 from pg_catalog.pg_trigger t
+                                          where t.tgrelid = rel and not t.tgisinternal) then
+        why := 'which carries triggers (' || (select pg_catalog.string_agg(pg_catalog.quote_ident(t.tgname), ', ')
+                                               from pg_catalog.pg_trigger t
+                                              where t.tgrelid = rel and not t.tgisinternal) || ')';
+    elsif a_kind = 'current' and c.relhasrules then
+        why := 'which carries rules';
+    end if;
+    if why is not null then
+        raise exception 'target queue %: pgq.queue names % as its % table, %: pgq_ext reads and writes only'
+                        ' PgQ''s own relations, refused', pg_catalog.quote_literal(a_queue),
+                        pg_catalog.quote_literal(relname_text),
+                        case a_kind when 'seq' then 'event id sequence' when 'data' then 'event' else 'current event' end,
+                        why
+              using errcode = 'insufficient_privilege',
+                    hint = 'An admin should check pgq.queue and the queue''s event tables (owner, triggers, rules):'
+                        || ' PgQ makes them owned by the owner of pgq.queue, without triggers.';
+    end if;
+    return rel;
 end;
 $$;
 
@@ -97,7 +367,7 @@ create or replace function pgq_ext.insert_event_chunk(
 returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
-    tbl text;
+    tbl pg_catalog.regclass;
     n bigint;
 begin
     if a_id is not null then
@@ -105,16 +375,16 @@ begin
     end if;
     -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
     perform pg_catalog.txid_current();
-    tbl := pgq.current_event_table(a_queue);
+    tbl := pgq_ext._queue_relation(a_queue, 'current');
     if a_id is null then
         execute pg_catalog.format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
                        ' ev_extra4, ev_time) select * from unnest($1, $2, $3, $4, $5, $6, $7)',
-                       pgq.quote_fqname(tbl))
+                       tbl)
           using a_type, a_data, a_extra1, a_extra2, a_extra3, a_extra4, a_time;
     else
         execute pg_catalog.format('insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3,'
                        ' ev_extra4, ev_time, ev_id) select * from unnest($1, $2, $3, $4, $5,'
-                       ' $6, $7, $8)', pgq.quote_fqname(tbl))
+                       ' $6, $7, $8)', tbl)
           using a_type, a_data, a_extra1, a_extra2, a_extra3, a_extra4, a_time, a_id;
     end if;
     get diagnostics n = row_count;
@@ -211,7 +481,7 @@ begin
     perform pg_catalog.txid_current();
     execute pg_catalog.format('insert into %s (%s) select %s from only pg_temp.pgq_mover_rows'
                    ' where ord > $1 order by ord',
-                   pgq.quote_fqname(pgq.current_event_table(a_queue)), cols, cols)
+                   pgq_ext._queue_relation(a_queue, 'current'), cols, cols)
       using a_after_ord;
     get diagnostics n = row_count;
     return n;
@@ -240,12 +510,13 @@ declare
     seq_name text;
     pos bigint;
 begin
-    select queue_event_seq into seq_name from pgq.queue where queue_name = a_queue;
+    perform 1 from pgq.queue where queue_name = a_queue;
     if not found then
         return null;
     end if;
+    seq_name := pgq_ext._queue_relation(a_queue, 'seq');
     execute pg_catalog.format('select case when is_called then last_value else last_value - 1 end from %s',
-                   pgq.quote_fqname(seq_name))
+                   seq_name)
        into pos;
     return pos;
 end;
@@ -282,7 +553,7 @@ begin
         end if;
         return null;
     end if;
-    execute pg_catalog.format('select exists (select 1 from %s)', pgq.quote_fqname(q.queue_data_pfx))
+    execute pg_catalog.format('select exists (select 1 from %s)', pgq_ext._queue_relation(a_queue, 'data'))
        into has_events;
     if has_events then
         return pg_catalog.format('target queue %L already holds events not written with kept ids by this key:'
@@ -304,8 +575,15 @@ create table if not exists pgq_ext.kept_ids_claims (
     seq_at_claim      bigint  not null
 );
 
+-- One row per target queue that kept ids were claimed for: its row, locked FOR UPDATE,
+-- serializes the kept-id writers of the queue (an advisory lock anyone could hold).
+create table if not exists pgq_ext.kept_ids_queue (
+    target_queue      text    primary key
+);
+
 -- Start of a kept-id batch, in the mover's target transaction. A refusal is decided
--- before any lock is taken; otherwise it serializes kept-id writers of the queue,
+-- before any lock is taken; otherwise it serializes kept-id writers of the queue (its
+-- row in kept_ids_queue),
 -- blocks other inserts into its current event table until commit (an insert already
 -- running is waited for, and shows in the sequence), answers the refusal once more
 -- (the state may have changed during the wait) and records the claim.
@@ -315,13 +593,16 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     refusal text;
 begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'claim kept event ids with', false);
     refusal := pgq_ext.kept_ids_refusal(a_consumer, a_subconsumer, a_queue);
     if refusal is not null then
         return refusal;
     end if;
-    perform pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pgq_ext kept ids:' || a_queue, 0));
+    -- the queue's row in kept_ids_queue: a lock no login without pgq_mover can take
+    insert into pgq_ext.kept_ids_queue (target_queue) values (a_queue) on conflict do nothing;
+    perform 1 from pgq_ext.kept_ids_queue k where k.target_queue = a_queue for update;
     execute pg_catalog.format('lock table %s in share row exclusive mode',
-                   pgq.quote_fqname(pgq.current_event_table(a_queue)));
+                   pgq_ext._queue_relation(a_queue, 'current'));
     refusal := pgq_ext.kept_ids_refusal(a_consumer, a_subconsumer, a_queue);
     if refusal is null then
         insert into pgq_ext.kept_ids_claims as c
@@ -348,7 +629,10 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     claimed bigint;
     seq_now bigint;
+    written bigint;
+    seq_max bigint;
 begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'commit kept event ids with', false);
     select seq_at_claim into claimed from pgq_ext.kept_ids_claims
      where target_queue = a_queue and consumer_id = a_consumer and subconsumer_id = a_subconsumer
        and claim_txid = pg_catalog.txid_current();
@@ -362,9 +646,32 @@ begin
                         ' something else allocates ids there (a local producer, or pgq.force_tick'
                         ' on the target)', a_queue, claimed, seq_now;
     end if;
+    -- The sequence moves only as far as ids this transaction really wrote into the queue
+    -- (under this claim nobody else writes it), and never to where fewer than 2^32 ids
+    -- would be left: a sequence at its maximum makes every later insert_event fail.
+    execute pg_catalog.format('select pg_catalog.max(ev_id) from %s where ev_txid = pg_catalog.txid_current()',
+                              pgq_ext._queue_relation(a_queue, 'data'))
+       into written;
+    if a_max_id > coalesce(written, seq_now) then
+        raise exception 'kept_ids_commit(%, %, %, %): % is beyond the largest event id this transaction wrote'
+                        ' into target queue % (%): the sequence moves only past ids really written',
+                        pg_catalog.quote_literal(a_consumer), pg_catalog.quote_literal(a_subconsumer),
+                        pg_catalog.quote_literal(a_queue), a_max_id, a_max_id, pg_catalog.quote_literal(a_queue),
+                        coalesce(written::text, 'none')
+              using errcode = 'insufficient_privilege';
+    end if;
+    select s.seqmax into seq_max from pg_catalog.pg_sequence s
+     where s.seqrelid = pgq_ext._queue_relation(a_queue, 'seq');
+    if a_max_id > seq_max - 4294967296 then
+        raise exception 'kept_ids_commit: event id % written into target queue % leaves its id sequence'
+                        ' fewer than 2^32 ids (maximum %): refused, later inserts into the queue would fail',
+                        a_max_id, pg_catalog.quote_literal(a_queue), seq_max
+              using errcode = 'insufficient_privilege',
+                    hint = 'Move without keep_event_id: the source''s ids are too close to the end of the range';
+    end if;
     -- plain setval (is_called true): pgq.seq_setval leaves a fresh sequence's first id free
     seq_now := greatest(a_max_id, seq_now);
-    perform setval((select queue_event_seq from pgq.queue where queue_name = a_queue)::regclass, seq_now);
+    perform pg_catalog.setval(pgq_ext._queue_relation(a_queue, 'seq'), seq_now);
     insert into pgq_ext.kept_event_ids as k (target_queue, consumer_id, subconsumer_id, seq_high)
     values (a_queue, a_consumer, a_subconsumer, seq_now)
     on conflict (target_queue) do update
@@ -379,17 +686,36 @@ end;
 $$;
 
 -- Forgets which key writes kept ids into the queue (after emptying or recreating it).
+-- Only the key's owner (or an admin) may: another team could otherwise free the queue
+-- for its own kept ids.
 create or replace function pgq_ext.kept_ids_release(a_queue text)
-returns integer language sql security definer
+returns integer language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
+declare
+    k record;
+    n integer;
+begin
+    for k in select consumer_id, subconsumer_id from pgq_ext.kept_event_ids where target_queue = a_queue
+             union select consumer_id, subconsumer_id from pgq_ext.kept_ids_claims where target_queue = a_queue
+    loop
+        perform pgq_ext._require_key_writer(k.consumer_id, k.subconsumer_id,
+                                            'release the kept event ids of queue ' || pg_catalog.quote_literal(a_queue)
+                                            || ' held by', false);
+    end loop;
     delete from pgq_ext.kept_ids_claims where target_queue = a_queue;
-    with d as (delete from pgq_ext.kept_event_ids where target_queue = a_queue returning 1)
-    select count(*)::integer from d;
+    delete from pgq_ext.kept_event_ids where target_queue = a_queue;
+    get diagnostics n = row_count;
+    return n;
+end;
 $$;
 
 -- The schema version the mover checks for. Bumped with every change of this file.
 -- 3: write side for pgq_mover only, kept-id claims proven by a row of the transaction.
 -- 4: stage_events / insert_staged_events, the fast path without pgq_admin.
+-- 5: tracking keys have owners (tracking_key, assign_key), the key, bind and kept-id
+--    locks are rows of pgq_ext (lock_key, ensure_key, tracking_consumer, kept_ids_queue),
+--    kept_ids_commit bounded by what it wrote, names from pgq.queue resolved to PgQ's own
+--    relations (_queue_relation), kept_ids_refusal for pgq_mover only.
 create or replace function pgq_ext.mover_schema_version()
 returns integer language sql immutable security definer
-set search_path = pg_catalog, pg_temp as $$ select 4 $$;
+set search_path = pg_catalog, pg_temp as $$ select 5 $$;
