@@ -108,6 +108,9 @@ class ChrootCluster(ThrowawayCluster):
         pwfile.write_text(self.password + "\n")
         for path in (self.root, self.sockdir, pwfile):
             os.chown(path, self.uid, self.gid)
+        # this machine's postgres (a PgBouncer in front) reaches the socket from outside
+        self.root.chmod(0o711)
+        self.sockdir.chmod(0o755)
         self._run(
             "initdb", "-D", self.inner(self.datadir), "-U", SUPERUSER, f"--pwfile={self.inner(pwfile)}",
             "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8",
