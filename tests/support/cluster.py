@@ -78,11 +78,16 @@ class ThrowawayCluster:
     #: a server the tests share (PGQ_TEST_DSN), not a cluster of their own
     shared: bool = False
 
-    def __init__(self, os_user: str = "postgres", in_memory: bool = False) -> None:
+    def __init__(self, os_user: str = "postgres", in_memory: bool = False, superuser: str = SUPERUSER,
+                 trust: bool = False) -> None:
+        """superuser: its name; trust: no password at all (TCP logins trusted), as a
+        server a user may name with PGQ_TEST_DSN (the harness's own tests use it)."""
+        self.superuser = superuser
+        self.trust = trust
         self.bindir = find_bindir()
         self.major = int(self.bindir.parts[-2]) if self.bindir.parts[-2].isdigit() else 0
         self.os_user = os_user if os.geteuid() == 0 else None
-        self.password = secrets.token_urlsafe(12)
+        self.password = "" if trust else secrets.token_urlsafe(12)
         self.port = free_port()
         self.in_memory = bool(in_memory and memory_dir())
         self.root = Path(tempfile.mkdtemp(prefix="pgq-cluster-", dir=memory_dir() if self.in_memory else None))
@@ -107,9 +112,10 @@ class ThrowawayCluster:
             entry = pwd.getpwnam(self.os_user)
             for path in (self.root, self.sockdir, pwfile):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
+        password = [] if self.trust else [f"--pwfile={pwfile}"]
         self._run(
-            "initdb", "-D", str(self.datadir), "-U", SUPERUSER, f"--pwfile={pwfile}",
-            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8",
+            "initdb", "-D", str(self.datadir), "-U", self.superuser, *password, "--auth-local=trust",
+            f"--auth-host={'trust' if self.trust else 'scram-sha-256'}", "-E", "UTF8", "--locale=C.UTF-8",
         )
         pwfile.unlink()
         with open(self.datadir / "postgresql.conf", "a") as conf:
