@@ -21,8 +21,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
+import psycopg2
 import pytest
 from psycopg2.extensions import parse_dsn
 
@@ -30,27 +31,63 @@ from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import MoverOptions
 from tests.helpers import CLASSIC_BATCHES, EXAMPLES, ROOT, DagRunner, Server, create_queue
+from tests.support.chroot import new_cluster
 from tests.support.cluster import ThrowawayCluster, memory_dir
 from tests.support.pgbouncer import PgBouncer
 from tests.support.pgqd import Pgqd
 
 
 class _ExistingServer(ThrowawayCluster):
-    """PGQ_TEST_DSN: a superuser DSN on a running server that has PgQ installed."""
+    """PGQ_TEST_DSN: a superuser DSN on a running server that has PgQ installed: any
+    superuser name, a password or none (a server that trusts the tests' address).
+    What only a cluster of our own has (its OS user, socket folder, log file, data
+    folder, pg_ctl) skips the test that needs it, saying why."""
+
+    shared = True
 
     def __init__(self, dsn: str) -> None:  # noqa: D107 - no cluster of our own
         parts = parse_dsn(dsn) if "://" not in dsn else _uri_parts(dsn)
         self.port = int(parts.get("port", 5432))
         self.password = parts.get("password", "")
-        self._host = parts.get("host", "127.0.0.1")
-        self._user = parts.get("user", "postgres")
+        self.host = parts.get("host", "127.0.0.1")
+        self.superuser = parts.get("user", "postgres")
+        self.major = int(self.execute("postgres", "select current_setting('server_version_num')::int")[0][0]) // 10000
+        self.checks_passwords = self._refuses_wrong_password()
 
-    def dsn(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> str:
-        user = user or self._user
-        pw = self.password if password is None and user == self._user else password
-        return f"host={self._host} port={self.port} dbname={dbname} user={user}" + (
-            f" password={pw}" if pw else ""
-        )
+    def _refuses_wrong_password(self) -> bool:
+        """Whether the server refuses the superuser with a wrong password (tests of
+        password errors skip on a server that trusts the tests' address)."""
+        wrong = "wrong-" + uuid.uuid4().hex
+        try:
+            psycopg2.connect(self.dsn("postgres", password=wrong), connect_timeout=10).close()
+        except psycopg2.OperationalError:
+            return True
+        return False
+
+    def _not_here(self, what: str) -> Any:
+        pytest.skip(f"PGQ_TEST_DSN names a shared server: this test needs {what} of a throwaway cluster of its own")
+
+    @property
+    def os_user(self) -> str | None:  # type: ignore[override]
+        return self._not_here("the server's OS user")  # type: ignore[no-any-return]
+
+    @property
+    def sockdir(self) -> Path:  # type: ignore[override]
+        return self._not_here("the server's socket folder")  # type: ignore[no-any-return]
+
+    @property
+    def logfile(self) -> Path:  # type: ignore[override]
+        return self._not_here("the server's log file")  # type: ignore[no-any-return]
+
+    @property
+    def datadir(self) -> Path:  # type: ignore[override]
+        return self._not_here("the server's data folder")  # type: ignore[no-any-return]
+
+    def pg_ctl(self, action: str, mode: str = "fast") -> None:
+        self._not_here(f"to {action} the server")
+
+    def kill9(self) -> None:
+        self._not_here("to crash the server")
 
     def stop(self) -> None:
         pass
@@ -58,8 +95,9 @@ class _ExistingServer(ThrowawayCluster):
 
 def _uri_parts(uri: str) -> dict[str, str]:
     u = urlparse(uri)
-    return {"host": u.hostname or "127.0.0.1", "port": str(u.port or 5432), "user": u.username or "postgres",
-            "password": u.password or ""}
+    parts = {"host": u.hostname or "127.0.0.1", "port": str(u.port or 5432), "user": unquote(u.username or "postgres"),
+             "password": unquote(u.password or "")}
+    return parts
 
 
 #: per xdist worker (PYTEST_XDIST_WORKER: gw0, gw1, ...), as the workers may share a
@@ -76,11 +114,16 @@ STORM_MODULES = ("test_fast_faults.py", "test_quiet_faults.py", "test_pooled_sto
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tiers, so that -m "not airflow and not storm and not system" is a fast loop:
     tests that start Airflow (they use its metadata database) and the fault suites."""
+    shared = bool(os.environ.get("PGQ_TEST_DSN"))
     for item in items:
         if "airflow_home" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.airflow)
         if item.path.name in STORM_MODULES:
             item.add_marker(pytest.mark.storm)
+            if shared:
+                item.add_marker(pytest.mark.skip(reason=(
+                    "PGQ_TEST_DSN names a shared server: the storm tier needs clusters of its own"
+                    " (it restarts, crashes and fills them); run it without PGQ_TEST_DSN")))
 
 
 def _airflow_modules() -> set[str]:
@@ -141,7 +184,7 @@ def classic_batches(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ThrowawayCluster]:
     existing = os.environ.get("PGQ_TEST_DSN")
-    c: ThrowawayCluster = _ExistingServer(existing) if existing else ThrowawayCluster(in_memory=True).start()
+    c: ThrowawayCluster = _ExistingServer(existing) if existing else new_cluster()
     try:
         for name in (TEMPLATE_EXT, TEMPLATE):
             c.drop_database(name)

@@ -312,3 +312,13 @@ def mover_child_main() -> None:
     out = report.to_dict()
     out["batch_results"] = [asdict(r) for r in report.batch_results]
     print(json.dumps(out, default=str))
+
+
+def require_password_checks(cluster: Any) -> None:
+    """Skips a test of a refused password on a server of PGQ_TEST_DSN that lets the
+    tests' address in without one (trust): a wrong password cannot fail there."""
+    if not getattr(cluster, "checks_passwords", True):
+        import pytest
+
+        pytest.skip("PGQ_TEST_DSN's server does not check passwords for the tests' address (trust):"
+                    " a wrong password cannot be refused there")

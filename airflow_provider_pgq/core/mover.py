@@ -503,9 +503,39 @@ class QueueMover:
             return CHUNK_PATH
         raise PgqError(
             f"role {user!r} may neither write the event tables of target queue"
-            f" {self.options.target_queue!r} nor call pgq_ext.insert_event_chunk: grant it the"
-            " pgq_mover role that pgq_ext's install creates (and pgq_admin for the faster COPY path)"
+            f" {self.options.target_queue!r} nor call pgq_ext.insert_event_chunk: {self._mover_role_fix()}"
         )
+
+    def _mover_role_fix(self) -> str:
+        """What to do so that the target login has pgq_mover's rights: a member without
+        inheritance (NOINHERIT on 15, a grant WITH INHERIT FALSE on 16+) has none of
+        them; who may grant it depends on the version (16+: ADMIN OPTION)."""
+        with self.target.cursor() as cur:
+            cur.execute(
+                "select pg_catalog.pg_has_role('pgq_mover', 'MEMBER'), r.rolinherit,"
+                " pg_catalog.current_setting('server_version_num')::int,"
+                " (select pg_catalog.string_agg(pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(m.member)::text),"
+                "  ', ' order by 1) from pg_catalog.pg_auth_members m"
+                "  where m.roleid = pg_catalog.to_regrole('pgq_mover') and m.admin_option)"
+                " from pg_catalog.pg_roles r where r.rolname = current_user"
+                " and pg_catalog.to_regrole('pgq_mover') is not null"
+            )
+            row = cur.fetchone()
+        if row is None:
+            return "pgq_ext's install creates the pgq_mover role: install pgq_ext, then grant it pgq_mover"
+        member, inherits, version, admins = row
+        user = self.target.info.user
+        if member and not inherits:
+            return (f"it is a member of pgq_mover but does not inherit its rights (NOINHERIT): alter role {user}"
+                    " inherit (or grant pgq_mover to it with inherit true, PostgreSQL 16+)")
+        if member:
+            return (f"it is a member of pgq_mover without inheriting its rights (granted with inherit false):"
+                    f" grant pgq_mover to {user} with inherit true (with set false if it should not SET ROLE)")
+        who = "a superuser" + (f" or a role with ADMIN OPTION on it ({admins})" if admins else "")
+        if version < 160000:
+            who += " or any role with CREATEROLE"
+        return (f"grant it the pgq_mover role that pgq_ext's install creates ({who} runs grant pgq_mover to {user})"
+                " (and pgq_admin for the faster COPY path)")
 
     # -- one batch --------------------------------------------------------------
 

@@ -120,15 +120,33 @@ select o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)
    and r.rolname <> current_user
    and o.owner is distinct from (select e.extowner from pg_catalog.pg_extension e
                                   where e.extname = 'pgq_ext')
+   and o.owner is distinct from (select d.datdba from pg_catalog.pg_database d
+                                  where d.datname = pg_catalog.current_database())
  order by 1, 2
  limit 1
 """).format(owners=sql.SQL(_OWNERS))
 
 
+_MOVER_ROLE_STATE = "select rolcanlogin, rolsuper from pg_catalog.pg_roles where rolname = %s"
+
+
 def require_trusted(conn: Connection) -> None:
-    """Refuses a pgq_ext that a role other than us, a superuser or the classic
-    extension's owner controls: its tables could carry triggers and its functions run
-    as our role. We never adopt such objects."""
+    """Refuses a pgq_ext that a role other than us, a superuser, the database's owner
+    or the classic extension's owner controls: its tables could carry triggers and its
+    functions run as our role. We never adopt such objects. The database's owner is
+    the one installer besides a superuser that every mover login may trust: only a
+    superuser (or the owner itself) can make a role the owner, so no other role can
+    pass for it. Refuses too when the NOLOGIN role pgq_mover was made a login (or a
+    superuser): whoever logs in as it may have written the marks."""
+    state = _rows(conn, _MOVER_ROLE_STATE, (MOVER_ROLE,))
+    if state and (state[0][0] or state[0][1]):
+        raise PgqExtUntrusted(
+            f"role {MOVER_ROLE!r} may log in or is a superuser: it must stay a NOLOGIN group role, as"
+            " whoever logs in as it writes the marks of every database of this server (on PostgreSQL 15"
+            " every role with CREATEROLE may alter it so). A superuser runs alter role"
+            f" {MOVER_ROLE} nologin nosuperuser, finds out who changed it and checks the marks"
+            " (docs/security.md); then run again"
+        )
     rows = _rows(conn, _UNTRUSTED)
     if not rows:
         return
@@ -136,8 +154,8 @@ def require_trusted(conn: Connection) -> None:
     me, db = _rows(conn, "select current_user::text, pg_catalog.current_database()::text")[0]
     raise PgqExtUntrusted(
         f"pgq_ext in database {db!r} is not ours to use: {kind} {name} is owned by role"
-        f" {owner!r}, which is neither {me!r}, a superuser, nor the owner of a pgq_ext"
-        " extension; code of that role could run with this session's rights. Find out who"
+        f" {owner!r}, which is neither {me!r}, a superuser, the database's owner, nor the owner of a"
+        " pgq_ext extension; code of that role could run with this session's rights. Find out who"
         " made it; if it is not yours, a superuser should move the marks aside and drop it"
         f" (drop schema pgq_ext cascade), or, if it is, alter its owner to {me!r}; then install"
         " again"
@@ -152,6 +170,8 @@ class InstallReport:
     taken_over: list[str] = field(default_factory=list)
     granted: list[str] = field(default_factory=list)
     role_created: bool = False
+    #: what the installer still has to have done before a mover can use it
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         parts = [
@@ -162,7 +182,7 @@ class InstallReport:
             parts.append(f"took over {len(self.taken_over)} classic functions")
         if self.role_created:
             parts.append(f"created role {MOVER_ROLE}")
-        return ", ".join(parts)
+        return "; ".join([", ".join(parts), *self.notes])
 
 
 def _objects(conn: Connection) -> dict[str, str]:
@@ -191,6 +211,49 @@ def _ensure_mover_role(conn: Connection) -> bool:
     with conn.cursor() as cur:
         cur.execute(sql.SQL("create role {} nologin").format(sql.Identifier(MOVER_ROLE)))
     return True
+
+
+# Who installs: pgq_ext's write functions run as their owner (SECURITY DEFINER) and
+# write the target queue's event tables and event-id sequences, which PgQ grants to
+# pgq_admin; and mover logins need pgq_mover granted, which on PostgreSQL 16+ only a
+# superuser or a role with ADMIN OPTION on it may do (on 15 any CREATEROLE role).
+_INSTALLER = """
+select r.rolname::text, r.rolsuper,
+       case when pg_catalog.to_regrole('pgq_admin') is null then false
+            else pg_catalog.pg_has_role(r.oid, 'pgq_admin', 'USAGE') end,
+       r.rolsuper
+         or (pg_catalog.current_setting('server_version_num')::int < 160000 and r.rolcreaterole)
+         or pg_catalog.pg_has_role(r.oid, %s, 'MEMBER WITH ADMIN OPTION')
+  from pg_catalog.pg_roles r where r.rolname = current_user
+"""
+
+
+def _check_installer(conn: Connection, report: InstallReport) -> None:
+    """Refuses an installer whose functions could not write the events (they run as
+    it); notes when it cannot grant pgq_mover to the mover's logins."""
+    me, superuser, admin, may_grant = _rows(conn, _INSTALLER, (MOVER_ROLE,))[0]
+    if superuser:
+        return
+    if not admin:
+        raise PgqExtMissing(
+            f"role {me!r} may not install pgq_ext for movers: pgq_ext's write functions run as the role"
+            " that installs them (SECURITY DEFINER) and write the target queue's event tables and"
+            " event-id sequences, which PgQ grants to pgq_admin. Install as a superuser, or have a"
+            f" superuser run grant pgq_admin to {me} (docs/security.md); then install again"
+        )
+    if not may_grant:
+        holders = [r[0] for r in _rows(
+            conn,
+            "select pg_catalog.pg_get_userbyid(m.member)::text from pg_catalog.pg_auth_members m"
+            " where m.roleid = pg_catalog.to_regrole(%s) and m.admin_option order by 1",
+            (MOVER_ROLE,),
+        )]
+        by = f" or role {', '.join(repr(h) for h in holders)} (ADMIN OPTION)" if holders else ""
+        report.notes.append(
+            f"role {me!r} cannot grant {MOVER_ROLE} to the mover's target logins (PostgreSQL 16+: only a"
+            f" superuser or a role with ADMIN OPTION on {MOVER_ROLE} may): a superuser{by} runs"
+            f" grant {MOVER_ROLE} to <login>, or grant {MOVER_ROLE} to {me} with admin option"
+        )
 
 
 def _take_over_classic(conn: Connection) -> list[str]:
@@ -280,6 +343,7 @@ def install(conn: Connection) -> InstallReport:
             )
         require_trusted(conn)
         report.role_created = _ensure_mover_role(conn)
+        _check_installer(conn, report)
         previous = mover_schema_version(conn)
         extension = installed_as_extension(conn)
         if previous is None and not extension and classic_present(conn):
@@ -304,6 +368,8 @@ def install(conn: Connection) -> InstallReport:
         conn.rollback()
         raise
     log.info("pgq_ext installed (mover schema %s): %s", REQUIRED_MOVER_SCHEMA, report.summary())
+    for note in report.notes:
+        log.warning("pgq_ext install: %s", note)
     return report
 
 

@@ -48,6 +48,7 @@ from tests.helpers import (
     produce,
     queue_events,
     register,
+    require_password_checks,
     run_mover,
     simple_events,
     tick,
@@ -287,7 +288,8 @@ def assert_password_hidden(exc: BaseException, password: str = PASSWORD) -> None
 @pytest.mark.parametrize("form", ["keywords", "quoted", "uri", "argument"])
 def test_wrong_password_is_named_without_showing_it(source: Server, form: str) -> None:
     c = source.cluster
-    user = "pgq_test_admin"
+    require_password_checks(c)
+    user = c.superuser
     pw = PASSWORD if form != "quoted" else PASSWORD + " with 'quotes' and spaces"
     quoted = pw.replace("\\", "\\\\").replace("'", "\\'")
     dsn = {

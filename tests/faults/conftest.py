@@ -10,12 +10,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.faults.driver import Database
+from tests.support.chroot import new_cluster
 from tests.support.cluster import ThrowawayCluster
 
 
 @pytest.fixture(scope="module")
 def target_cluster() -> Iterator[ThrowawayCluster]:
-    c = ThrowawayCluster(in_memory=True).start()
+    c = new_cluster(in_memory=True)
     try:
         yield c
     finally:
@@ -24,7 +25,7 @@ def target_cluster() -> Iterator[ThrowawayCluster]:
 
 @pytest.fixture(scope="module")
 def source_cluster() -> Iterator[ThrowawayCluster]:
-    c = ThrowawayCluster().start()
+    c = new_cluster(in_memory=False)
     try:
         yield c
     finally:

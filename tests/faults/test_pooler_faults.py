@@ -156,4 +156,4 @@ def test_the_command_line_says_one_line_for_a_paused_pool(
     errors = [line for line in lines if "ERROR" in line or "error" in line.lower()]
     assert len(errors) == 1, proc.stderr
     assert "connect_timeout" in errors[0] and f"127.0.0.1:{own_bouncer.port}/{target.dbname}" in errors[0], errors
-    assert own_bouncer.default.password not in proc.stderr
+    assert own_bouncer.password not in proc.stderr

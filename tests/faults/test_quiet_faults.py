@@ -31,6 +31,7 @@ from airflow_provider_pgq.core.mover import MoveReport, MoverOptions, QueueMover
 from tests.faults.disk import SmallDisk, move_event_tables
 from tests.faults.proxy import FaultProxy
 from tests.helpers import ROOT, Server, produce, queue_events, register, run_mover, tick
+from tests.support.chroot import new_cluster
 from tests.support.cluster import ThrowawayCluster, wait_until
 
 TIMEOUTS = Timeouts(connect_timeout=2, network_timeout=1.5, statement_timeout=1.5, lock_timeout=1)
@@ -260,7 +261,7 @@ def test_slow_links_are_not_stuck(
 @pytest.fixture
 def own_target() -> Iterator[tuple[ThrowawayCluster, Server]]:
     """A target in a cluster of its own, so killing it leaves the shared one alone."""
-    c = ThrowawayCluster(in_memory=True).start()
+    c = new_cluster(in_memory=True)
     try:
         c.create_database("tgt")
         c.execute("tgt", "create extension pgq")

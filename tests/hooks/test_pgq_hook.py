@@ -12,7 +12,7 @@ import pytest
 from airflow_provider_pgq import get_provider_info
 from airflow_provider_pgq.core.errors import ConnectionFailed
 from airflow_provider_pgq.hooks.pgq import PgqHook, UnsupportedConnection
-from tests.helpers import produce, simple_events, tick
+from tests.helpers import produce, require_password_checks, simple_events, tick
 
 
 @pytest.fixture
@@ -63,7 +63,8 @@ def test_hook_installs_pgq_ext(make_db, conn_env):
 
 
 def test_wrong_password_never_shows_the_password(source, conn_env):
-    conn_env("pgq_bad", source.uri(user="pgq_test_admin", password="Sw0rdfish-9931"))
+    require_password_checks(source.cluster)
+    conn_env("pgq_bad", source.uri(user=source.cluster.superuser, password="Sw0rdfish-9931"))
     with pytest.raises(ConnectionFailed) as err:
         PgqHook("pgq_bad").get_conn()
     assert "Sw0rdfish-9931" not in str(err.value)
@@ -97,12 +98,14 @@ def test_airflow_lists_the_provider_and_its_hook(airflow_home):
 
 
 def test_connection_error_names_the_connection_id_and_its_server(source, conn_env):
+    require_password_checks(source.cluster)
     port = source.cluster.port
-    conn_env("pgq_oltp", source.uri(user="pgq_test_admin", password="Wr0ng-pass-4417"))
+    conn_env("pgq_oltp", source.uri(user=source.cluster.superuser, password="Wr0ng-pass-4417"))
     with pytest.raises(ConnectionFailed) as err:
         PgqHook("pgq_oltp").get_conn()
     text = str(err.value)
-    assert text.startswith(f"Airflow connection 'pgq_oltp' (127.0.0.1:{port}/{source.dbname} as pgq_test_admin): ")
+    c = source.cluster
+    assert text.startswith(f"Airflow connection 'pgq_oltp' ({c.host}:{port}/{source.dbname} as {c.superuser}): ")
     assert "password authentication failed" in text and "airflow connections get pgq_oltp" in text
     assert "local socket" not in text and "Wr0ng-pass-4417" not in text
 

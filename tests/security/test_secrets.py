@@ -24,7 +24,7 @@ from psycopg2 import sql
 
 from airflow_provider_pgq.core.connect import connect, describe, redact
 from airflow_provider_pgq.core.errors import ConnectionFailed
-from tests.helpers import Server, mark_of, produce, register, simple_events, tick
+from tests.helpers import Server, mark_of, produce, register, require_password_checks, simple_events, tick
 from tests.support.cluster import ThrowawayCluster, wait_until
 from tests.test_cli import WAIT, base_keys, daemons, one_error_line, read_pid, run_cli, write_ini
 
@@ -84,7 +84,7 @@ def test_bad_percent_escape_in_uri_password_is_not_echoed(source: Server) -> Non
     """libpq quotes the whole token with the bad %-escape: the whole password."""
     first, rest = random_word(), random_word()
     password = f"{first}%zz{rest}"
-    exc = failure(f"postgresql://pgq_test_admin:{password}@127.0.0.1:{source.cluster.port}/{source.dbname}")
+    exc = failure(f"postgresql://{source.cluster.superuser}:{password}@127.0.0.1:{source.cluster.port}/{source.dbname}")
     for word in (first, rest):
         assert_no_piece(word, *error_texts(exc))
     text = str(exc)
@@ -99,7 +99,7 @@ def test_unescaped_at_or_slash_in_uri_password_is_refused_before_connecting(
     """libpq ends the user info at the first "@" or "/": the rest of the password became
     the host (or port) and was named in "could not translate host name ..."."""
     head, tail = random_word(), random_word()
-    dsn = f"postgresql://pgq_test_admin:{head}{separator}{tail}@127.0.0.1:{source.cluster.port}/{source.dbname}"
+    dsn = f"postgresql://{source.cluster.superuser}:{head}{separator}{tail}@127.0.0.1:{source.cluster.port}/{source.dbname}"
     exc = failure(dsn)
     for word in (head, tail):
         assert_no_piece(word, *error_texts(exc), describe(dsn))
@@ -115,7 +115,7 @@ def test_unquoted_space_in_keyword_password_is_not_echoed(source: Server, after:
     option when "=" follows)."""
     head, tail = random_word(), random_word()
     c = source.cluster
-    exc = failure(f"host=127.0.0.1 port={c.port} dbname={source.dbname} user=pgq_test_admin"
+    exc = failure(f"host=127.0.0.1 port={c.port} dbname={source.dbname} user={c.superuser}"
                   f" password={head} {tail}{after} connect_timeout=5")
     for word in (head, tail):
         assert_no_piece(word, *error_texts(exc))
@@ -138,15 +138,16 @@ def test_short_password_does_not_blank_words_of_the_message(source: Server, form
     """password=auth (wrong): the substring redaction turned "authentication" into
     "***entication", showing where the password occurs."""
     c = source.cluster
-    fields = {"host": "127.0.0.1", "port": str(c.port), "dbname": source.dbname, "user": "pgq_test_admin"}
+    require_password_checks(c)
+    fields = {"host": "127.0.0.1", "port": str(c.port), "dbname": source.dbname, "user": c.superuser}
     if form == "string":
         exc = failure(" ".join(f"{k}={v}" for k, v in fields.items()) + " password=auth")
     else:  # the hook's way: connect("", host=..., password=...)
         exc = failure("", **fields, password="auth")
     text = str(exc)
-    assert 'password authentication failed for user "pgq_test_admin"' in text
+    assert f'password authentication failed for user "{c.superuser}"' in text
     assert "***" not in text
-    assert f"cannot connect to 127.0.0.1:{c.port}/{source.dbname} as pgq_test_admin:" in text
+    assert f"cannot connect to 127.0.0.1:{c.port}/{source.dbname} as {c.superuser}:" in text
 
 
 @pytest.mark.parametrize("form", ["string", "uri", "keywords"])
@@ -154,6 +155,7 @@ def test_password_equal_to_the_user_name_does_not_blank_the_user_name(
     source: Server, login: Callable[..., tuple[str, str]], form: str
 ) -> None:
     """A wrong password that equals the user name: the user name is not secret and stays."""
+    require_password_checks(source.cluster)
     user, _ = login(random_word())
     c = source.cluster
     dsn = {
@@ -221,9 +223,9 @@ def broken_dsns(server: Server) -> dict[str, tuple[str, list[str]]]:
     c = server.cluster
     a, b = random_word(), random_word()
     return {
-        "uri-at": (f"postgresql://pgq_test_admin:{a}@{b}@127.0.0.1:{c.port}/{server.dbname}", [a, b]),
-        "uri-percent": (f"postgresql://pgq_test_admin:{a}%zz{b}@127.0.0.1:{c.port}/{server.dbname}", [a, b]),
-        "space": (f"host=127.0.0.1 port={c.port} dbname={server.dbname} user=pgq_test_admin password={a} {b}",
+        "uri-at": (f"postgresql://{c.superuser}:{a}@{b}@127.0.0.1:{c.port}/{server.dbname}", [a, b]),
+        "uri-percent": (f"postgresql://{c.superuser}:{a}%zz{b}@127.0.0.1:{c.port}/{server.dbname}", [a, b]),
+        "space": (f"host=127.0.0.1 port={c.port} dbname={server.dbname} user={c.superuser} password={a} {b}",
                   [a, b]),
     }
 

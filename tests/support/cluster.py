@@ -67,10 +67,27 @@ class ThrowawayCluster:
     """in_memory=True puts the cluster in memory_dir() when there is one (the tests
     do; the benchmarks and the demo keep the disk, whose numbers they report)."""
 
-    def __init__(self, os_user: str = "postgres", in_memory: bool = False) -> None:
+    #: the superuser the tests log in as (a server of PGQ_TEST_DSN: the DSN's user)
+    superuser: str = SUPERUSER
+    #: where the tests reach the server over TCP
+    host: str = "127.0.0.1"
+    #: whether a wrong password is refused (a server of PGQ_TEST_DSN may trust TCP logins)
+    checks_passwords: bool = True
+    #: PostgreSQL's major version, e.g. 15
+    major: int
+    #: a server the tests share (PGQ_TEST_DSN), not a cluster of their own
+    shared: bool = False
+
+    def __init__(self, os_user: str = "postgres", in_memory: bool = False, superuser: str = SUPERUSER,
+                 trust: bool = False) -> None:
+        """superuser: its name; trust: no password at all (TCP logins trusted), as a
+        server a user may name with PGQ_TEST_DSN (the harness's own tests use it)."""
+        self.superuser = superuser
+        self.trust = trust
         self.bindir = find_bindir()
+        self.major = int(self.bindir.parts[-2]) if self.bindir.parts[-2].isdigit() else 0
         self.os_user = os_user if os.geteuid() == 0 else None
-        self.password = secrets.token_urlsafe(12)
+        self.password = "" if trust else secrets.token_urlsafe(12)
         self.port = free_port()
         self.in_memory = bool(in_memory and memory_dir())
         self.root = Path(tempfile.mkdtemp(prefix="pgq-cluster-", dir=memory_dir() if self.in_memory else None))
@@ -95,9 +112,10 @@ class ThrowawayCluster:
             entry = pwd.getpwnam(self.os_user)
             for path in (self.root, self.sockdir, pwfile):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
+        password = [] if self.trust else [f"--pwfile={pwfile}"]
         self._run(
-            "initdb", "-D", str(self.datadir), "-U", SUPERUSER, f"--pwfile={pwfile}",
-            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8",
+            "initdb", "-D", str(self.datadir), "-U", self.superuser, *password, "--auth-local=trust",
+            f"--auth-host={'trust' if self.trust else 'scram-sha-256'}", "-E", "UTF8", "--locale=C.UTF-8",
         )
         pwfile.unlink()
         with open(self.datadir / "postgresql.conf", "a") as conf:
@@ -144,19 +162,21 @@ class ThrowawayCluster:
 
     # -- access -----------------------------------------------------------------
 
-    def dsn(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
-        pw = self.password if password is None and user == SUPERUSER else password
-        parts = [f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}"]
+    def dsn(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> str:
+        user = user or self.superuser
+        pw = self.password if password is None and user == self.superuser else password
+        parts = [f"host={self.host} port={self.port} dbname={dbname} user={user}"]
         if pw:
             parts.append(f"password={pw}")
         return " ".join(parts)
 
-    def uri(self, dbname: str, user: str = SUPERUSER, password: str | None = None) -> str:
+    def uri(self, dbname: str, user: str | None = None, password: str | None = None) -> str:
         from urllib.parse import quote
 
-        pw = self.password if password is None and user == SUPERUSER else password
+        user = user or self.superuser
+        pw = self.password if password is None and user == self.superuser else password
         cred = quote(user, safe="") + (":" + quote(pw, safe="") if pw else "")
-        return f"postgresql://{cred}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
+        return f"postgresql://{cred}@{self.host}:{self.port}/{quote(dbname, safe='')}"
 
     def execute(self, dbname: str, query: Any, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Runs one statement in autocommit and returns its rows (if any)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from urllib.parse import quote
 
 import psycopg2
 
-from tests.support.cluster import SUPERUSER, ThrowawayCluster, free_port
+from tests.support.cluster import ThrowawayCluster, free_port
 
 BINARY = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
@@ -48,7 +49,11 @@ class PgBouncer:
         #: so that whatever a client leaves on its session stays for the next)
         self.reset_query = reset_query
         self.port = free_port()
-        self.os_user = getattr(default, "os_user", None) or ("postgres" if os.geteuid() == 0 else None)
+        #: the superuser's password at the pooler: the cluster's, or (a password-less server
+        #: of PGQ_TEST_DSN that trusts us) one of its own, as SCRAM at the pooler needs one
+        self.password = default.password or secrets.token_urlsafe(12)
+        own = not default.shared
+        self.os_user = (default.os_user if own else None) or ("postgres" if os.geteuid() == 0 else None)
         self.root = Path(tempfile.mkdtemp(prefix="pgq-bouncer-"))
         self.config = self.root / "pgbouncer.ini"
         self.logfile = self.root / "pgbouncer.log"
@@ -57,7 +62,7 @@ class PgBouncer:
     def _server(self, cluster: ThrowawayCluster, dbname: str | None = None) -> str:
         """The server over its socket, or (a server of PGQ_TEST_DSN) as the tests reach it."""
         target = f" dbname={dbname}" if dbname else ""
-        host = getattr(cluster, "sockdir", None) or getattr(cluster, "_host", "127.0.0.1")
+        host = cluster.host if cluster.shared else cluster.sockdir
         return f"host={host} port={cluster.port}{target}"
 
     def _write_config(self) -> None:
@@ -68,16 +73,16 @@ class PgBouncer:
             "[pgbouncer]",
             "listen_addr = 127.0.0.1", f"listen_port = {self.port}", f"unix_socket_dir = {self.root}",
             "auth_type = scram-sha-256", f"auth_file = {self.root / 'userlist.txt'}",
-            f"auth_user = {SUPERUSER}",
+            f"auth_user = {self.default.superuser}",
             "auth_query = SELECT usename, passwd FROM pg_catalog.pg_shadow WHERE usename = $1",
             f"pool_mode = {self.pool_mode}", f"default_pool_size = {self.pool_size}",
-            "max_client_conn = 500", f"admin_users = {SUPERUSER}",
+            "max_client_conn = 500", f"admin_users = {self.default.superuser}",
             f"logfile = {self.logfile}", f"pidfile = {self.root / 'pgbouncer.pid'}",
             # round robin, not LIFO: a client's transactions land on every server session
             "server_round_robin = 1", "server_login_retry = 1", "query_wait_timeout = 60",
             *([f"server_reset_query = {self.reset_query}"] if self.reset_query is not None else []), "",
         ]))
-        (self.root / "userlist.txt").write_text(f'"{SUPERUSER}" "{self.default.password}"\n')
+        (self.root / "userlist.txt").write_text(f'"{self.default.superuser}" "{self.password}"\n')
         if self.os_user:
             entry = pwd.getpwnam(self.os_user)
             for path in (self.root, self.config, self.root / "userlist.txt"):
@@ -129,12 +134,14 @@ class PgBouncer:
 
     # -- clients -------------------------------------------------------------------
 
-    def dsn(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
-        pw = self.default.password if password is None and user == SUPERUSER else password
+    def dsn(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> str:
+        user = user or self.default.superuser
+        pw = self.password if password is None and user == self.default.superuser else password
         return f"host=127.0.0.1 port={self.port} dbname={dbname} user={user}" + (f" password={pw}" if pw else "")
 
-    def uri(self, dbname: str, user: str = SUPERUSER, password: str | None = None) -> str:
-        pw = self.default.password if password is None and user == SUPERUSER else password
+    def uri(self, dbname: str, user: str | None = None, password: str | None = None) -> str:
+        user = user or self.default.superuser
+        pw = self.password if password is None and user == self.default.superuser else password
         cred = quote(user, safe="") + (":" + quote(pw, safe="") if pw else "")
         return f"postgresql://{cred}@127.0.0.1:{self.port}/{quote(dbname, safe='')}"
 
@@ -195,10 +202,10 @@ class PooledCluster:
         self.bouncer = bouncer
         self.cluster = cluster
 
-    def dsn(self, dbname: str = "postgres", user: str = SUPERUSER, password: str | None = None) -> str:
+    def dsn(self, dbname: str = "postgres", user: str | None = None, password: str | None = None) -> str:
         return self.bouncer.dsn(dbname, user, password)
 
-    def uri(self, dbname: str, user: str = SUPERUSER, password: str | None = None) -> str:
+    def uri(self, dbname: str, user: str | None = None, password: str | None = None) -> str:
         return self.bouncer.uri(dbname, user, password)
 
     def __getattr__(self, name: str) -> Any:

@@ -25,7 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
-from tests.support.cluster import SUPERUSER, ThrowawayCluster, free_port
+from tests.support.cluster import ThrowawayCluster, free_port
 
 T = TypeVar("T")
 
@@ -57,7 +57,7 @@ class Deployment:
         self.passwords = {user: secrets.token_urlsafe(12) for user in USERS}
         self.user = "admin"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__"))}
-        pw = quote(cluster.password, safe="")
+        login = quote(cluster.superuser, safe="") + (":" + quote(cluster.password, safe="") if cluster.password else "")
         self.env.update({
             "AIRFLOW_HOME": str(home),
             "PYTHONPATH": str(_tests_only(root, home)),
@@ -73,7 +73,7 @@ class Deployment:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
-                f"postgresql+psycopg2://{SUPERUSER}:{pw}@127.0.0.1:{cluster.port}/{self.metadata_db}",
+                f"postgresql+psycopg2://{login}@{cluster.host}:{cluster.port}/{self.metadata_db}",
             "AIRFLOW__API__BASE_URL": self.base,
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_pgq.triggers.pgq import PgqEventsTrigger, PgqQueueEventTrigger, PollingStopped
-from tests.helpers import Server, produce, register, simple_events, tick_plain
+from tests.helpers import Server, produce, register, require_password_checks, simple_events, tick_plain
 from tests.triggers.test_pgq_triggers import FIRE_TIMEOUT, _in_thread, _kwargs, _quiet, _stop
 
 TRIGGER_LOG = "airflow_provider_pgq.triggers.pgq"
@@ -42,6 +42,7 @@ def _kill_sessions(db: Server, role: str) -> None:
 
 def test_password_change_ends_the_sensor_wait_at_once(reader):
     db, role = reader
+    require_password_checks(db.cluster)
 
     async def scenario() -> dict[str, Any]:
         agen = PgqEventsTrigger(**_kwargs()).run()
