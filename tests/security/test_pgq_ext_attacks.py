@@ -23,6 +23,7 @@ from psycopg2.extensions import connection as Connection
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.errors import PgqExtUntrusted
 from tests.helpers import Server, mark_of, produce, queue_events, register, run_mover, simple_events, tick
+from tests.security.attacker import call, denied
 from tests.support.cluster import ThrowawayCluster
 
 #: (name, argument types) of every function of pgq_ext's write side.
@@ -80,25 +81,6 @@ def login(cluster: ThrowawayCluster) -> Iterator[Callable[[Server, str], Connect
     yield make
     for conn in opened:
         conn.close()
-
-
-def call(conn: Connection, query: str, params: tuple[object, ...] = ()) -> object:
-    """One statement in its own transaction, as an attacker's session would send it."""
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params or None)
-            row = cur.fetchone() if cur.description else None
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    return None if row is None else row[0]
-
-
-def denied(conn: Connection, query: str, params: tuple[object, ...] = ()) -> str:
-    with pytest.raises(psycopg2.errors.InsufficientPrivilege) as info:
-        call(conn, query, params)
-    return str(info.value)
 
 
 def seq_position(server: Server, queue: str) -> int:

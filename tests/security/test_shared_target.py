@@ -35,6 +35,7 @@ from tests.helpers import (
     simple_events,
     tick,
 )
+from tests.security.attacker import call, denied
 from tests.support.cluster import ThrowawayCluster
 
 #: Short lock waits: a stalled mover shows within a second.
@@ -90,25 +91,6 @@ def teams(cluster: ThrowawayCluster, make_db: Callable[..., Server], target: Ser
 def nobody(cluster: ThrowawayCluster) -> Login:
     """A login with no PgQ role at all."""
     return create_login(cluster, "nobody")
-
-
-def call(conn: Connection, query: str, params: tuple[object, ...] = ()) -> object:
-    """One statement in its own transaction, as an attacker's session sends it."""
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, params or None)
-            row = cur.fetchone() if cur.description else None
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
-    return None if row is None else row[0]
-
-
-def denied(conn: Connection, query: str, params: tuple[object, ...] = ()) -> str:
-    with pytest.raises(psycopg2.errors.InsufficientPrivilege) as info:
-        call(conn, query, params)
-    return str(info.value)
 
 
 def team_events(target: Server, team: Team, queue: str = "dst_q") -> Counter[tuple[object, ...]]:
