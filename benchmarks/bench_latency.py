@@ -77,20 +77,13 @@ class Producer(threading.Thread):
 
 
 def _set_up(cluster: ThrowawayCluster) -> None:
-    from airflow_provider_pgq.core import pgq_ext
+    from benchmarks.bench_roundtrips import pgq_database
 
-    for db in (SOURCE_DB, TARGET_DB):
-        cluster.create_database(db)
-        cluster.execute(db, "create extension pgq")
+    pgq_database(cluster, SOURCE_DB)
+    pgq_database(cluster, TARGET_DB, with_pgq_ext=True)
     cluster.execute(SOURCE_DB, "select pgq.create_queue(%s)", (SOURCE_QUEUE,))
     cluster.execute(SOURCE_DB, "select pgq.set_queue_config(%s, 'ticker_max_lag', '1 second')", (SOURCE_QUEUE,))
     cluster.execute(SOURCE_DB, "select pgq.set_queue_config(%s, 'ticker_max_count', '100000')", (SOURCE_QUEUE,))
-    conn = psycopg2.connect(cluster.dsn(TARGET_DB))
-    try:
-        pgq_ext.install(conn)
-        conn.commit()
-    finally:
-        conn.close()
 
 
 def _command(tool: str, cluster: ThrowawayCluster, sp: CountingProxy, tp: CountingProxy, queue: str,

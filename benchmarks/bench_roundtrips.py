@@ -36,24 +36,26 @@ SOURCE_QUEUE, TARGET_QUEUE = "rt_src_q", "rt_dst_q"
 Counts = dict[str, tuple[tuple[int, int], tuple[int, int]]]  # step -> ((trips, queries) source, target)
 
 
-def _execute(cluster: ThrowawayCluster, db: str, query: str, params: tuple[object, ...] = ()) -> None:
-    cluster.execute(db, query, params)
+def pgq_database(cluster: ThrowawayCluster, db: str, with_pgq_ext: bool = False) -> None:
+    """A new database with the pgq extension (and our pgq_ext); the latency benchmark's too."""
+    from airflow_provider_pgq.core import pgq_ext
+
+    cluster.create_database(db)
+    cluster.execute(db, "create extension pgq")
+    if with_pgq_ext:
+        conn = psycopg2.connect(cluster.dsn(db))
+        try:
+            pgq_ext.install(conn)
+            conn.commit()
+        finally:
+            conn.close()
 
 
 def set_up(cluster: ThrowawayCluster) -> None:
-    from airflow_provider_pgq.core import pgq_ext
-
     for db, queue in ((SOURCE_DB, SOURCE_QUEUE), (TARGET_DB, TARGET_QUEUE)):
-        cluster.create_database(db)
-        _execute(cluster, db, "create extension pgq")
-        _execute(cluster, db, "select pgq.create_queue(%s)", (queue,))
-        _execute(cluster, db, "select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
-    conn = psycopg2.connect(cluster.dsn(TARGET_DB))
-    try:
-        pgq_ext.install(conn)
-        conn.commit()
-    finally:
-        conn.close()
+        pgq_database(cluster, db, with_pgq_ext=db == TARGET_DB)
+        cluster.execute(db, "select pgq.create_queue(%s)", (queue,))
+        cluster.execute(db, "select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
 
 
 def one_tick(cluster: ThrowawayCluster, events: int) -> None:
@@ -81,7 +83,7 @@ def ours(cluster: ThrowawayCluster, events: int, workdir: Path) -> Counts:
     from airflow_provider_pgq.core.connect import connect
     from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
 
-    _execute(cluster, SOURCE_DB, "select pgq.register_consumer(%s, 'ours')", (SOURCE_QUEUE,))
+    cluster.execute(SOURCE_DB, "select pgq.register_consumer(%s, 'ours')", (SOURCE_QUEUE,))
     counts: Counts = {}
     with CountingProxy(cluster.port) as sp, CountingProxy(cluster.port) as tp:
         conns: list[psycopg2.extensions.connection] = []
@@ -120,7 +122,7 @@ def classic(cluster: ThrowawayCluster, events: int, workdir: Path) -> Counts | s
         return "skipped: the classic needs PyPI's pgq package (.venv/bin/pip install pgq)"
     from benchmarks.classic_mover import ClassicMover, ini_text
 
-    _execute(cluster, SOURCE_DB, "select pgq.register_consumer(%s, 'classic')", (SOURCE_QUEUE,))
+    cluster.execute(SOURCE_DB, "select pgq.register_consumer(%s, 'classic')", (SOURCE_QUEUE,))
     counts: Counts = {}
     with CountingProxy(cluster.port) as sp, CountingProxy(cluster.port) as tp:
         ini = workdir / "classic.ini"

@@ -94,6 +94,14 @@ def create_login(cluster: ThrowawayCluster, prefix: str, in_role: str | None = N
     return login
 
 
+def pretend_mover_schema(server: Server, version: int) -> None:
+    """Makes pgq_ext say it is mover schema `version`, as an older install left it (the
+    upgrade tests then install over it)."""
+    server.execute(sql.SQL("create or replace function pgq_ext.mover_schema_version() returns integer"
+                           " language sql immutable security definer set search_path = pg_catalog, pg_temp"
+                           " as $$ select {} $$").format(sql.Literal(int(version))))
+
+
 def create_queue(server: Server, queue: str) -> None:
     server.execute("select pgq.create_queue(%s)", (queue,))
     server.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))

@@ -45,6 +45,7 @@ from tests.helpers import (
     create_queue,
     has_pgq_ext,
     is_registered,
+    pretend_mover_schema,
     produce,
     queue_events,
     register,
@@ -122,8 +123,7 @@ def _install_pgq_ext(server: Server) -> None:
 
 def _old_pgq_ext(server: Server) -> None:
     _install_pgq_ext(server)
-    server.execute("create or replace function pgq_ext.mover_schema_version() returns integer"
-                   " language sql immutable as $$ select 0 $$")
+    pretend_mover_schema(server, 0)
 
 
 def _classic_pgq_ext(server: Server) -> None:

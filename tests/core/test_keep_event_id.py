@@ -20,7 +20,17 @@ from psycopg2 import sql
 from airflow_provider_pgq.core import faults, pgq_ext
 from airflow_provider_pgq.core.errors import KeptIdConflict
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoverOptions, QueueMover
-from tests.helpers import Server, mark_of, produce, queue_events, register, run_mover, simple_events, tick_plain
+from tests.helpers import (
+    Server,
+    mark_of,
+    pretend_mover_schema,
+    produce,
+    queue_events,
+    register,
+    run_mover,
+    simple_events,
+    tick_plain,
+)
 
 
 def _ids(server: Server, queue: str) -> dict[Any, int]:
@@ -222,8 +232,7 @@ def test_a_schema_1_target_is_upgraded_on_request(pair):
     mark = mark_of(target, "mover")
     target.execute("drop function pgq_ext.kept_ids_claim(text, text, text)")
     target.execute("drop table pgq_ext.kept_event_ids")
-    target.execute("create or replace function pgq_ext.mover_schema_version() returns integer"
-                   " language sql immutable as $$ select 1 $$")
+    pretend_mover_schema(target, 1)
     produce(source, "src_q", simple_events(3, start=100))
     tick_plain(source, "src_q")
     with pytest.raises(PgqExtMissing, match="install_pgq_ext=True"):

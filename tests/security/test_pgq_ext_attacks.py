@@ -22,7 +22,17 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.errors import PgqExtUntrusted
-from tests.helpers import Server, mark_of, produce, queue_events, register, run_mover, simple_events, tick
+from tests.helpers import (
+    Server,
+    mark_of,
+    pretend_mover_schema,
+    produce,
+    queue_events,
+    register,
+    run_mover,
+    simple_events,
+    tick,
+)
 from tests.security.attacker import call, denied
 from tests.support.cluster import ThrowawayCluster
 
@@ -339,9 +349,7 @@ def test_upgrade_from_mover_schema_2_takes_the_write_side_from_pgq_writer(make_d
     target.execute("grant execute on function pgq_ext.set_last_tick(text, text, bigint),"
                    " pgq_ext.insert_event_chunk(text, text[], text[], text[], text[], text[], text[],"
                    " timestamptz[], bigint[]) to pgq_writer")
-    target.execute("create or replace function pgq_ext.mover_schema_version() returns integer"
-                   " language sql immutable security definer set search_path = pg_catalog, pg_temp"
-                   " as $$ select 2 $$")
+    pretend_mover_schema(target, 2)
     conn = target.connect()
     try:
         report = pgq_ext.install(conn)

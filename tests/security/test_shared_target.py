@@ -29,6 +29,7 @@ from tests.helpers import (
     create_login,
     create_queue,
     mark_of,
+    pretend_mover_schema,
     produce,
     queue_events,
     register,
@@ -537,9 +538,7 @@ def test_upgrade_to_owned_keys_keeps_marks_and_grants_and_leaves_old_keys_unowne
     target.execute("grant execute on function pgq_ext.kept_ids_refusal(text, text, text) to public")
     target.execute(sql.SQL("grant execute on function pgq_ext.unbind_source(text, text) to {}").format(
         sql.Identifier(ops.name)))
-    target.execute("create or replace function pgq_ext.mover_schema_version() returns integer"
-                   " language sql immutable security definer set search_path = pg_catalog, pg_temp"
-                   " as $$ select 4 $$")
+    pretend_mover_schema(target, 4)
     conn = target.connect()
     try:
         report = pgq_ext.install(conn)
