@@ -192,7 +192,7 @@ class DeadLetter:
         out: dict[str, Any] = {}
         for name, value in self.__dict__.items():
             if isinstance(value, bytes):
-                out[name] = _shown(value, self.source_encoding)
+                out[name] = shown(value, self.source_encoding)
             elif isinstance(value, dt.datetime):
                 out[name] = value.isoformat()
             else:
@@ -200,7 +200,10 @@ class DeadLetter:
         return out
 
 
-def _shown(value: bytes, encoding: str) -> str:
+def shown(value: bytes | None, encoding: str) -> str | None:
+    """The bytes as text where they decode in encoding, else as hex (\\x...)."""
+    if value is None:
+        return None
     codec = {"SQL_ASCII": "ascii", "UTF8": "utf-8", "LATIN1": "latin-1"}.get(encoding.upper(), encoding)
     try:
         return value.decode(codec)
@@ -231,6 +234,24 @@ def list_dead_letters(conn: Connection, consumer: str, subconsumer: str = "",
         values: list[Any] = [bytes(v) if isinstance(v, memoryview) else v for v in row]
         out.append(DeadLetter(*values))
     return out
+
+
+def pending_count(conn: Connection, consumer: str, subconsumer: str = "") -> int | None:
+    """How many of the key's dead letters wait for replay; None when this login may not
+    read pgq_ext.dead_letter (no pgq_mover) or pgq_ext has none (older than schema 7)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "select pg_catalog.count(*) from pgq_ext.dead_letter d where d.consumer_id = %s::text"
+                " and d.subconsumer_id = %s::text and d.replayed_at is null",
+                (consumer, subconsumer),
+            )
+            row = cur.fetchone()
+    except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.UndefinedTable):
+        conn.rollback()
+        return None
+    conn.rollback()
+    return int(row[0]) if row else 0
 
 
 def replay(conn: Connection, consumer: str, subconsumer: str = "", dl_ids: list[int] | None = None,

@@ -118,7 +118,8 @@ def target_events(target: Server) -> list[tuple[Any, ...]]:
 
 def dead_letters(target: Server) -> list[tuple[Any, ...]]:
     rows = target.execute(
-        f"select ev_id, {FIELDS}, ev_time, source_queue, target_queue, prev_tick_id, cur_tick_id,"
+        "select ev_id, ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time, source_queue,"
+        " target_queue, prev_tick_id, cur_tick_id,"
         " source_encoding, error_sqlstate, error_message, replayed_at from pgq_ext.dead_letter order by ev_id"
     )
     return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows]
@@ -397,3 +398,69 @@ def test_replay_refuses_an_unknown_encoding(sa_source: Server, target: Server) -
     finally:
         conn.close()
     assert all(k[-1] is None for k in dead_letters(target))
+
+
+# -- the CLI: ini key, one-line stop, report, --status, --dead-letters, --replay-dead-letters ---
+
+
+def _ini(tmp_path: Any, source: Server, target: Server, **extra: str) -> Any:
+    path = tmp_path / "m.ini"
+    keys = {"job_name": "mover", "src_db": source.dsn, "dst_db": target.dsn, "pgq_queue_name": "src_q",
+            "dst_queue_name": "dst_q", **extra}
+    path.write_text("[queue_mover]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+    path.chmod(0o600)
+    return path
+
+
+def _cli(*args: Any) -> Any:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "airflow_provider_pgq.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _status(proc: Any) -> dict[str, str]:
+    pairs = (line.split(":", 1) for line in proc.stdout.splitlines())
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def test_cli_stops_with_one_line_then_dead_letters_lists_and_replays(
+    sa_source: Server, target: Server, tmp_path: Any
+) -> None:
+    ids, prev, cur = batch_of(sa_source)
+    stop = _cli("--once", _ini(tmp_path, sa_source, target))
+    assert stop.returncode == 1
+    errors = [line for line in stop.stderr.splitlines() if line.startswith("pgq-queue-mover: error: ")]
+    assert len(errors) == 1, stop.stderr
+    assert f"ev_id {ids[1]} (22021" in errors[0] and f"ticks {prev}..{cur}" in errors[0]
+    assert "invalid_events = dead_letter" in errors[0] and "target database" in errors[0]
+
+    ini = _ini(tmp_path, sa_source, target, invalid_events="dead_letter")
+    moved = _cli("--once", "-v", ini)
+    assert moved.returncode == 0, moved.stderr
+    assert "moved 3 events in 1 batch" in moved.stderr
+    assert "2 refused by the target kept in pgq_ext.dead_letter" in moved.stderr
+    assert _status(_cli("--status", ini))["dead letters"] == "2"
+    listed = _cli("--dead-letters", ini)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[-1].startswith("2 dead letter(s) of consumer 'mover'")
+    assert [f" ev_id {ids[1]} " in lines[0], f" ev_id {ids[3]} " in lines[1]] == [True, True]
+    assert "22021" in lines[0]
+    assert _cli("--from-encoding", "LATIN1", "--once", ini).returncode == 2  # only with --replay-dead-letters
+    replayed = _cli("--replay-dead-letters", "--from-encoding", "LATIN1", ini)
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout.startswith("replayed 2 dead letter(s)")
+    assert _status(_cli("--status", ini))["dead letters"] == "0"
+    assert len(target_events(target)) == 5
+
+
+def test_cli_refuses_a_bad_invalid_events_value(tmp_path: Any) -> None:
+    from airflow_provider_pgq.cli.config import ConfigError, load_config
+
+    ini = tmp_path / "m.ini"
+    ini.write_text("[mover]\nsrc_db = dbname=a\ndst_db = dbname=b\npgq_queue_name = q\ndst_queue_name = q2\n"
+                   "invalid_events = skip\n")
+    with pytest.raises(ConfigError, match="key 'invalid_events': must be one of stop, dead_letter, got 'skip'"):
+        load_config(ini)

@@ -154,3 +154,14 @@ def test_outlet_asset_refuses_templated_target(templated):
     plain = PgqQueueMoverOperator(**{**kwargs, "target_conn_id": "pgq_dst", "target_queue": "dst_q"},
                                   outlet_asset=True)
     assert [o.uri for o in plain.outlets] == ["pgq://pgq_dst/dst_q"]
+
+
+def test_invalid_events_is_checked_when_the_dag_is_parsed():
+    from airflow_provider_pgq.operators.queue_mover import PgqQueueMoverOperator
+
+    with pytest.raises(InvalidParameter, match="invalid_events must be one of 'stop', 'dead_letter'"):
+        PgqQueueMoverOperator(task_id="m", source_conn_id="s", target_conn_id="t", source_queue="a",
+                              target_queue="b", invalid_events="ignore")
+    op = PgqQueueMoverOperator(task_id="m", source_conn_id="s", target_conn_id="t", source_queue="a",
+                               target_queue="b", invalid_events="dead_letter")
+    assert op.mover_options().invalid_events == "dead_letter"
