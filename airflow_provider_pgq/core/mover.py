@@ -749,7 +749,7 @@ class QueueMover:
         # PgQ's rotation), and none needs a BEGIN, a COMMIT or a rollback.
         refused: list[poison.Refused] = []
         refused_rows: list[tuple[Any, ...]] = []
-        refused_exc: psycopg2.Error | None = None
+        refused_exc: BaseException | None = None
         with guard.autocommit(self.source):
             batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
             if o.table_filter:  # filtered on the source: events of other tables never leave it
@@ -761,14 +761,15 @@ class QueueMover:
             else:
                 try:
                     events = self._transfer(batch_sql)
-                except psycopg2.Error as exc:
-                    if poison.refusal(exc) is None:
+                except (psycopg2.Error, UnicodeDecodeError) as exc:
+                    why = poison.refusal(exc)
+                    if why is None:
                         raise
                     log.info("batch %s (ticks %s..%s): the target refused its content (%s): finding which"
-                             " events", batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, exc.pgcode)
+                             " events", batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, why[0])
                     refused_exc = exc
                 last_id = (pgq.batch_max_event_id(self.source, batch_sql)
-                           if o.keep_event_id and events and refused_exc is None else None)
+                           if refused_exc is None and o.keep_event_id and events else None)
             if refused:
                 refused_rows = poison.read_raw(self.source, batch_sql, [r.ev_id for r in refused])
         if not sift and refused_exc is not None:
@@ -843,7 +844,7 @@ class QueueMover:
             try:
                 count += self._transfer(poison.range_sql(self.source, batch_sql, ids[lo], ids[hi - 1]),
                                         stream_hook=False)
-            except psycopg2.Error as exc:
+            except (psycopg2.Error, UnicodeDecodeError) as exc:
                 why = poison.refusal(exc)
                 if why is None:
                     raise
