@@ -749,7 +749,7 @@ class QueueMover:
         # PgQ's rotation), and none needs a BEGIN, a COMMIT or a rollback.
         refused: list[poison.Refused] = []
         refused_rows: list[tuple[Any, ...]] = []
-        refused_exc: BaseException | None = None
+        refused_exc: psycopg2.Error | None = None
         with guard.autocommit(self.source):
             batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
             if o.table_filter:  # filtered on the source: events of other tables never leave it
@@ -761,7 +761,7 @@ class QueueMover:
             else:
                 try:
                     events = self._transfer(batch_sql)
-                except (psycopg2.Error, UnicodeDecodeError) as exc:
+                except psycopg2.Error as exc:
                     why = poison.refusal(exc)
                     if why is None:
                         raise
@@ -844,7 +844,7 @@ class QueueMover:
             try:
                 count += self._transfer(poison.range_sql(self.source, batch_sql, ids[lo], ids[hi - 1]),
                                         stream_hook=False)
-            except (psycopg2.Error, UnicodeDecodeError) as exc:
+            except psycopg2.Error as exc:
                 why = poison.refusal(exc)
                 if why is None:
                     raise

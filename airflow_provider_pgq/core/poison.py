@@ -50,13 +50,7 @@ def check_invalid_events(value: object) -> None:
 
 
 def refusal(exc: BaseException) -> tuple[str, str] | None:
-    """(SQLSTATE, first line of the message) when exc is a refusal of an event's content.
-    A UnicodeDecodeError is one too: the chunk path's fallback (no temporary tables)
-    hands the source's text through the driver, which cannot decode a SQL_ASCII
-    source's stray byte (told as 22021, as the server would)."""
-    if isinstance(exc, UnicodeDecodeError):
-        byte = exc.object[exc.start:exc.start + 1].hex()
-        return "22021", f"the driver cannot decode the source's text as {exc.encoding}: byte 0x{byte} ({exc.reason})"
+    """(SQLSTATE, first line of the message) when exc is a refusal of an event's content."""
     if isinstance(exc, psycopg2.Error) and exc.pgcode in REFUSALS:
         primary = exc.diag.message_primary if exc.diag is not None else None
         return str(exc.pgcode), (primary or str(exc)).strip().splitlines()[0]

@@ -184,19 +184,16 @@ def test_default_stop_names_side_queues_events_ticks_and_option(
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith("target database ")
-    if path != "arrays":  # there the driver, not the server, refuses: same ids, its own words
-        assert f'ev_id {ids[1]} (22021: invalid byte sequence for encoding "UTF8": 0xe9' in message
-        assert f'ev_id {ids[3]} (22021: invalid byte sequence for encoding "UTF8": 0xef' in message
+    assert f'ev_id {ids[1]} (22021: invalid byte sequence for encoding "UTF8": 0xe9' in message
+    assert f'ev_id {ids[3]} (22021: invalid byte sequence for encoding "UTF8": 0xef' in message
     assert "(UTF8) refuses 2 event(s)" in message
     assert f"ticks {prev}..{cur}" in message
     assert "'src_q'" in message and "'dst_q'" in message and "consumer 'mover'" in message
-    assert f"ev_id {ids[1]} (22021: " in message and f"ev_id {ids[3]} (22021: " in message
     assert f"ev_id {ids[0]} " not in message and f"ev_id {ids[2]} " not in message
     assert "invalid_events = dead_letter" in message
     assert info.value.ev_ids == (ids[1], ids[3]) and info.value.side == "target"
     assert (info.value.prev_tick, info.value.cur_tick) == (prev, cur)
-    assert isinstance(info.value.__cause__,
-                      UnicodeDecodeError if path == "arrays" else psycopg2.errors.CharacterNotInRepertoire)
+    assert isinstance(info.value.__cause__, psycopg2.errors.CharacterNotInRepertoire)
     # nothing of the batch, no mark, no dead letter: the next run stops the same way
     assert target_events(target) == []
     assert mark_of(target, "mover") is None
@@ -233,8 +230,7 @@ def test_dead_letter_moves_the_rest_and_keeps_the_refused_byte_for_byte(
     for k in kept:
         assert k[1:8] == source_rows[k[0]]
         assert k[8:14] == ("src_q", "dst_q", prev, cur, "SQL_ASCII", "22021")
-        assert ("cannot decode" if path == "arrays" else "invalid byte sequence for encoding \"UTF8\"") in k[14]
-        assert k[15] is None
+        assert 'invalid byte sequence for encoding "UTF8"' in k[14] and k[15] is None
     # the batch is finished: nothing more to move, nothing doubled
     again = move(sa_source, dsn, invalid_events="dead_letter")
     assert (again.batches, again.events, again.dead_lettered) == (0, 0, 0)
