@@ -756,7 +756,9 @@ class QueueMover:
                 self._filtered = transfer.count_filtered_out(self.source, batch_sql, o.table_filter)
                 batch_sql = transfer.filter_batch_sql(self.source, batch_sql, o.table_filter)
             if sift:
-                events, refused, written_ids = self._sift(batch_sql)
+                # "stop" names the first SHOWN_IDS only: no need to sift the whole batch
+                limit = None if o.invalid_events == poison.DEAD_LETTER else poison.SHOWN_IDS
+                events, refused, written_ids = self._sift(batch_sql, limit)
                 last_id = max(written_ids) if o.keep_event_id and written_ids else None
             else:
                 try:
@@ -802,7 +804,8 @@ class QueueMover:
         if o.invalid_events != poison.DEAD_LETTER:
             t.rollback()
             raise InvalidEvents(
-                f"target database {database!r} ({encoding}) refuses {len(refused)} event(s) of batch"
+                f"target database {database!r} ({encoding}) refuses"
+                f" {'at least ' if len(refused) >= poison.SHOWN_IDS else ''}{len(refused)} event(s) of batch"
                 f" {batch.batch_id} (ticks {batch.prev_tick_id}..{batch.cur_tick_id}) moved from queue"
                 f" {o.source_queue!r} into {o.target_queue!r} by {o.key}: {poison.describe(refused)};"
                 " nothing of the batch was written, the mover stops here. Fix the events on the source"
@@ -824,18 +827,20 @@ class QueueMover:
             len(refused), o.source_queue, poison.describe(refused),
         )
 
-    def _sift(self, batch_sql: str) -> tuple[int, list[poison.Refused], list[int]]:
+    def _sift(self, batch_sql: str, limit: int | None = None) -> tuple[int, list[poison.Refused], list[int]]:
         """The batch moved in pieces, each under a savepoint of the target transaction:
         a refused piece is rolled back and split in two, down to single events, which are
         the refused ones. Only after the whole batch was refused (no cost on the happy
-        path); about 2 log2(n) pieces per refused event. Returns (events written, the
-        refused events, the ids written)."""
+        path); about 2 log2(n) pieces per refused event, at most 2n. With limit, it stops
+        once that many are found (the rest of the batch is then not written: only for a
+        transaction that is rolled back). Returns (events written, the refused events,
+        the ids written)."""
         ids = poison.batch_ids(self.source, batch_sql)
         refused: list[poison.Refused] = []
         written: list[int] = []
         count = 0
         pieces = [(0, len(ids))]
-        while pieces:
+        while pieces and (limit is None or len(refused) < limit):
             lo, hi = pieces.pop()
             if lo >= hi:
                 continue

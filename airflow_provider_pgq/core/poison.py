@@ -97,12 +97,6 @@ def describe(refused: list[Refused]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def ids_of(refused: list[Refused]) -> str:
-    shown = ", ".join(str(r.ev_id) for r in refused[:SHOWN_IDS])
-    more = len(refused) - SHOWN_IDS
-    return shown + (f" and {more} more" if more > 0 else "")
-
-
 _RAW = """
 select b.ev_id, b.ev_time,
        pg_catalog.convert_to(b.ev_type, e.enc), pg_catalog.convert_to(b.ev_data, e.enc),

@@ -488,3 +488,22 @@ def test_cli_refuses_a_bad_invalid_events_value(tmp_path: Any) -> None:
                    "invalid_events = skip\n")
     with pytest.raises(ConfigError, match="key 'invalid_events': must be one of stop, dead_letter, got 'skip'"):
         load_config(ini)
+
+
+def test_stop_names_the_first_ten_refused_events_without_sifting_the_rest(
+    sa_source: Server, target: Server
+) -> None:
+    """A batch of many poison events: "stop" stops sifting at the tenth (lowest ids first);
+    dead_letter then keeps every one of them."""
+    events = [POISON_DATA if i % 2 else GOOD_2 for i in range(30)]
+    ids = produce_raw(sa_source, "src_q", events)
+    tick(sa_source, "src_q")
+    bad = [i for i, ev in zip(ids, events, strict=True) if ev is POISON_DATA]
+    with pytest.raises(InvalidEvents) as info:
+        move(sa_source, target.dsn)
+    assert "refuses at least 10 event(s)" in str(info.value)
+    assert info.value.ev_ids == tuple(bad[:10])
+    assert f"ev_id {bad[10]} " not in str(info.value)
+    report = move(sa_source, target.dsn, invalid_events="dead_letter")
+    assert (report.events, report.dead_lettered) == (15, 15)
+    assert [k[0] for k in dead_letters(target)] == bad
