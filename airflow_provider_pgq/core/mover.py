@@ -839,7 +839,11 @@ class QueueMover:
         refused: list[poison.Refused] = []
         written: list[int] = []
         count = 0
+        # The whole batch was refused already: start with its halves (where it can be split).
         pieces = [(0, len(ids))]
+        if len(ids) > 1 and ids[0] != ids[-1]:
+            mid = _split(ids, 0, len(ids))
+            pieces = [(mid, len(ids)), (0, mid)]
         while pieces and (limit is None or len(refused) < limit):
             lo, hi = pieces.pop()
             if lo >= hi:
