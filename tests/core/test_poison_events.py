@@ -261,6 +261,12 @@ def test_dead_letter_with_kept_event_ids_keeps_the_good_ids_and_the_next_batch_m
     again = move(sa_source, target.dsn, invalid_events="dead_letter", keep_event_id=True)
     assert (again.events, again.dead_lettered) == (1, 0)
     assert [i for i, _ in target_events(target)] == [ids[0], ids[2], ids[4], later]
+    conn = target.connect()
+    try:  # a replayed event would take an id from the kept-id queue's sequence
+        with pytest.raises(psycopg2.errors.ObjectNotInPrerequisiteState, match="kept event ids"):
+            poison.replay(conn, "mover", from_encoding="LATIN1")
+    finally:
+        conn.close()
 
 
 @pytest.mark.parametrize("point", [faults.AFTER_TARGET_COMMIT, faults.BEFORE_SOURCE_COMMIT])
@@ -327,6 +333,32 @@ def test_replay_puts_each_dead_letter_into_the_target_queue_once(
     ]
     assert [r[6] for r in replayed] == [source_rows[i][6] for i in (ids[1], ids[3])]  # times kept
     assert all(r[-1] is not None for r in dead_letters(target))
+
+
+def test_concurrent_replays_put_each_event_in_once(sa_source: Server, target: Server) -> None:
+    """The second replay waits for the rows the first holds, then finds them replayed."""
+    import threading
+
+    batch_of(sa_source)
+    move(sa_source, target.dsn, invalid_events="dead_letter")
+    first, second = target.connect(), target.connect()
+    try:
+        with first.cursor() as cur:
+            cur.execute("select pgq_ext.replay_dead_letters('mover', '', null, 'LATIN1')")
+            replayed_first = cur.fetchone()[0]  # type: ignore[index]
+        result: list[int] = []
+        racer = threading.Thread(target=lambda: result.append(poison.replay(second, "mover", from_encoding="LATIN1")))
+        racer.start()
+        pid = second.info.backend_pid
+        assert wait_until(lambda: target.execute(
+            "select wait_event_type from pg_stat_activity where pid = %s", (pid,)) == [("Lock",)], timeout=10)
+        first.commit()
+        racer.join(30)
+    finally:
+        first.close()
+        second.close()
+    assert (replayed_first, result) == (2, [0])
+    assert len(target_events(target)) == 5
 
 
 # -- who may see and write dead letters ---------------------------------------------------------
