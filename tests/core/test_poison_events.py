@@ -269,6 +269,28 @@ def test_dead_letter_with_kept_event_ids_keeps_the_good_ids_and_the_next_batch_m
         conn.close()
 
 
+@pytest.mark.parametrize("mode", ["stop", "dead_letter"])
+def test_the_happy_path_costs_no_round_trip_whichever_invalid_events(
+    source: Server, target: Server, mode: str
+) -> None:
+    """Clean events: the round trips tests/core/test_round_trips.py counts for a one-tick
+    batch on the COPY path (there 4 on the source with the take, here 3 after it; 5 on
+    the target)."""
+    from tests.core.test_round_trips import counted, trips
+    from tests.helpers import produce, simple_events
+
+    register(source, "src_q", "mover")
+    with counted(source, target, invalid_events=mode) as (mover, sp, tp):
+        mover.prepare()
+        produce(source, "src_q", simple_events(100))
+        tick(source, "src_q")
+        batch = mover.next_batch()
+        assert batch is not None
+        trips(sp, tp)
+        assert mover.apply_batch(batch).events == 100
+        assert trips(sp, tp) == (3, 5)
+
+
 @pytest.mark.parametrize("point", [faults.AFTER_TARGET_COMMIT, faults.BEFORE_SOURCE_COMMIT])
 def test_a_crash_after_the_target_commit_does_not_double_dead_letters(
     sa_source: Server, target: Server, point: str
