@@ -35,7 +35,7 @@ def _run(home: Path, conns: dict[str, str], logical_date: str, events_file: Path
     # The tests package through a folder of its own, not the checkout: the checkout's
     # airflow_provider_pgq.egg-info beside the installed package lists the pgq plugin twice,
     # and Airflow 3.3.2's task-side plugin loader stops at the first repeated name, so the
-    # openlineage plugin after it would never load (docs/lineage.md).
+    # openlineage plugin after it would never load (README, "Lineage").
     path = home / "pythonpath"
     if not path.exists():
         path.mkdir()
