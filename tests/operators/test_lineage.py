@@ -158,3 +158,21 @@ def test_without_the_provider_the_operator_says_nothing(tmp_path: Path) -> None:
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-5000:]
     assert done.stdout.strip().splitlines()[-1] == "LOADED []"
+
+
+def test_names_for_connections_without_port_host_or_database(source: Server) -> None:
+    from airflow.models.connection import Connection
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    from airflow_provider_pgq.operators.queue_mover import queue_dataset_address
+
+    conn = source.connect()
+    try:
+        # no port: 5432, as the postgres provider says for the same connection
+        provider = PostgresHook().get_openlineage_database_info(Connection(conn_id="x", uri="postgresql://u@DB.Example/app"))
+        assert queue_dataset_address({"host": "DB.Example", "dbname": "app"}, "q", conn) == (
+            f"{provider.scheme}://{provider.authority}", "app.pgq.q")
+        # no host: libpq's local socket; no database: the one the session is in
+        assert queue_dataset_address({}, "q", conn) == ("postgres://localhost:5432", f"{source.dbname}.pgq.q")
+    finally:
+        conn.close()
