@@ -27,6 +27,7 @@ from airflow_provider_pgq.core.mover import (
 )
 from airflow_provider_pgq.hooks.pgq import PgqHook
 from airflow_provider_pgq.links.mover_page import PgqMoverPageLink
+from airflow_provider_pgq.operators import turns
 
 try:
     from airflow.sdk.observability.stats import Stats
@@ -149,12 +150,19 @@ class PgqQueueMoverOperator(BaseOperator):
         the task fails (and Airflow retries it); nothing is half-applied.
     :return: the MoveReport as a dict (XCom).
 
-    Concurrency: ``max_active_tis_per_dag`` defaults to 1, so concurrent runs of the DAG
-    (a backfill's ``max_active_runs``, a clear next to a scheduled run) run this task one
-    at a time: the queue hands out batches strictly in order to one consumer, so
-    parallel runs would only race for the same batches. Pass another value to override
-    (a mapped task is not covered: its map indexes share one task id; use the DAG's
-    ``max_active_runs=1`` or a pool with one slot per source).
+    :param turn_poll: seconds after which a mover instance that stepped back for another
+        run's instance of itself tries again (twice that for the later of the two;
+        see Concurrency). Keep it above the scheduler's loop time (operators/turns.py).
+
+    Concurrency: concurrent runs of the DAG (a backfill's ``max_active_runs``, a clear
+    next to a scheduled run) run this task one at a time, per map index for a mapped
+    task: the queue hands out batches strictly in order to one consumer, so parallel runs
+    would only race for the same batches. A plain task gets ``max_active_tis_per_dag=1``
+    (the scheduler holds the others back). A mapped task's map indexes (its partitions)
+    run in parallel; an instance that finds the same map index running in another run,
+    or waiting in an earlier run, gives its slot back and is rescheduled
+    (``up_for_reschedule``, not a retry), so backfilled intervals move oldest first
+    (operators/turns.py).
     """
 
     template_fields: Sequence[str] = (
@@ -197,6 +205,7 @@ class PgqQueueMoverOperator(BaseOperator):
         network_timeout: float = Timeouts.network_timeout,
         statement_timeout: float = Timeouts.statement_timeout,
         lock_timeout: float = Timeouts.lock_timeout,
+        turn_poll: float = 15.0,
         **kwargs: Any,
     ) -> None:
         self._asset = target_asset(target_conn_id, target_queue) if outlet_asset else None
@@ -235,6 +244,9 @@ class PgqQueueMoverOperator(BaseOperator):
         self.timeouts = Timeouts(connect_timeout=connect_timeout, network_timeout=network_timeout,
                                  statement_timeout=statement_timeout, lock_timeout=lock_timeout)
         self._connections: list[Psycopg2Connection] = []
+        if not isinstance(turn_poll, (int, float)) or isinstance(turn_poll, bool) or not 0 < turn_poll <= 3600:
+            raise InvalidParameter(f"turn_poll must be seconds in (0, 3600], got {turn_poll!r}")
+        self.turn_poll = float(turn_poll)
         #: What get_openlineage_facets_on_complete reports: the run's report and where the
         #: queues live ((namespace, name) of source and target), set by execute.
         self._lineage: tuple[dict[str, Any], tuple[str, str], tuple[str, str]] | None = None
@@ -293,6 +305,7 @@ class PgqQueueMoverOperator(BaseOperator):
             raise ValueError(f"reposition must be 'rewind', 'reset' or empty, got {self.reposition!r}")
 
     def execute(self, context: Context) -> dict[str, Any]:
+        turns.take_turn(context["ti"], self.log, self.turn_poll)  # may reschedule this task
         options = self.mover_options()
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
         source_hook = PgqHook(self.source_conn_id, application_name=app, timeouts=self.timeouts)
