@@ -57,6 +57,17 @@ def target_asset(target_conn_id: str, target_queue: str) -> Asset:
     return Asset(f"pgq://{target_conn_id}/{target_queue}")
 
 
+def queue_dataset_address(parameters: dict[str, str], queue: str, conn: Psycopg2Connection) -> tuple[str, str]:
+    """A queue's OpenLineage (namespace, name), as the postgres provider names a table:
+    ``postgres://<host>:<port>`` (the connection's host in lower case, ``localhost`` when it
+    has none, i.e. libpq's local socket; port 5432 when it gives none) and
+    ``<database>.pgq.<queue>`` (PgQ keeps its queues in the ``pgq`` schema). ``parameters``:
+    PgqHook.connect_parameters(); ``conn``, open, names the database when they do not."""
+    host = (parameters.get("host") or parameters.get("hostaddr") or "localhost").lower()
+    database = parameters.get("dbname") or str(conn.info.dbname)
+    return f"postgres://{host}:{parameters.get('port') or 5432}", f"{database}.pgq.{queue}"
+
+
 def _seconds(value: float | dt.timedelta | None) -> float | None:
     return value.total_seconds() if isinstance(value, dt.timedelta) else value
 
@@ -247,6 +258,9 @@ class PgqQueueMoverOperator(BaseOperator):
         if not isinstance(turn_poll, (int, float)) or isinstance(turn_poll, bool) or not 0 < turn_poll <= 3600:
             raise InvalidParameter(f"turn_poll must be seconds in (0, 3600], got {turn_poll!r}")
         self.turn_poll = float(turn_poll)
+        #: What get_openlineage_facets_on_complete reports: the run's report and where the
+        #: queues live ((namespace, name) of source and target), set by execute.
+        self._lineage: tuple[dict[str, Any], tuple[str, str], tuple[str, str]] | None = None
 
     def mover_options(self) -> MoverOptions:
         return MoverOptions(
@@ -324,6 +338,8 @@ class PgqQueueMoverOperator(BaseOperator):
                     report = mover.drain(bounds)
             finally:
                 self._connections = []
+            where = (queue_dataset_address(source_hook.connect_parameters(), options.source_queue, source),
+                     queue_dataset_address(target_hook.connect_parameters(), options.target_queue, target))
         self.log.info(
             "moved %d events in %d batches (%d already applied, skipped; %d of other tables"
             " consumed, not moved; %d refused by the target, dead-lettered) from %r to %r as %s in"
@@ -343,7 +359,22 @@ class PgqQueueMoverOperator(BaseOperator):
             Stats.gauge("pgq.mover.lag_seconds", report.lag_seconds, tags=tags)
         result = report.to_dict()
         self._announce(context, result)
+        self._lineage = (result, *where)
         return result
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """For Airflow's openlineage provider (only it calls this): the source and target
+        queues as datasets, the moved event count as the target's ``outputStatistics`` and the
+        consumed tick range as the source's ``pgqTickRange`` facet (operators/lineage.py).
+        A run that moved nothing reports no dataset: it changed nothing downstream. None when
+        the provider cannot be imported."""
+        try:
+            from airflow_provider_pgq.operators.lineage import moved_lineage
+        except ImportError:
+            return None
+        if self._lineage is None:  # execute did not finish: what it moved is not known here
+            return moved_lineage({}, ("", ""), ("", ""))
+        return moved_lineage(*self._lineage)
 
     def _announce(self, context: Context, report: dict[str, Any]) -> None:
         """The outlet Asset gets an event only when events moved, with the report as extra.

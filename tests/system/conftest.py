@@ -26,6 +26,8 @@ QUEUES = ("bf", "bm0", "bm1", "dr", "sn", "ed", "tq")
 HIDDEN_DAG = "pgq_sys_event"
 #: The outsider may read this DAG, not its task instances (so not what its runs rendered).
 TEMPLATED_DAG = "pgq_sys_templated"
+#: The deployment's [pgq] ui_stuck_seconds.
+STUCK_SECONDS = 5
 
 
 @dataclass
@@ -79,6 +81,9 @@ def system(cluster: ThrowawayCluster, tmp_path_factory: pytest.TempPathFactory) 
                                   "PGQ_TEST_NO_TASK_INSTANCES": f"outsider:{TEMPLATED_DAG}",
                                   # the page's numbers are compared with the databases right after
                                   "AIRFLOW__PGQ__UI_CACHE_SECONDS": "0",
+                                  # a batch left open this long reads "stuck" (test_pgq_page.py);
+                                  # the system DAGs' batches move in well under a second
+                                  "AIRFLOW__PGQ__UI_STUCK_SECONDS": str(STUCK_SECONDS),
                                   "PGQ_TEST_SPANS": str(work / "spans.jsonl")})
         airflow.start()
         airflow.wait_for_dags(["pgq_sys_backfill", "pgq_sys_backfill_mapped", "pgq_sys_drain", "pgq_sys_sensor",
