@@ -112,7 +112,7 @@ select 'trigger', t.tgname::text || ' on ' || t.tgrelid::pg_catalog.regclass::te
  where c.relnamespace = pg_catalog.to_regnamespace('pgq_ext') and not t.tgisinternal
 """
 
-_UNTRUSTED = sql.SQL("""
+UNTRUSTED = sql.SQL("""
 select o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)
   from ({owners}) o (kind, name, owner)
   join pg_catalog.pg_roles r on r.oid = o.owner
@@ -147,7 +147,7 @@ def require_trusted(conn: Connection) -> None:
             f" {MOVER_ROLE} nologin nosuperuser, finds out who changed it and checks the marks"
             " (docs/security.md); then run again"
         )
-    rows = _rows(conn, _UNTRUSTED)
+    rows = _rows(conn, UNTRUSTED)
     if not rows:
         return
     kind, name, owner = rows[0]
