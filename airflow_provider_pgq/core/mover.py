@@ -391,6 +391,8 @@ class QueueMover:
         self._said_unowned = False
         self._filtered = 0  # table_filter's left-out events of the batch being applied
         self._source_identity: tuple[str, str] = ("", "")
+        #: the chunk path's stage_events answer, asked with the key's lock (begin_staged_batch)
+        self._staged: tuple[int | None] | None = None
         self.write_path = ""
 
     # -- checks ---------------------------------------------------------------
@@ -802,7 +804,13 @@ class QueueMover:
         o = self.options
         t = self.target
         system_id, database = self._source_identity
-        other, mark = pgq_ext.begin_batch(t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
+        self._staged = None
+        if self.write_path == CHUNK_PATH:  # the staging table's answer rides on the key's lock
+            other, mark, staged = pgq_ext.begin_staged_batch(
+                t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
+            self._staged = (staged,)
+        else:
+            other, mark = pgq_ext.begin_batch(t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
         if other is not None:
             raise TrackingKeyConflict(
                 f"tracking key {o.key} on the target already belongs to source {other}, not"
@@ -896,7 +904,7 @@ class QueueMover:
                 )
             return transfer.insert_chunks(
                 self.source, self.target, batch_sql, o.target_queue, o.keep_event_id,
-                o.chunk_size, mid_stream if self._fault else None,
+                o.chunk_size, mid_stream if self._fault else None, self._staged,
             )
         except psycopg2.Error as exc:
             kind = pgq.pgq_error(exc)
