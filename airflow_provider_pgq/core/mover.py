@@ -466,8 +466,9 @@ class QueueMover:
             return False
         self.write_path = COPY_PATH if can_copy else CHUNK_PATH
         self._warn_unowned(row[1] is None)
-        if not registered:
+        if not registered:  # the registration last, as below: after every check of both sides
             self.ensure_registered()
+            self.source.rollback()
         self._source_identity = source_identity[:2]
         return True
 
