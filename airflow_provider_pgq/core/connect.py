@@ -325,7 +325,7 @@ def _settle(conn: GuardedConnection, timeouts: Timeouts, chosen: set[str], effec
 
 def settle_columns(conn: Connection) -> sql.Composable | None:
     """Two columns a read may add (", chosen, statement_timeout") so that settling a
-    connection of connect(settle=False) costs no round trip of its own: the names of
+    connection of connect_unsettled() costs no round trip of its own: the names of
     the bounds the user chose, and the statement_timeout in force. Read in a
     transaction of the unsettled connection, where the bounds the user did not choose
     were set by the transaction itself (their source is then "session", not one of
@@ -346,7 +346,7 @@ def settle_with(conn: Connection, chosen: list[str] | None, effective: dt.timede
 
 
 def ensure_settled(conn: Connection) -> None:
-    """Settles a connection of connect(settle=False) by a statement of its own, where
+    """Settles a connection of connect_unsettled() by a statement of its own, where
     no read carried settle_columns (the checks' step-by-step path)."""
     if isinstance(conn, GuardedConnection) and conn.unsettled is not None:
         settle_bounds(conn, conn.unsettled)

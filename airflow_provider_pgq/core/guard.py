@@ -329,7 +329,7 @@ class GuardedConnection(psycopg2.extensions.connection):
         #: transaction (connect.py fills it in)
         self.transaction_settings: dict[str, str] = {}
         self._opening_sql = ""
-        #: the bounds still to settle (connect(settle=False)): until then each transaction
+        #: the bounds still to settle (connect_unsettled()): until then each transaction
         #: decides in SQL which of them the user chose (set_transaction_defaults)
         self.unsettled: Timeouts | None = None
         self.streaming = False

@@ -461,7 +461,7 @@ class QueueMover:
 
     def _prepare_quickly(self) -> bool:
         """prepare() in three round trips: what every check needs, read in one statement
-        on each side (settling connections of connect(settle=False) on the way), decided
+        on each side (settling connections of connect_unsettled() on the way), decided
         here; then, only when all of them pass, pgq_ext's schema version and the key's
         row (ensure_key, committed) in one statement: pgq_ext is called only once it is
         known to be trusted. False when anything is not as a working mover needs it (or a
@@ -569,7 +569,7 @@ class QueueMover:
 
     def _check_step_by_step(self) -> None:
         """prepare()'s checks one by one, each with its own error; connections of
-        connect(settle=False) are settled at the end."""
+        connect_unsettled() are settled at the end."""
         o = self.options
         pgq.require_pgq(self.source, "source")
         pgq.require_queue(self.source, o.source_queue, "source")
