@@ -20,7 +20,7 @@ from tests.helpers import Login, Server, create_login, register
 
 TIMEOUTS = Timeouts(connect_timeout=5, network_timeout=10, statement_timeout=11, lock_timeout=2)
 SHOWN = ("search_path", "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout",
-         "tcp_keepalives_count")
+         "client_connection_check_interval")
 
 
 @pytest.fixture
@@ -58,7 +58,8 @@ def test_settled_by_the_checks_as_by_connect(source: Server, target: Server, cho
     try:
         expected = in_transaction(eager)
         assert expected == {"search_path": "pg_catalog, pg_temp", "statement_timeout": "45s", "lock_timeout": "7s",
-                            "idle_in_transaction_session_timeout": "26s", "tcp_keepalives_count": "3"}
+                            "idle_in_transaction_session_timeout": "26s",
+                            "client_connection_check_interval": "1s"}
         assert lazy.unsettled is not None
         assert in_transaction(lazy) == expected, "unsettled: decided by the server, the same"
         assert lazy.statement_bound == 5 + 5  # bounded like the login until settled
