@@ -72,15 +72,20 @@ def one_tick(cluster: ThrowawayCluster, events: int) -> None:
         conn.close()
 
 
+#: step -> (source turns, target turns): what the client sent in each round trip
+TURNS: dict[str, tuple[list[str], list[str]]] = {}
+
+
 def _step(counts: Counts, name: str, sp: CountingProxy, tp: CountingProxy, action: Callable[[], object]) -> None:
     sp.reset_both()
     tp.reset_both()
     action()
+    TURNS[name] = (sp.turns(), tp.turns())
     counts[name] = (sp.reset_both(), tp.reset_both())
 
 
 def ours(cluster: ThrowawayCluster, events: int, workdir: Path) -> Counts:
-    from airflow_provider_pgq.core.connect import connect
+    from airflow_provider_pgq.core.connect import connect_unsettled
     from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
 
     cluster.execute(SOURCE_DB, "select pgq.register_consumer(%s, 'ours')", (SOURCE_QUEUE,))
@@ -89,10 +94,11 @@ def ours(cluster: ThrowawayCluster, events: int, workdir: Path) -> Counts:
         conns: list[psycopg2.extensions.connection] = []
 
         def login() -> None:
-            conns.append(connect(sp.dsn(cluster.dsn(SOURCE_DB)), side="source"))
-            conns.append(connect(tp.dsn(cluster.dsn(TARGET_DB)), side="target"))
+            # as the CLI connects: the checks of the mover settle the connections
+            conns.append(connect_unsettled(sp.dsn(cluster.dsn(SOURCE_DB)), side="source"))
+            conns.append(connect_unsettled(tp.dsn(cluster.dsn(TARGET_DB)), side="target"))
 
-        _step(counts, "set-up: login and first statement", sp, tp, login)
+        _step(counts, "set-up: login", sp, tp, login)
         mover = QueueMover(conns[0], conns[1], MoverOptions(SOURCE_QUEUE, TARGET_QUEUE, "ours"))
         _step(counts, "checks of a new mover (prepare)", sp, tp, mover.prepare)
         _step(counts, "idle poll", sp, tp, mover.next_batch)
@@ -138,7 +144,7 @@ def classic(cluster: ThrowawayCluster, events: int, workdir: Path) -> Counts | s
     return counts
 
 
-def report(title: str, counts: Counts | str) -> None:
+def report(title: str, counts: Counts | str, verbose: bool = False) -> None:
     print(f"\n{title}")
     if isinstance(counts, str):
         print(f"  {counts}")
@@ -146,19 +152,26 @@ def report(title: str, counts: Counts | str) -> None:
     print(f"  {'step':<42} {'source trips':>12} {'queries':>8} {'target trips':>12} {'queries':>8}")
     for step, ((st, sq), (tt, tq)) in counts.items():
         print(f"  {step:<42} {st:>12} {sq:>8} {tt:>12} {tq:>8}")
+    if verbose:
+        print("  what the client sent in each round trip (ssl: the SSL request; startup; p: a login step;"
+              " Q: a query string; d/c: COPY data/done; the goodbye, which waits for no answer, is no round trip):")
+        for step in counts:
+            for side, turns in zip(("source", "target"), TURNS.get(step, ([], [])), strict=True):
+                print(f"    {step} / {side}: {' | '.join(turns) or '-'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=100, help="events in the one-tick batch")
+    parser.add_argument("--turns", action="store_true", help="print what the client sent in each round trip")
     args = parser.parse_args(argv)
     cluster = ThrowawayCluster().start()
     workdir = Path(tempfile.mkdtemp(prefix="pgq-rt-"))
     try:
         set_up(cluster)
-        report("ours (airflow-provider-pgq)", ours(cluster, args.events, workdir))
+        report("ours (airflow-provider-pgq)", ours(cluster, args.events, workdir), args.turns)
         report("classic (python-pgq SerialConsumer, benchmarks/classic_mover.py)",
-               classic(cluster, args.events, workdir))
+               classic(cluster, args.events, workdir), args.turns)
     finally:
         cluster.stop()
     return 0

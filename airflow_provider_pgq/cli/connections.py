@@ -8,7 +8,7 @@ import psycopg2
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.cli.config import MoverConfig
-from airflow_provider_pgq.core.connect import connect
+from airflow_provider_pgq.core.connect import connect, connect_unsettled
 from airflow_provider_pgq.core.errors import ConnectionFailed
 
 # -- connections ----------------------------------------------------------------
@@ -17,16 +17,20 @@ from airflow_provider_pgq.core.errors import ConnectionFailed
 class Connections:
     """Source and target connections, opened on first use, with their age."""
 
-    def __init__(self, config: MoverConfig) -> None:
+    def __init__(self, config: MoverConfig, settle: bool = True) -> None:
+        """settle=False: for a mover, whose checks (prepare) settle the connections in
+        their first read (core.connect.connect): a round trip less on each side."""
         self.config = config
+        self.settle = settle
         self._source: Connection | None = None
         self._target: Connection | None = None
         self.opened = time.monotonic()
 
     def _open(self, key: str, dsn: str) -> Connection:
         try:
-            conn = connect(dsn, application_name=self.config.job_name, timeouts=self.config.timeouts(),
-                           side="source" if key == "src_db" else "target")
+            conn = (connect if self.settle else connect_unsettled)(
+                dsn, application_name=self.config.job_name, timeouts=self.config.timeouts(),
+                side="source" if key == "src_db" else "target")
         except ConnectionFailed as exc:
             raise ConnectionFailed(f"{key}: {exc}") from None
         if self._source is None and self._target is None:

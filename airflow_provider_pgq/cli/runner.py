@@ -121,7 +121,7 @@ class Runner:
     def _startup_check(self) -> None:
         """Before going to the background: connect and check both sides, so that a bad
         connection string or a missing queue is reported on the terminal (exit 1)."""
-        conns = Connections(self.config)
+        conns = Connections(self.config, settle=False)
         try:
             QueueMover(conns.source, conns.target, self.config.options()).prepare()
         finally:
@@ -159,7 +159,7 @@ class Runner:
         if self.mover is None:
             # a new mover checks both sides once (prepare) on its first drain: after a
             # reconnect or a reload, not at every poll
-            conns = self.conns or Connections(self.config)
+            conns = self.conns or Connections(self.config, settle=False)  # prepare() settles them
             try:
                 self.mover = QueueMover(conns.source, conns.target, self.config.options(),
                                         on_batch=self._on_batch)

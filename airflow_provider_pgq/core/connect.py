@@ -12,6 +12,7 @@ nothing is quoted: there are no parsed fields to tell a password from the rest.
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import os
 import pwd
@@ -20,7 +21,9 @@ import time
 from collections.abc import Callable, Mapping
 
 import psycopg2
+from psycopg2 import sql
 from psycopg2.extensions import ISOLATION_LEVEL_READ_COMMITTED, parse_dsn
+from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import ConnectionFailed
 from airflow_provider_pgq.core.guard import STATEMENT_GRACE, GuardedConnection, Timeouts
@@ -213,6 +216,26 @@ def connect(
     """A psycopg2 connection with autocommit off, every wait bounded (guard.Timeouts:
     what the connection string, the keyword arguments or the environment set wins);
     ConnectionFailed with a clean message. side names it in timeout messages."""
+    return _connect(dsn, application_name, timeouts, side, True, extra)
+
+
+def connect_unsettled(
+    dsn: str,
+    application_name: str = "pgq-queue-mover",
+    timeouts: Timeouts | None = None,
+    side: str = "database",
+    **extra: str,
+) -> GuardedConnection:
+    """connect() without its statement: which bounds the user chose is not read in a
+    round trip of its own now; each transaction decides that in SQL until the caller
+    settles the connection with what its first read returned (settle_columns and
+    settle_with: the mover's checks do), or ensure_settled does. Until then a
+    statement is bounded like the login (connect_timeout)."""
+    return _connect(dsn, application_name, timeouts, side, False, extra)
+
+
+def _connect(dsn: str, application_name: str, timeouts: Timeouts | None, side: str, settle: bool,
+             extra: dict[str, str]) -> GuardedConnection:
     timeouts = timeouts or Timeouts()
     parts = connection_parameters(dsn, **extra)
     bounds = {
@@ -243,7 +266,11 @@ def connect(
     # (said in each transaction's BEGIN, guard.GuardedConnection: nothing is set on the session).
     conn.set_session(isolation_level=ISOLATION_LEVEL_READ_COMMITTED, autocommit=False)
     conn.set_transaction_settings({"search_path": SAFE_SEARCH_PATH})
-    settle_bounds(conn, timeouts)
+    if settle:
+        settle_bounds(conn, timeouts)
+    else:
+        conn.unsettled = timeouts
+        conn.set_transaction_defaults(timeouts.server_settings(), list(_CHOSEN))
     return conn
 
 
@@ -275,17 +302,54 @@ def settle_bounds(conn: GuardedConnection, timeouts: Timeouts) -> None:
         conn.close()
         raise
     chosen = {str(name) for name, is_chosen, _ in rows if is_chosen}
-    settings = dict(conn.transaction_settings)
+    _settle(conn, timeouts, chosen, rows[0][2] if rows else None)
+
+
+def _settle(conn: GuardedConnection, timeouts: Timeouts, chosen: set[str], effective: dt.timedelta | None) -> None:
+    """The transaction settings: the bounds the user did not choose (chosen: their
+    names); the client's statement bound from effective (the statement_timeout in force
+    where the user chose it)."""
+    wanted = timeouts.server_settings()
+    settings = {"search_path": SAFE_SEARCH_PATH, **conn.transaction_settings}
     settings.update((name, value) for name, value in wanted.items() if name not in chosen)
-    conn.set_transaction_settings(settings)
+    conn.set_transaction_settings(settings)  # the SQL-decided defaults of an unsettled connection go
+    conn.unsettled = None
     conn.own_statement_timeout = "statement_timeout" not in chosen
     conn.bound_name = "statement_timeout"
     if conn.own_statement_timeout:
         seconds = timeouts.statement_timeout
     else:
-        effective = rows[0][2] if rows else None
         seconds = effective.total_seconds() if effective is not None else 0.0
     conn.statement_bound = seconds + min(STATEMENT_GRACE, timeouts.network_timeout) if seconds > 0 else None
+
+
+def settle_columns(conn: Connection) -> sql.Composable | None:
+    """Two columns a read may add (", chosen, statement_timeout") so that settling a
+    connection of connect_unsettled() costs no round trip of its own: the names of
+    the bounds the user chose, and the statement_timeout in force. Read in a
+    transaction of the unsettled connection, where the bounds the user did not choose
+    were set by the transaction itself (their source is then "session", not one of
+    the chosen). None when conn needs no settling."""
+    if not isinstance(conn, GuardedConnection) or conn.unsettled is None:
+        return None
+    return sql.SQL(
+        ", (select pg_catalog.array_agg(s.name::text) from pg_catalog.pg_settings s"
+        " where s.name = any({}::text[]) and s.source = any({}::text[])),"
+        " pg_catalog.current_setting('statement_timeout')::pg_catalog.interval"
+    ).format(sql.Literal(list(conn.unsettled.server_settings())), sql.Literal(list(_CHOSEN)))
+
+
+def settle_with(conn: Connection, chosen: list[str] | None, effective: dt.timedelta | None) -> None:
+    """Settles conn with what settle_columns read."""
+    if isinstance(conn, GuardedConnection) and conn.unsettled is not None:
+        _settle(conn, conn.unsettled, set(chosen or ()), effective)
+
+
+def ensure_settled(conn: Connection) -> None:
+    """Settles a connection of connect_unsettled() by a statement of its own, where
+    no read carried settle_columns (the checks' step-by-step path)."""
+    if isinstance(conn, GuardedConnection) and conn.unsettled is not None:
+        settle_bounds(conn, conn.unsettled)
 
 
 #: The only schemas an unqualified name may resolve to in our sessions: nobody but a

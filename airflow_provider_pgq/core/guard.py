@@ -329,6 +329,9 @@ class GuardedConnection(psycopg2.extensions.connection):
         #: transaction (connect.py fills it in)
         self.transaction_settings: dict[str, str] = {}
         self._opening_sql = ""
+        #: the bounds still to settle (connect_unsettled()): until then each transaction
+        #: decides in SQL which of them the user chose (set_transaction_defaults)
+        self.unsettled: Timeouts | None = None
         self.streaming = False
         self.aborted: str | None = None
         #: what the driver printed of the server's last error instead of raising it (see
@@ -416,6 +419,22 @@ class GuardedConnection(psycopg2.extensions.connection):
         calls = [sql.SQL("pg_catalog.set_config({}, {}, true)").format(sql.Literal(k), sql.Literal(v))
                  for k, v in self.transaction_settings.items()]
         self._opening_sql = sql.SQL("select {}; ").format(sql.SQL(", ").join(calls)).as_string(self) if calls else ""
+
+    def set_transaction_defaults(self, defaults: dict[str, str], chosen_sources: list[str]) -> None:
+        """Until the connection is settled: after the transaction settings (the pinned
+        search_path first, so that this statement resolves its names under it), each of
+        defaults set transaction-locally where pg_settings does not show that the user
+        chose a value (its source is one of chosen_sources). The same outcome as settling
+        first, decided by the server in the transaction's first round trip instead of a
+        round trip of its own at connect; a little more work for the server, so only the
+        first transactions of a connection (connect.settle_with) do it."""
+        rows = sql.SQL(", ").join(
+            sql.SQL("({}, {})").format(sql.Literal(k), sql.Literal(v)) for k, v in defaults.items())
+        self._opening_sql += sql.SQL(
+            "select pg_catalog.count(pg_catalog.set_config(w.name, w.value, true))"
+            " from (values {}) w (name, value) where not exists (select from pg_catalog.pg_settings s"
+            " where s.name operator(pg_catalog.=) w.name and s.source operator(pg_catalog.=) any({})); "
+        ).format(rows, sql.Literal(list(chosen_sources))).as_string(self)
 
     def starts_transaction(self) -> bool:
         """Whether the next statement opens a transaction (in autocommit: every one)."""

@@ -23,9 +23,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import psycopg2
+from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core import faults, guard, kept_ids, pgq, pgq_ext, poison, registration, ticking, transfer
+from airflow_provider_pgq.core import (
+    connect,
+    faults,
+    guard,
+    kept_ids,
+    pgq,
+    pgq_ext,
+    poison,
+    registration,
+    ticking,
+    transfer,
+)
 from airflow_provider_pgq.core.errors import (
     ConsumerNotRegistered,
     InvalidEvents,
@@ -157,6 +169,28 @@ def check_keep_lag(keep_lag: object) -> None:
             f" got {keep_lag!r}"
         )
 
+
+#: A database's (system identifier, name, server start time): the first two name the
+#: source in pgq_ext's binding; the start time tells apart two servers cloned from one
+#: base backup. In UTC, so that sessions with different TimeZone settings agree. Every
+#: function in it may be executed by any role (PUBLIC), pgq_reader included.
+_IDENTITY = (
+    "(select s.system_identifier::text from pg_catalog.pg_control_system() s),"
+    " pg_catalog.current_database()::text,"
+    " pg_catalog.to_char(pg_catalog.timezone('UTC', pg_catalog.pg_postmaster_start_time()),"
+    " 'YYYY-MM-DD HH24:MI:SS.US')"
+)
+
+#: Of the target queue q: may this role COPY into its event tables (INSERT, the event
+#: sequence, current_event_table), may it call pgq_mover's insert_event_chunk.
+_WRITE_PATHS = (
+    "pg_catalog.has_table_privilege("
+    "pg_catalog.concat(q.queue_data_pfx, '_', q.queue_cur_table), 'INSERT')"
+    " and pg_catalog.has_sequence_privilege(q.queue_event_seq, 'USAGE')"
+    " and pg_catalog.has_function_privilege('pgq.current_event_table(text)', 'EXECUTE'),"
+    " pg_catalog.has_function_privilege('pgq_ext.insert_event_chunk(text, text[], text[],"
+    " text[], text[], text[], text[], timestamptz[], bigint[])', 'EXECUTE')"
+)
 
 REGISTER_AT = registration.REGISTER_AT  # where a new registration starts
 
@@ -395,6 +429,8 @@ class QueueMover:
         self._filtered = 0  # table_filter's left-out events of the batch being applied
         self._dead_lettered = 0  # refused events of the batch kept in pgq_ext.dead_letter
         self._source_identity: tuple[str, str] = ("", "")
+        #: the chunk path's stage_events answer, asked with the key's lock (begin_staged_batch)
+        self._staged: tuple[int | None] | None = None
         self.write_path = ""
 
     # -- checks ---------------------------------------------------------------
@@ -402,45 +438,19 @@ class QueueMover:
     def prepare(self) -> None:
         """Checks both sides once, before any batch is taken; writes nothing but
         pgq_ext (when install_pgq_ext; the tracking key's row, which makes a new key this
-        login's) and the registration (when register_consumer)."""
+        login's) and the registration (when register_consumer).
+
+        First the quick way (_prepare_quickly: one read on the source, a read and the key's
+        row on the target); when anything there is not as a working mover needs it, the
+        checks one by one, which say what is wrong (and install, where asked)."""
         o = self.options
         try:
-            pgq.require_pgq(self.source, "source")
-            pgq.require_queue(self.source, o.source_queue, "source")
-            pgq.require_pgq(self.target, "target")
-            pgq.require_queue(self.target, o.target_queue, "target")
-            pgq.require_own_event_tables(self.target, o.target_queue)
-            self._refuse_same_queue()
-            if pgq.get_queue_info(self.target, o.target_queue).disable_insert:
-                raise QueueDisabled(
-                    f"target queue {o.target_queue!r} has inserts disabled: set"
-                    " pgq.queue.queue_disable_insert back to false for it, then retry"
-                )
-            self.target.rollback()
-            pgq_ext.require(self.target, install_if_missing=o.install_pgq_ext)
-            self.target.rollback()
-            if o.keep_event_id:  # refused early when the target queue has another writer
-                kept_ids.check(self.target, o.consumer, o.subconsumer, o.target_queue, o.key)
-                self.target.rollback()
-            # Every check before the registration: a run that fails here must not leave
-            # a consumer behind that holds back the source's event-table rotation.
-            self.write_path = self._choose_write_path()
-            self.target.rollback()
-            # A key of another role is refused here; the key's rows exist committed
-            # afterwards, so that a mover waiting for its lock can name the holder.
-            unowned = pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer) is None
-            if unowned and not self._said_unowned:  # once per mover, not every drain of a loop
-                self._said_unowned = True
-                log.warning(
-                    "tracking key %s on the target has no owner (pgq_ext's install took it over):"
-                    " any member of pgq_mover may move or clear it; an admin gives it to this mover's"
-                    " role with select pgq_ext.assign_key(%s, %s, <role>)",
-                    o.key, literal(o.consumer), literal(o.subconsumer),
-                )
-            self.ensure_registered()
-            self._source_identity = self._identify_source()
-            self.source.rollback()
-            self.target.rollback()
+            if self._prepare_quickly():
+                self._prepared = True
+                log.info("moving %s -> %s as %s, writing through %s", o.source_queue, o.target_queue, o.key,
+                         self.write_path)
+                return
+            self._check_step_by_step()
         except BaseException:
             _quietly(self.source.rollback)
             _quietly(self.target.rollback)
@@ -448,6 +458,149 @@ class QueueMover:
         # Said on every drain: a caller that drains in a loop (the CLI) shows it once.
         log.info("moving %s -> %s as %s, writing through %s", o.source_queue, o.target_queue, o.key, self.write_path)
         self._prepared = True
+
+    def _prepare_quickly(self) -> bool:
+        """prepare() in three round trips: what every check needs, read in one statement
+        on each side (settling connections of connect_unsettled() on the way), decided
+        here; then, only when all of them pass, pgq_ext's schema version and the key's
+        row (ensure_key, committed) in one statement: pgq_ext is called only once it is
+        known to be trusted. False when anything is not as a working mover needs it (or a
+        read failed on a missing object): nothing was written then, and the checks one by
+        one find what it is and say so, in their order. keep_event_id movers take that
+        way always (kept_ids.check comes between the trust and the key's row)."""
+        o = self.options
+        if o.keep_event_id:
+            return False
+        try:
+            with guard.autocommit(self.source):
+                source = self._read_source_facts()
+            pgq_present, queue_present, registered, source_identity = source
+            if not (pgq_present and queue_present and (registered or o.register_consumer)):
+                return False
+            with guard.autocommit(self.target):
+                target = self._read_target_facts()
+            if target is None:
+                return False
+            facts, target_identity = target
+            if o.source_queue == o.target_queue and source_identity == target_identity:
+                return False  # the queue into itself: refused with the whole story below
+            pgq_present, disable_insert, own_tables, role_ok, trusted, can_copy, can_chunk = facts
+            if not (pgq_present and own_tables and not disable_insert and role_ok and trusted
+                    and (can_copy or can_chunk)):
+                return False
+            with guard.autocommit(self.target):
+                with self.target.cursor() as cur:
+                    cur.execute(
+                        "select x.v, case when x.v >= %s then pgq_ext.ensure_key(%s::text, %s::text) end"
+                        " from (select pgq_ext.mover_schema_version() as v offset 0) x",
+                        (pgq_ext.REQUIRED_MOVER_SCHEMA, o.consumer, o.subconsumer),
+                    )
+                    row = cur.fetchone()
+        except psycopg2.ProgrammingError:  # a missing object or right: the long way says which
+            _quietly(self.source.rollback)
+            _quietly(self.target.rollback)
+            return False
+        if row is None or row[0] is None or row[0] < pgq_ext.REQUIRED_MOVER_SCHEMA:
+            return False
+        self.write_path = COPY_PATH if can_copy else CHUNK_PATH
+        self._warn_unowned(row[1] is None)
+        if not registered:  # the registration last, as below: after every check of both sides
+            self.ensure_registered()
+            self.source.rollback()
+        self._source_identity = source_identity[:2]
+        return True
+
+    def _read_source_facts(self) -> tuple[bool, bool, bool, tuple[str, str, str]]:
+        """(pgq present, the queue present, the consumer registered, the identity) of the
+        source, in one statement; ProgrammingError where pgq's tables are missing."""
+        o = self.options
+        settle = connect.settle_columns(self.source)
+        query = sql.SQL(
+            "select pg_catalog.to_regproc('pgq.version') is not null,"
+            " exists (select 1 from pgq.queue q where q.queue_name = %s::text),"
+            " exists (select 1 from pgq.subscription s"
+            "  join pgq.queue q on q.queue_id = s.sub_queue"
+            "  join pgq.consumer c on c.co_id = s.sub_consumer"
+            "  where q.queue_name = %s::text and c.co_name = %s::text), {identity}{settle}"
+        ).format(identity=sql.SQL(_IDENTITY), settle=settle or sql.SQL(""))
+        with self.source.cursor() as cur:
+            cur.execute(query, (o.source_queue, o.source_queue, o.consumer))
+            row = cur.fetchone()
+        assert row is not None
+        if settle is not None:
+            connect.settle_with(self.source, row[6], row[7])
+        return bool(row[0]), bool(row[1]), bool(row[2]), (str(row[3]), str(row[4]), str(row[5]))
+
+    def _read_target_facts(self) -> tuple[tuple[bool, ...], tuple[str, str, str]] | None:
+        """What the target's checks need, in one statement, pgq_ext not called: (pgq
+        present, inserts disabled, the event tables PgQ's own, pgq_mover a NOLOGIN role
+        (or absent), pgq_ext trusted, may COPY, may insert chunks) and the identity; None
+        when the queue is missing. ProgrammingError where pgq's tables are missing."""
+        o = self.options
+        settle = connect.settle_columns(self.target)
+        query = sql.SQL(
+            "select pg_catalog.to_regproc('pgq.version') is not null, q.queue_disable_insert,"
+            " not exists ({foreign}),"
+            " not exists (select from pg_catalog.pg_roles r where r.rolname = %s::text"
+            "  and (r.rolcanlogin or r.rolsuper)),"
+            " not exists ({untrusted}), {write_paths}, {identity}{settle}"
+            " from pgq.queue q where q.queue_name = %s::text"
+        ).format(foreign=sql.SQL(pgq.FOREIGN_EVENT_TABLE), untrusted=pgq_ext.UNTRUSTED,
+                 write_paths=sql.SQL(_WRITE_PATHS), identity=sql.SQL(_IDENTITY), settle=settle or sql.SQL(""))
+        with self.target.cursor() as cur:
+            cur.execute(query, (o.target_queue, pgq_ext.MOVER_ROLE, o.target_queue))
+            row = cur.fetchone()
+        if row is None:
+            return None
+        if settle is not None:
+            connect.settle_with(self.target, row[10], row[11])
+        return tuple(bool(v) for v in row[:7]), (str(row[7]), str(row[8]), str(row[9]))
+
+    def _warn_unowned(self, unowned: bool) -> None:
+        if unowned and not self._said_unowned:  # once per mover, not every drain of a loop
+            self._said_unowned = True
+            o = self.options
+            log.warning(
+                "tracking key %s on the target has no owner (pgq_ext's install took it over):"
+                " any member of pgq_mover may move or clear it; an admin gives it to this mover's"
+                " role with select pgq_ext.assign_key(%s, %s, <role>)",
+                o.key, literal(o.consumer), literal(o.subconsumer),
+            )
+
+    def _check_step_by_step(self) -> None:
+        """prepare()'s checks one by one, each with its own error; connections of
+        connect_unsettled() are settled at the end."""
+        o = self.options
+        pgq.require_pgq(self.source, "source")
+        pgq.require_queue(self.source, o.source_queue, "source")
+        pgq.require_pgq(self.target, "target")
+        pgq.require_queue(self.target, o.target_queue, "target")
+        pgq.require_own_event_tables(self.target, o.target_queue)
+        self._refuse_same_queue()
+        if pgq.get_queue_info(self.target, o.target_queue).disable_insert:
+            raise QueueDisabled(
+                f"target queue {o.target_queue!r} has inserts disabled: set"
+                " pgq.queue.queue_disable_insert back to false for it, then retry"
+            )
+        self.target.rollback()
+        pgq_ext.require(self.target, install_if_missing=o.install_pgq_ext)
+        self.target.rollback()
+        if o.keep_event_id:  # refused early when the target queue has another writer
+            kept_ids.check(self.target, o.consumer, o.subconsumer, o.target_queue, o.key)
+            self.target.rollback()
+        # Every check before the registration: a run that fails here must not leave
+        # a consumer behind that holds back the source's event-table rotation.
+        self.write_path = self._choose_write_path()
+        self.target.rollback()
+        # A key of another role is refused here; the key's rows exist committed
+        # afterwards, so that a mover waiting for its lock can name the holder.
+        self._warn_unowned(pgq_ext.ensure_key(self.target, o.consumer, o.subconsumer) is None)
+        self.ensure_registered()
+        self._source_identity = self._identify_source()
+        self.source.rollback()
+        self.target.rollback()
+        connect.ensure_settled(self.source)
+        connect.ensure_settled(self.target)
 
     def ensure_registered(self) -> bool:
         """Registers the consumer (register_at says where) when it is not; True when it
@@ -491,13 +644,7 @@ class QueueMover:
         All three functions may be executed by any role (PUBLIC), pgq_reader included.
         """
         with conn.cursor() as cur:
-            cur.execute(
-                "select (select s.system_identifier::text from pg_catalog.pg_control_system() s),"
-                " pg_catalog.current_database()::text,"
-                # In UTC, so that sessions with different TimeZone settings agree.
-                " pg_catalog.to_char(pg_catalog.timezone('UTC', pg_catalog.pg_postmaster_start_time()),"
-                " 'YYYY-MM-DD HH24:MI:SS.US')"
-            )
+            cur.execute(sql.SQL("select {}").format(sql.SQL(_IDENTITY)))
             row = cur.fetchone()
         assert row is not None
         return str(row[0]), str(row[1]), str(row[2])
@@ -511,14 +658,8 @@ class QueueMover:
         """COPY into the event table when the role may, else the chunks of pgq_mover's insert_event_chunk."""
         with self.target.cursor() as cur:
             cur.execute(
-                "select pg_catalog.has_table_privilege("
-                "pg_catalog.concat(q.queue_data_pfx, '_', q.queue_cur_table), 'INSERT')"
-                " and pg_catalog.has_sequence_privilege(q.queue_event_seq, 'USAGE')"
-                " and pg_catalog.has_function_privilege('pgq.current_event_table(text)', 'EXECUTE'),"
-                " pg_catalog.has_function_privilege('pgq_ext.insert_event_chunk(text, text[], text[],"
-                " text[], text[], text[], text[], timestamptz[], bigint[])', 'EXECUTE'),"
-                " current_user"
-                " from pgq.queue q where q.queue_name = %s::text",
+                sql.SQL("select {}, current_user from pgq.queue q where q.queue_name = %s::text").format(
+                    sql.SQL(_WRITE_PATHS)),
                 (self.options.target_queue,),
             )
             row = cur.fetchone()
@@ -706,7 +847,13 @@ class QueueMover:
         o = self.options
         t = self.target
         system_id, database = self._source_identity
-        other, mark = pgq_ext.begin_batch(t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
+        self._staged = None
+        if self.write_path == CHUNK_PATH:  # the staging table's answer rides on the key's lock
+            other, mark, staged = pgq_ext.begin_staged_batch(
+                t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
+            self._staged = (staged,)
+        else:
+            other, mark = pgq_ext.begin_batch(t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
         if other is not None:
             raise TrackingKeyConflict(
                 f"tracking key {o.key} on the target already belongs to source {other}, not"
@@ -896,6 +1043,9 @@ class QueueMover:
         def mid_stream() -> None:
             self._hit(faults.MID_STREAM)
 
+        # stage_events' answer from the key's lock holds for the transaction's first
+        # transfer only: a later one (_sift's pieces) stages after rows staged since
+        staged, self._staged = self._staged, None
         try:
             if self.write_path == COPY_PATH:
                 return transfer.copy_stream(
@@ -904,7 +1054,7 @@ class QueueMover:
                 )
             return transfer.insert_chunks(
                 self.source, self.target, batch_sql, o.target_queue, o.keep_event_id,
-                o.chunk_size, mid_stream if self._fault and stream_hook else None,
+                o.chunk_size, mid_stream if self._fault and stream_hook else None, staged,
             )
         except psycopg2.Error as exc:
             kind = pgq.pgq_error(exc)

@@ -494,7 +494,7 @@ def events_before_tick(conn: Connection, queue: str, tick_id: int) -> int:
 #: The first relation among a queue's event tables (the parent named in pgq.queue and
 #: the tables that inherit it) that PgQ would not have made so, and why: outside schema
 #: pgq, owned by another role than pgq.queue's owner, or carrying a trigger or rule.
-_FOREIGN_EVENT_TABLE = """
+FOREIGN_EVENT_TABLE = """
 with q as (
     select q.queue_data_pfx as pfx, pg_catalog.to_regclass(q.queue_data_pfx) as parent,
            (select t.relowner from pg_catalog.pg_class t where t.oid = 'pgq.queue'::pg_catalog.regclass) as owner
@@ -531,7 +531,7 @@ def require_own_event_tables(conn: Connection, queue: str, side: str = "target")
     schema pgq, owned by pgq.queue's owner, without triggers or rules. Whoever writes
     them would run such a trigger's code with its own rights (a superuser mover's, or
     pgq_ext's owner's on the least-privilege paths)."""
-    row = _one(conn, _FOREIGN_EVENT_TABLE, (queue,))
+    row = _one(conn, FOREIGN_EVENT_TABLE, (queue,))
     if row is None:
         return
     table, why = row

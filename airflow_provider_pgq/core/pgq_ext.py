@@ -116,7 +116,7 @@ select 'trigger', t.tgname::text || ' on ' || t.tgrelid::pg_catalog.regclass::te
  where c.relnamespace = pg_catalog.to_regnamespace('pgq_ext') and not t.tgisinternal
 """
 
-_UNTRUSTED = sql.SQL("""
+UNTRUSTED = sql.SQL("""
 select o.kind, o.name, pg_catalog.pg_get_userbyid(o.owner)
   from ({owners}) o (kind, name, owner)
   join pg_catalog.pg_roles r on r.oid = o.owner
@@ -151,7 +151,7 @@ def require_trusted(conn: Connection) -> None:
             f" {MOVER_ROLE} nologin nosuperuser, finds out who changed it and checks the marks"
             " (docs/security.md); then run again"
         )
-    rows = _rows(conn, _UNTRUSTED)
+    rows = _rows(conn, UNTRUSTED)
     if not rows:
         return
     kind, name, owner = rows[0]
@@ -565,6 +565,27 @@ def begin_batch(
         raise key_locked(conn, consumer, subconsumer, exc) from exc
     other, mark = rows[0]
     return other, None if mark is None else int(mark)
+
+
+def begin_staged_batch(
+    conn: Connection, consumer: str, subconsumer: str, system_id: str, database: str, queue: str
+) -> tuple[str | None, int | None, int | None]:
+    """begin_batch and, for the chunk path, stage_events in the same round trip: (the
+    other source, the key's mark, stage_events' answer: None where pgq_ext's owner may
+    not make temporary tables). The staging table is made (once a session) after the
+    key's lock, in the batch's transaction, also for a batch that is then skipped: it
+    holds nothing until the COPY."""
+    try:
+        rows = _rows(
+            conn,
+            "select b.other_source, b.last_tick, case when b.other_source is null then pgq_ext.stage_events() end"
+            " from pgq_ext.begin_batch(%s::text, %s::text, %s::text, %s::text, %s::text) b",
+            (consumer, subconsumer, system_id, database, queue),
+        )
+    except psycopg2.errors.LockNotAvailable as exc:
+        raise key_locked(conn, consumer, subconsumer, exc) from exc
+    other, mark, staged = rows[0]
+    return other, None if mark is None else int(mark), None if staged is None else int(staged)
 
 
 def unbind_source(conn: Connection, consumer: str, subconsumer: str) -> None:

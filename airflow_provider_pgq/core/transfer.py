@@ -403,6 +403,7 @@ def insert_chunks(
     keep_event_id: bool = False,
     chunk_size: int = 5000,
     mid_stream: Callable[[], None] | None = None,
+    staged: tuple[int | None] | None = None,
 ) -> int:
     """Writes the batch through pgq_ext, for roles that may not write event tables.
 
@@ -411,11 +412,16 @@ def insert_chunks(
     COPY, and pgq_ext.insert_staged_events() moves it into the event table in one
     statement. Otherwise insert_event_chunk, chunk_size events a call. Runs in the
     callers' open transactions and commits neither; returns the number of rows written.
+    staged: stage_events' answer where the caller asked it in this transaction already
+    (pgq_ext.begin_staged_batch: no round trip of its own).
     """
-    with target.cursor() as cur:
-        cur.execute("select pgq_ext.stage_events()")
-        row = cur.fetchone()
-    if row is None or row[0] is None:
+    if staged is None:
+        with target.cursor() as cur:
+            cur.execute("select pgq_ext.stage_events()")
+            answer = cur.fetchone()
+        staged = (None if answer is None else answer[0],)
+    after = staged[0]
+    if after is None:
         return _insert_source_arrays(
             source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream
         )
@@ -423,16 +429,16 @@ def insert_chunks(
     copy_in = sql.SQL("copy {} ({}) from stdin (format binary)").format(
         sql.Identifier("pg_temp", STAGING_TABLE), _column_list(keep_event_id)
     )
-    staged = _pipe_copy(source, target, copy_out, copy_in, mid_stream)
+    copied = _pipe_copy(source, target, copy_out, copy_in, mid_stream)
     with target.cursor() as cur:
         cur.execute(
             "select pgq_ext.insert_staged_events(%s::text, %s::bigint, %s::boolean)",
-            (target_queue, int(row[0]), keep_event_id),
+            (target_queue, int(after), keep_event_id),
         )
         written = cur.fetchone()
-    if written is None or written[0] != staged:
+    if written is None or written[0] != copied:
         raise RuntimeError(
-            f"staging table {STAGING_TABLE} lost rows: {staged} copied, {written and written[0]} moved"
+            f"staging table {STAGING_TABLE} lost rows: {copied} copied, {written and written[0]} moved"
         )
     return int(written[0])
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_pgq.core.connect import connect
+from airflow_provider_pgq.core.connect import connect_unsettled
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoverOptions, QueueMover
 from tests.helpers import Login, Server, create_login, produce, queue_events, register, simple_events, tick
 from tests.support.roundtrips import CountingProxy
@@ -21,8 +21,9 @@ from tests.support.roundtrips import CountingProxy
 def counted(source: Server, target: Server, target_login: Login | None = None,
             **options: Any) -> Iterator[tuple[QueueMover, CountingProxy, CountingProxy]]:
     with CountingProxy(source.cluster.port) as sp, CountingProxy(target.cluster.port) as tp:
-        s = connect(sp.dsn(source.dsn), side="source")
-        t = connect(tp.dsn(target_login.dsn(target) if target_login else target.dsn), side="target")
+        # as the CLI connects: the mover's checks settle the connections in their reads
+        s = connect_unsettled(sp.dsn(source.dsn), side="source")
+        t = connect_unsettled(tp.dsn(target_login.dsn(target) if target_login else target.dsn), side="target")
         try:
             yield QueueMover(s, t, MoverOptions("src_q", "dst_q", "mover", **options)), sp, tp
         finally:
@@ -45,9 +46,9 @@ def chunk_login(source: Server) -> Iterator[Login]:
 def test_a_one_tick_batch_and_an_idle_poll(source: Server, target: Server, chunk_login: Login, path: str) -> None:
     """Source: take (lock, plan and allocation in one string), the batch's SQL (read
     after the target's decision: a concurrent run may have finished the batch), COPY
-    out, finish. Target: BEGIN with the key's lock and decision, the event table (COPY path)
-    or the staging table (chunk path), the COPY's two turns, and the mark with the
-    commit; the chunk path's insert from staging rides on the mark's round trip."""
+    out, finish. Target: BEGIN with the key's lock and decision (on the chunk path with
+    the staging table's answer), the event table (COPY path) or the insert from staging
+    (chunk path, after the COPY), the COPY's two turns, and the mark with the commit."""
     register(source, "src_q", "mover")
     with counted(source, target, chunk_login if path == CHUNK_PATH else None) as (mover, sp, tp):
         mover.prepare()
@@ -59,7 +60,7 @@ def test_a_one_tick_batch_and_an_idle_poll(source: Server, target: Server, chunk
         batch = mover.next_batch()
         assert batch is not None
         assert mover.apply_batch(batch).events == 100
-        assert trips(sp, tp) == ((4, 5) if path == COPY_PATH else (4, 6)), "a one-tick batch of 100 events"
+        assert trips(sp, tp) == (4, 5), "a one-tick batch of 100 events"
         assert mover.write_path == path
         report = mover.drain()  # prepared already: the drain is one idle poll
         assert (report.events, report.stop_reason) == (0, "drained") and report.lag_seconds is not None
@@ -68,15 +69,20 @@ def test_a_one_tick_batch_and_an_idle_poll(source: Server, target: Server, chunk
 
 
 def test_the_set_up(source: Server, target: Server) -> None:
-    """Connecting (SCRAM over TCP without SSL: the SSL refusal, three login turns) and the
-    first statement of a connection (which settings the user chose); then the checks of
-    a new mover: on the source PgQ's version, the queue, the registration and the
-    source's identity; on the target also pgq_ext's state and trust, the event tables'
-    owners, the write path and the tracking key's rows (committed)."""
+    """Connecting: SCRAM over TCP without SSL (the SSL refusal, then three login turns),
+    nothing of ours. Then the checks of a new mover: on the source one read (PgQ, the
+    queue, the registration, the identity, and which bounds the user chose); on the
+    target one read (PgQ, the queue, its event tables, pgq_ext's trust, the write path,
+    the identity, the bounds) and, once pgq_ext is known to be trusted, its schema and
+    the tracking key's rows (committed). A --once run adds the idle poll: 6 + 6."""
     if source.cluster.shared:
         pytest.skip("a server of PGQ_TEST_DSN may speak SSL or another login method: other counts")
     register(source, "src_q", "mover")
     with counted(source, target) as (mover, sp, tp):
-        assert trips(sp, tp) == (5, 5)
+        assert (sp.turns(), tp.turns()) == (["ssl", "startup", "p", "p"], ["ssl", "startup", "p", "p"])
+        assert trips(sp, tp) == (4, 4)
         mover.prepare()
-        assert trips(sp, tp) == (6, 15)
+        assert trips(sp, tp) == (1, 2)
+        assert mover.source.unsettled is None and mover.target.unsettled is None  # type: ignore[attr-defined]
+        assert mover.next_batch() is None
+        assert trips(sp, tp) == (1, 0)

@@ -1,7 +1,8 @@
 """A TCP proxy on 127.0.0.1 that counts round trips and queries (and can add latency).
 
 A round trip is a turn of the conversation: the client sends after it heard from the
-server (or at the start). libpq waits for the answer to each message it sends (a
+server (or at the start) and waits for the answer; the goodbye (Terminate) that closes
+a connection waits for none and is not one. libpq waits for the answer to each message it sends (a
 query, a step of the login), so the count is exact and repeatable: a COPY's stream
 of data is one turn, however many blocks it takes; a query answered in many packets
 is one turn. ``delay`` holds every block for that long in each direction, a network
@@ -34,6 +35,8 @@ class _ClientMessages:
         self._started = False
 
     def feed(self, data: bytes) -> list[bytes]:
+        """The types of the messages completed by data: b"ssl"/b"gss" for a negotiation
+        request, b"startup" for the startup message, else the message's type byte."""
         self._buffer += data
         types = []
         while True:
@@ -45,6 +48,7 @@ class _ClientMessages:
                     return types
                 self._buffer = self._buffer[length:]
                 self._started = code not in _NEGOTIATION_CODES
+                types.append(b"startup" if self._started else (b"ssl" if code == _NEGOTIATION_CODES[0] else b"gss"))
                 continue
             if len(self._buffer) < 5:
                 return types
@@ -65,6 +69,9 @@ class CountingProxy:
         self._lock = threading.Lock()
         self._trips = 0
         self._queries = 0
+        #: what the client sent in each counted turn (message types, e.g. "ssl", "startup",
+        #: "p" for a login step, "Q" for a query, "X" for goodbye), since the last reset()
+        self._turns: list[list[str]] = []
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -93,13 +100,21 @@ class CountingProxy:
         """The round trips so far, and zero from now on (queries too)."""
         with self._lock:
             trips, self._trips, self._queries = self._trips, 0, 0
+            self._turns = []
         return trips
+
+    def turns(self) -> list[str]:
+        """What the client sent in each round trip since the last reset(), one word a
+        turn ("ssl", "startup", "p" (a login step), "Q", "Q X", ...), in order."""
+        with self._lock:
+            return [" ".join(turn) for turn in self._turns]
 
     def reset_both(self) -> tuple[int, int]:
         """(round trips, queries) so far, and zero from now on."""
         with self._lock:
             counts = (self._trips, self._queries)
             self._trips = self._queries = 0
+            self._turns = []
         return counts
 
     def dsn(self, dsn: str) -> str:
@@ -147,11 +162,16 @@ class CountingProxy:
                     if not data:
                         return
                     if sock is client:
-                        queries = messages.feed(data).count(b"Q")
+                        types = messages.feed(data)
+                        goodbye = not client_turn_counted and types == [b"X"]  # waits for nothing
                         with self._lock:
-                            self._trips += 0 if client_turn_counted else 1
-                            self._queries += queries
-                        client_turn_counted = True
+                            if not client_turn_counted and not goodbye:
+                                self._trips += 1
+                                self._turns.append([])
+                            self._queries += types.count(b"Q")
+                            if self._turns and not goodbye:
+                                self._turns[-1].extend(t.decode() for t in types)
+                        client_turn_counted = not goodbye
                         peer = server
                     else:
                         client_turn_counted = False
