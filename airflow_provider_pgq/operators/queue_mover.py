@@ -319,7 +319,8 @@ class PgqQueueMoverOperator(BaseOperator):
             raise ValueError(f"reposition must be 'rewind', 'reset' or empty, got {self.reposition!r}")
 
     def execute(self, context: Context) -> dict[str, Any]:
-        turns.take_turn(context["ti"], self.log, self.turn_poll)  # may reschedule this task
+        if "ti" in context:  # not when execute() is called by hand, outside a task instance
+            turns.take_turn(context["ti"], self.log, self.turn_poll)  # may reschedule this task
         options = self.mover_options()
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
         source_hook = PgqHook(self.source_conn_id, application_name=app, timeouts=self.timeouts)
