@@ -98,19 +98,28 @@ def test_a_worker_killed_mid_copy_the_retry_finishes_exactly_once(celery_system:
     for i, part in enumerate(parts):
         _produce(part, "events", LARGE, f"p{i}b")
     af.wait(lambda: _ticked(parts, "events"), 30, "pgqd to tick the large events")
+    large_batch_ends = [_newest_tick(part, "events") for part in parts]
 
     run_id = af.trigger(PARTITION_DAG)
-    victim = af.wait(lambda: _copying(system, first_batch_ends), 120, "a mover's COPY of its second batch", poll=0.05)
-    # the worker whose process tree holds that mover's task process
-    ti = af.task_instance(PARTITION_DAG, run_id, "move_partition", victim)
-    worker = af.worker_of(int(ti["pid"]))
-    assert worker in system.workers, (ti, worker)
-    on_worker = [m for m in range(len(parts))
-                 if (t := af.task_instance(PARTITION_DAG, run_id, "move_partition", m))["state"] == "running"
-                 and t["pid"] and af.worker_of(int(t["pid"])) == worker]
-    assert victim in on_worker, (victim, on_worker)
+    where: dict[int, str] = {}  # map index -> the worker whose process tree runs its task process
+
+    def copying() -> tuple[int] | None:
+        for m in set(range(len(parts))) - set(where):
+            ti = af.task_instance(PARTITION_DAG, run_id, "move_partition", m)
+            if ti["state"] == "running" and ti["pid"] and (worker := af.worker_of(int(ti["pid"]))):
+                where[m] = worker
+        found = _copying(system, first_batch_ends)
+        return (found,) if found is not None and found in where else None
+
+    (victim,) = af.wait(copying, 120, "a mover's COPY of its second batch", poll=0.05)
+    worker = where[victim]
+    assert worker in system.workers, (victim, where)
+    on_worker = sorted(m for m, w in where.items() if w == worker)
     killed_at = dt.datetime.now(dt.timezone.utc)
     af.kill(worker)
+    # the retry is seconds away (the heartbeat timeout): the large batch is not applied yet
+    assert (mark_of(system.central, CONSUMER, f"pgq_part_{victim}") or 0) < large_batch_ends[victim], (
+        "the killed attempt finished its COPY before the kill: not a kill mid-COPY")
 
     started = time.monotonic()
     assert af.wait_run(PARTITION_DAG, run_id, timeout=240) == "success"
