@@ -140,6 +140,11 @@ def celery_system(cluster: ThrowawayCluster, tmp_path_factory: pytest.TempPathFa
     try:
         parts = [_db(cluster, f"celery_part_{i}", made, "events") for i in range(CELERY_PARTITIONS)]
         central = _db(cluster, "celery_central", made, "events_all")
+        conn = central.connect()
+        try:
+            pgq_ext.install(conn)  # the test reads the marks before the first batch
+        finally:
+            conn.close()
         pgqd.watch(*(p.dbname for p in parts))
         redis.start()
         conns = {f"pgq_part_{i}": p.uri() for i, p in enumerate(parts)} | {"pgq_central": central.uri()}

@@ -167,8 +167,9 @@ class Deployment:
         by check_alive()."""
         proc = self.procs.pop(name)
         self.dead[name] = proc
+        tree = _tree(proc.pid)
         groups = {proc.pid}
-        for pid in _tree(proc.pid):
+        for pid in tree:
             try:
                 groups.add(os.getpgid(pid))
             except ProcessLookupError:
@@ -177,6 +178,7 @@ class Deployment:
             for group in groups:
                 _signal_group(group, sig)
         proc.wait(30)
+        self.wait(lambda: not any(_alive(pid) for pid in tree), 30, f"every process of {name} to die")
 
     def _health(self) -> bool:
         self.check_alive()
@@ -330,6 +332,14 @@ def _tree(pid: int, with_times: bool = False) -> set[Any]:
         except psutil.NoSuchProcess:
             pass
     return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by its new parent, is not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

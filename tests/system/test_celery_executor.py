@@ -19,7 +19,7 @@ from collections import Counter
 import pytest
 from psycopg2 import sql
 
-from tests.helpers import Server, mark_of
+from tests.helpers import Server, mark_of, register
 from tests.system.conftest import PARTITION_DAG, CelerySystem
 
 pytestmark = pytest.mark.system
@@ -87,10 +87,11 @@ def _parse(ts: str) -> dt.datetime:
 def test_a_worker_killed_mid_copy_the_retry_finishes_exactly_once(celery_system: CelerySystem) -> None:
     system, af = celery_system, celery_system.airflow
     parts = system.parts
-    af.unpause(PARTITION_DAG)  # catchup=False: one scheduled run, which registers the consumers
-    first = af.wait(lambda: af.runs(PARTITION_DAG), 60, "the scheduled partition run")[0]["dag_run_id"]
-    assert af.wait_run(PARTITION_DAG, first, timeout=120) == "success"
-
+    # The run under test is the one unpausing makes (catchup=False: the latest interval);
+    # one a later quarter-hour makes waits behind it (max_active_runs=1). So the consumers
+    # are registered first, as the run would, and the events are in place before it.
+    for part in parts:
+        register(part, "events", CONSUMER)
     for i, part in enumerate(parts):
         _produce(part, "events", SMALL, f"p{i}a")
     af.wait(lambda: _ticked(parts, "events"), 30, "pgqd to tick the first events")
@@ -100,7 +101,8 @@ def test_a_worker_killed_mid_copy_the_retry_finishes_exactly_once(celery_system:
     af.wait(lambda: _ticked(parts, "events"), 30, "pgqd to tick the large events")
     large_batch_ends = [_newest_tick(part, "events") for part in parts]
 
-    run_id = af.trigger(PARTITION_DAG)
+    af.unpause(PARTITION_DAG)
+    run_id = af.wait(lambda: af.runs(PARTITION_DAG), 60, "the scheduled partition run")[0]["dag_run_id"]
     where: dict[int, str] = {}  # map index -> the worker whose process tree runs its task process
 
     def copying() -> tuple[int] | None:
