@@ -64,7 +64,6 @@ class Deployment:
         self.metadata_db = f"airflow_meta_{secrets.token_hex(4)}"
         self.base = f"http://127.0.0.1:{self.port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.dead: dict[str, subprocess.Popen[bytes]] = {}  # killed by kill()
         self._tokens: dict[str, str] = {}
         self.passwords = {user: secrets.token_urlsafe(12) for user in USERS}
         self.user = "admin"
@@ -166,7 +165,6 @@ class Deployment:
         of their own) stopped at once with SIGSTOP, then SIGKILL. It is no longer checked
         by check_alive()."""
         proc = self.procs.pop(name)
-        self.dead[name] = proc
         tree = _tree(proc.pid)
         groups = {proc.pid}
         for pid in tree:

@@ -117,13 +117,12 @@ def test_a_worker_killed_mid_copy_the_retry_finishes_exactly_once(celery_system:
     worker = where[victim]
     assert worker in system.workers, (victim, where)
     on_worker = sorted(m for m, w in where.items() if w == worker)
-    killed_at = dt.datetime.now(dt.timezone.utc)
+    killed_at, started = dt.datetime.now(dt.timezone.utc), time.monotonic()
     af.kill(worker)
     # the retry is seconds away (the heartbeat timeout): the large batch is not applied yet
     assert (mark_of(system.central, CONSUMER, f"pgq_part_{victim}") or 0) < large_batch_ends[victim], (
         "the killed attempt finished its COPY before the kill: not a kill mid-COPY")
 
-    started = time.monotonic()
     assert af.wait_run(PARTITION_DAG, run_id, timeout=240) == "success"
     recovered = time.monotonic() - started
     retry_starts = {}
@@ -131,7 +130,7 @@ def test_a_worker_killed_mid_copy_the_retry_finishes_exactly_once(celery_system:
         tries = af.tries(PARTITION_DAG, run_id, "move_partition", m)
         assert [t["state"] for t in tries][-1] == "success" and len(tries) >= 2, tries
         assert tries[0]["state"] != "success", tries
-        retry_starts[m] = (_parse(tries[1]["start_date"]) - killed_at).total_seconds()
+        retry_starts[m] = round((_parse(tries[1]["start_date"]) - killed_at).total_seconds(), 1)
     print(f"\nkilled {worker} running map indexes {on_worker} (COPY seen on {victim});"
           f" retries started {retry_starts} s after the kill; the run ended {recovered:.1f} s after it")
 
