@@ -153,6 +153,6 @@ def test_a_worker_killed_mid_copy_the_retry_finishes_exactly_once(celery_system:
              for m in range(len(parts))}
     reported = sum(moved.values())
     assert reported == total, (
-        f"the mover reports count {reported} {moved} of the {total} events the run moved; map indexes"
-        f" {on_worker} were killed after their first batch of {SMALL}")
+        f"the mover reports count {reported} {moved} of the {total} events the run moved; the first tries"
+        f" of map indexes {on_worker} were killed ({victim} mid-COPY, after its first batch of {SMALL})")
     assert summary["events_moved"] == total, summary
