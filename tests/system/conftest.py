@@ -1,6 +1,10 @@
 """The real Airflow deployment the system tests share (one per session: starting it
 takes a minute): four Airflow components, pgqd, and the source, target, partition and
 central databases. The tests run in file order and each compares queues event by event.
+
+test_celery_executor.py has a deployment of its own on CeleryExecutor (celery_system,
+one per module: a Redis broker and two Celery workers); its module sorts first, so it is
+torn down before the shared one starts and two Airflows never run at once.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from tests.conftest import TEMPLATE
 from tests.helpers import EXAMPLES, ROOT, Server, create_queue, register
 from tests.support.cluster import ThrowawayCluster
 from tests.support.pgqd import Pgqd
+from tests.support.redis import RedisServer
 from tests.system.deployment import Deployment
 
 SYSTEM_DAGS = Path(__file__).parent / "dags"
@@ -28,6 +33,20 @@ HIDDEN_DAG = "pgq_sys_event"
 TEMPLATED_DAG = "pgq_sys_templated"
 #: The deployment's [pgq] ui_stuck_seconds.
 STUCK_SECONDS = 5
+
+
+#: The partitions of the CeleryExecutor deployment (connections pgq_part_0.., as the example's default).
+CELERY_PARTITIONS = 3
+#: What makes recovery from a dead worker quick enough for a test: the scheduler fails a
+#: task instance 15 s after its last heartbeat (default 300) and looks every 2 s (default
+#: 10); the task supervisor heartbeats every 2 s (default 5); one retry, 2 s later.
+CELERY_RECOVERY = {
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "15",
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "2",
+    "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "1",
+    "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "2",
+}
 
 
 @dataclass
@@ -92,6 +111,56 @@ def system(cluster: ThrowawayCluster, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         if airflow is not None:
             airflow.stop()
+        pgqd.stop()
+        for name in made:
+            cluster.drop_database(name)
+
+
+@dataclass
+class CelerySystem:
+    airflow: Deployment
+    parts: list[Server]
+    central: Server
+    #: the Celery workers' component names (Deployment.procs), each "<name>@<host>" to Celery
+    workers: list[str]
+
+
+@pytest.fixture(scope="module")
+def celery_system(cluster: ThrowawayCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CelerySystem]:
+    """The partition consolidation example on CeleryExecutor: a Redis broker, the metadata
+    database as result backend, two workers of concurrency 2, pgqd ticking the partitions."""
+    work = tmp_path_factory.mktemp("celery")
+    dags = work / "dags"
+    dags.mkdir()
+    shutil.copy(EXAMPLES / f"{PARTITION_DAG}.py", dags)
+    made: list[str] = []
+    pgqd = Pgqd(cluster, work)
+    redis = RedisServer(work / "redis")
+    airflow: Deployment | None = None
+    try:
+        parts = [_db(cluster, f"celery_part_{i}", made, "events") for i in range(CELERY_PARTITIONS)]
+        central = _db(cluster, "celery_central", made, "events_all")
+        conn = central.connect()
+        try:
+            pgq_ext.install(conn)  # the test reads the marks before the first batch
+        finally:
+            conn.close()
+        pgqd.watch(*(p.dbname for p in parts))
+        redis.start()
+        conns = {f"pgq_part_{i}": p.uri() for i, p in enumerate(parts)} | {"pgq_central": central.uri()}
+        airflow = Deployment(cluster, work, dags, ROOT, conns, executor="CeleryExecutor", broker_url=redis.url,
+                             env={"PGQ_PARTITION_CONN_IDS": ",".join(f"pgq_part_{i}" for i in range(len(parts))),
+                                  **CELERY_RECOVERY})
+        airflow.start()
+        workers = ["worker1", "worker2"]
+        for name in workers:
+            airflow.start_worker(name, concurrency=2)
+        airflow.wait_for_dags([PARTITION_DAG])
+        yield CelerySystem(airflow, parts, central, workers)
+    finally:
+        if airflow is not None:
+            airflow.stop()
+        redis.stop()
         pgqd.stop()
         for name in made:
             cluster.drop_database(name)

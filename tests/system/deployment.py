@@ -1,6 +1,11 @@
 """A real Airflow deployment for the system tests: api-server, scheduler, dag-processor and
-triggerer as separate processes, LocalExecutor, a PostgreSQL metadata database on the
-throwaway cluster, and a client that drives it only through the REST API, as the UI does.
+triggerer as separate processes, a PostgreSQL metadata database on the throwaway cluster,
+and a client that drives it only through the REST API, as the UI does.
+
+Executor: LocalExecutor (default), or CeleryExecutor with a broker URL (a Redis the tests
+start, tests/support/redis.py), the metadata database as Celery's result backend, and
+workers (``airflow celery worker``) started one by one with start_worker(); kill() stops
+a component as a crash would (the whole process tree, SIGKILL).
 
 Authentication: SimpleAuthManager's users (``USERS``, passwords written before the start)
 through tests/system/auth.py, which can refuse single DAGs to a user; the client logs
@@ -24,6 +29,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+import psutil
 
 from tests.support.cluster import ThrowawayCluster, free_port
 
@@ -45,7 +51,12 @@ class Deployment:
     """Start with start(), always stop() (the fixture does, even after a failure)."""
 
     def __init__(self, cluster: ThrowawayCluster, home: Path, dags: Path, root: Path,
-                 conns: dict[str, str], env: dict[str, str] | None = None) -> None:
+                 conns: dict[str, str], env: dict[str, str] | None = None,
+                 executor: str = "LocalExecutor", broker_url: str | None = None) -> None:
+        if executor not in ("LocalExecutor", "CeleryExecutor"):
+            raise ValueError(f"executor must be LocalExecutor or CeleryExecutor, got {executor!r}")
+        if (executor == "CeleryExecutor") != (broker_url is not None):
+            raise ValueError("CeleryExecutor needs a broker_url, LocalExecutor none")
         self.cluster = cluster
         self.home = home
         self.dags = dags
@@ -58,13 +69,14 @@ class Deployment:
         self.user = "admin"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "AIRFLOW__"))}
         login = quote(cluster.superuser, safe="") + (":" + quote(cluster.password, safe="") if cluster.password else "")
+        metadata = f"postgresql+psycopg2://{login}@{cluster.host}:{cluster.port}/{self.metadata_db}"
         self.env.update({
             "AIRFLOW_HOME": str(home),
             "PYTHONPATH": str(_tests_only(root, home)),
             "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": executor,
             "AIRFLOW__CORE__PARALLELISM": "4",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__AUTH_MANAGER": "tests.system.auth.DagRestrictedAuthManager",
@@ -72,8 +84,7 @@ class Deployment:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.base}/execution/",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN":
-                f"postgresql+psycopg2://{login}@{cluster.host}:{cluster.port}/{self.metadata_db}",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata,
             "AIRFLOW__API__BASE_URL": self.base,
             "AIRFLOW__API__PORT": str(self.port),
             "AIRFLOW__API__HOST": "127.0.0.1",
@@ -85,7 +96,17 @@ class Deployment:
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
             "AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES": "1",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+            # private ports for the log servers (8793 and 8794 by default), so that
+            # deployments never meet
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         })
+        if broker_url is not None:
+            self.env.update({
+                "AIRFLOW__CELERY__BROKER_URL": broker_url,
+                # the metadata database, psycopg2 (the provider would pick psycopg 3 where installed)
+                "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{metadata}",
+            })
         self.env.update({f"AIRFLOW_CONN_{k.upper()}": v for k, v in conns.items()})
         self.env.update(env or {})
 
@@ -103,14 +124,59 @@ class Deployment:
         (self.home / "passwords.json").write_text(json.dumps(self.passwords) + "\n")
         self._airflow("db", "migrate")
         for name in COMPONENTS:
-            log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", name], env=self.env, cwd=self.home,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-            log.close()
+            self._spawn(name, name)
         self.wait(lambda: self._health(), 120, "the api-server to answer")
         return self
+
+    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """``airflow <args>`` in a session of its own, its output in <home>/<name>.log."""
+        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "airflow", *args], env=self.env, cwd=self.home,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        return self.procs[name]
+
+    def start_worker(self, name: str, concurrency: int, timeout: float = 90) -> subprocess.Popen[bytes]:
+        """A Celery worker ``<name>@<host>`` (CeleryExecutor), once it takes tasks. Its log
+        server is off: workers on one host would share its port, and the api-server reads
+        task logs from the shared log folder anyway."""
+        if self.env["AIRFLOW__CORE__EXECUTOR"] != "CeleryExecutor":
+            raise DeploymentError("start_worker() needs executor='CeleryExecutor'")
+        proc = self._spawn(name, "celery", "worker", "--celery-hostname", f"{name}@%h",
+                           "--concurrency", str(concurrency), "--skip-serve-logs",
+                           "--pid", str(self.home / f"{name}.pid"))
+        self.wait(lambda: f"{name}@" in (log := self.log_tail(name, 100_000)) and " ready." in log,
+                  timeout, f"Celery worker {name} to be ready")
+        return proc
+
+    def worker_of(self, pid: int) -> str | None:
+        """The component whose process tree holds process ``pid`` (a task's), if any."""
+        try:
+            ancestors = {p.pid for p in psutil.Process(pid).parents()}
+        except psutil.NoSuchProcess:
+            return None
+        return next((name for name, proc in self.procs.items() if proc.pid in ancestors), None)
+
+    def kill(self, name: str) -> None:
+        """Component ``name`` dies as its machine would: every process of its tree (the
+        Celery pool, the task supervisors, the task processes, which run in process groups
+        of their own) stopped at once with SIGSTOP, then SIGKILL. It is no longer checked
+        by check_alive()."""
+        proc = self.procs.pop(name)
+        tree = _tree(proc.pid)
+        groups = {proc.pid}
+        for pid in tree:
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        for sig in (signal.SIGSTOP, signal.SIGKILL):
+            for group in groups:
+                _signal_group(group, sig)
+        proc.wait(30)
+        self.wait(lambda: not any(_alive(pid) for pid in tree), 30, f"every process of {name} to die")
 
     def _health(self) -> bool:
         self.check_alive()
@@ -129,7 +195,9 @@ class Deployment:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop(self) -> None:
-        """Every process group we started: SIGTERM, then SIGKILL what is left after 20 s."""
+        """Every process group we started: SIGTERM, then SIGKILL what is left after 20 s,
+        and then what is left of their trees (task processes run in groups of their own)."""
+        trees = {pid for proc in self.procs.values() for pid in _tree(proc.pid, with_times=True)}
         for proc in self.procs.values():
             if proc.poll() is None:
                 _signal_group(proc.pid, signal.SIGTERM)
@@ -143,6 +211,13 @@ class Deployment:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
+                pass
+        for pid, started in trees:
+            try:
+                straggler = psutil.Process(pid)
+                if straggler.create_time() == started:  # not a recycled pid
+                    straggler.kill()
+            except psutil.NoSuchProcess:
                 pass
         self.cluster.drop_database(self.metadata_db)
 
@@ -211,8 +286,15 @@ class Deployment:
         return list(self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances",
                              params={"limit": 100})["task_instances"])
 
-    def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
-        return dict(self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"))
+    def task_instance(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> dict[str, Any]:
+        mapped = f"/{map_index}" if map_index >= 0 else ""
+        return dict(self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}{mapped}"))
+
+    def tries(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[dict[str, Any]]:
+        """Every try of a task instance (the current one included), oldest first."""
+        found = self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"
+                                f"/{map_index}/tries")["task_instances"]
+        return sorted(found, key=lambda t: int(t["try_number"]))
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
         entry = self.api("GET", f"/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}"
@@ -233,6 +315,29 @@ def _tests_only(root: Path, home: Path) -> Path:
         if not link.exists():
             link.symlink_to(root / name)
     return path
+
+
+def _tree(pid: int, with_times: bool = False) -> set[Any]:
+    """The descendants of ``pid`` (pids, or (pid, create_time) pairs)."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return set()
+    found: set[Any] = set()
+    for child in children:
+        try:
+            found.add((child.pid, child.create_time()) if with_times else child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by its new parent, is not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
