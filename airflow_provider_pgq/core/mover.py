@@ -38,6 +38,7 @@ from airflow_provider_pgq.core.errors import (
     WaitTimeout,
     literal,
 )
+from airflow_provider_pgq.core.journal import Who
 from airflow_provider_pgq.core.pending import MoverStatus, pending_status
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,9 @@ class MoverOptions:
     #: second of it, and after each a pause that keeps the average (a gentle hand on a
     #: busy OLTP source). None: as fast as both sides go.
     max_events_per_second: float | None = None
+    #: Who runs this mover, recorded in the target's move journal with every batch (the
+    #: operator: the Airflow task instance; the CLI: its job name). None: host and pid only.
+    who: Who | None = None
 
     def __post_init__(self) -> None:
         for name in ("source_queue", "target_queue", "consumer"):
@@ -219,6 +223,8 @@ class MoverOptions:
         check_keep_lag(self.keep_lag)
         if self.max_events_per_second is not None:
             _require_seconds("max_events_per_second", self.max_events_per_second, "or None", "events a second")
+        if self.who is not None and not isinstance(self.who, Who):
+            raise InvalidParameter(f"who must be a journal.Who or None, got {self.who!r}")
 
     @property
     def key(self) -> str:
@@ -265,6 +271,8 @@ class BatchResult:
     seconds: float
     #: Events of the batch that table_filter left out: consumed, not moved.
     filtered: int = 0
+    #: Events of the batch the target refused, kept in pgq_ext's dead-letter table.
+    dead_lettered: int = 0
 
 
 @dataclass
@@ -281,6 +289,8 @@ class MoveReport:
     events: int = 0
     #: Events consumed but not moved because table_filter does not name their table.
     filtered: int = 0
+    #: Events the target refused, kept in pgq_ext's dead-letter table instead.
+    dead_lettered: int = 0
     first_tick: int | None = None
     last_tick: int | None = None
     seconds: float = 0.0
@@ -296,6 +306,7 @@ class MoveReport:
             self.batches += 1
             self.events += result.events
             self.filtered += result.filtered
+            self.dead_lettered += result.dead_lettered
         elif result.outcome == "skipped":
             self.skipped += 1
         else:
@@ -367,6 +378,9 @@ class QueueMover:
         self._last_taken: pgq.Taken | None = None
         self._said_unowned = False
         self._filtered = 0  # table_filter's left-out events of the batch being applied
+        self._dead_lettered = 0  # events of the batch being applied kept in the dead-letter table
+        #: the journal's "who" of every batch: the caller's, with this host and pid unless it gave them
+        self._who = Who.here(**(options.who.as_json() if options.who else {})).as_json()
         self._source_identity: tuple[str, str] = ("", "")
         self.write_path = ""
 
@@ -653,6 +667,7 @@ class QueueMover:
             self.prepare()
         started = time.monotonic()
         self._filtered = 0
+        self._dead_lettered = 0
         self._hit(faults.AFTER_NEXT_BATCH)
         try:
             outcome, events = self._apply_on_target(batch)
@@ -665,6 +680,7 @@ class QueueMover:
         result = BatchResult(
             batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, outcome, events,
             time.monotonic() - started, self._filtered if outcome == "moved" else 0,
+            self._dead_lettered if outcome == "moved" else 0,
         )
         self._adapt_target(result)
         if self._on_batch is not None:
@@ -724,16 +740,24 @@ class QueueMover:
             events = self._transfer(batch_sql)
             last_id = pgq.batch_max_event_id(self.source, batch_sql) if o.keep_event_id and events else None
         if last_id is not None:
-            pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id)
+            self._mark(batch, events)
             # Last before the commit: the setval inside cannot be rolled back.
             kept_ids.commit(t, o.consumer, o.subconsumer, o.target_queue, last_id, o.key)
             self._hit(faults.BEFORE_TARGET_COMMIT)
             t.commit()
         else:
             self._hit(faults.BEFORE_TARGET_COMMIT)
-            pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id, commit=True)
+            self._mark(batch, events, commit=True)
         self._hit(faults.AFTER_TARGET_COMMIT)
         return "moved", events
+
+    def _mark(self, batch: pgq.BatchInfo, events: int, commit: bool = False) -> None:
+        """The mark and the batch's journal row, one statement (with the COMMIT when asked)."""
+        o = self.options
+        pgq_ext.mark_batch(
+            self.target, o.consumer, o.subconsumer, (batch.batch_id, batch.prev_tick_id, batch.cur_tick_id),
+            (events, self._filtered, self._dead_lettered), self._who, commit=commit,
+        )
 
     def _batch_still_active(self, batch: pgq.BatchInfo) -> bool:
         with guard.autocommit(self.source):

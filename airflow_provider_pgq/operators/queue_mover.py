@@ -5,12 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import signal
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 from airflow.sdk import Asset, BaseOperator, Context
 from psycopg2.extensions import connection as Psycopg2Connection
 
-from airflow_provider_pgq.core import guard
+from airflow_provider_pgq.core import guard, journal
 from airflow_provider_pgq.core.errors import InvalidParameter
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import (
@@ -136,7 +137,16 @@ class PgqQueueMoverOperator(BaseOperator):
         default: the Airflow connection's extras (``connect_timeout``, ``keepalives_idle``,
         ``tcp_user_timeout``, ``options: -c statement_timeout=...``) win. Past a bound
         the task fails (and Airflow retries it); nothing is half-applied.
-    :return: the MoveReport as a dict (XCom).
+    :return: the run's report as a dict (XCom). It covers the whole run across its
+        attempts, read back from the target's move journal (each applied batch's row,
+        written with its mark): ``events``, ``batches``, ``filtered``, ``dead_lettered``,
+        ``first_tick`` and ``last_tick`` count every batch this task instance (same dag,
+        run, task and map index) applied, by whichever try; ``attempts`` lists what each
+        try moved (``try_number``, ``events``, ``batches``, ...), and ``this_attempt``
+        what this try's drain did (its MoveReport: ``events``, ``batches``, ``skipped``,
+        ``stale``, ...). The other keys (``skipped``, ``stale``, ``seconds``,
+        ``stop_reason``, ``lag_seconds``, ``pending_events``, ``write_path``) are this
+        try's.
 
     Concurrency: ``max_active_tis_per_dag`` defaults to 1, so concurrent runs of the DAG
     (a backfill's ``max_active_runs``, a clear next to a scheduled run) run this task one
@@ -225,7 +235,7 @@ class PgqQueueMoverOperator(BaseOperator):
                                  statement_timeout=statement_timeout, lock_timeout=lock_timeout)
         self._connections: list[Psycopg2Connection] = []
 
-    def mover_options(self) -> MoverOptions:
+    def mover_options(self, who: journal.Who | None = None) -> MoverOptions:
         return MoverOptions(
             source_queue=self.source_queue,
             target_queue=self.target_queue,
@@ -242,6 +252,7 @@ class PgqQueueMoverOperator(BaseOperator):
             max_events_per_second=self.max_events_per_second,
             table_filter=self.table_filter,
             keep_lag=self.keep_lag,
+            who=who,
         )
 
     def _bounds(self, context: Context) -> DrainBounds:
@@ -278,8 +289,16 @@ class PgqQueueMoverOperator(BaseOperator):
         else:
             raise ValueError(f"reposition must be 'rewind', 'reset' or empty, got {self.reposition!r}")
 
+    @staticmethod
+    def _who(context: Context) -> journal.Who:
+        """The task instance, as the move journal records who applied each batch."""
+        ti = context["ti"]
+        return journal.Who.here(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                                map_index=ti.map_index, try_number=ti.try_number)
+
     def execute(self, context: Context) -> dict[str, Any]:
-        options = self.mover_options()
+        who = self._who(context)
+        options = self.mover_options(who)
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
         source_hook = PgqHook(self.source_conn_id, application_name=app, timeouts=self.timeouts)
         target_hook = PgqHook(self.target_conn_id, application_name=app, timeouts=self.timeouts)
@@ -295,6 +314,7 @@ class PgqQueueMoverOperator(BaseOperator):
                     mover = self.make_mover(source, target, options, context)
                     self._reposition(mover)
                     report = mover.drain(bounds)
+                    entries = self._run_entries(target, options, who)
             finally:
                 self._connections = []
         self.log.info(
@@ -311,9 +331,36 @@ class PgqQueueMoverOperator(BaseOperator):
         Stats.incr("pgq.mover.batches", report.batches, tags=tags)
         if report.lag_seconds is not None:
             Stats.gauge("pgq.mover.lag_seconds", report.lag_seconds, tags=tags)
-        result = report.to_dict()
+        result = self._run_report(report.to_dict(), entries)
         self._announce(context, result)
         return result
+
+    def _run_entries(self, target: Psycopg2Connection, options: MoverOptions,
+                     who: journal.Who) -> list[journal.JournalEntry]:
+        """The journal entries of this task instance (every try), read after the drain."""
+        assert who.dag_id is not None and who.run_id is not None and who.task_id is not None
+        try:
+            return journal.run_entries(target, options.consumer, options.subconsumer, who.dag_id, who.run_id,
+                                       who.task_id, who.map_index if who.map_index is not None else -1)
+        finally:
+            target.rollback()
+
+    def _run_report(self, attempt: dict[str, Any], entries: list[journal.JournalEntry]) -> dict[str, Any]:
+        """This try's report with the run's totals from the journal in place of its own
+        counts, the split by try, and this try's own counts under ``this_attempt``."""
+        summary = journal.RunSummary.of(entries)
+        out = {**attempt, **asdict(summary.total), "attempts": summary.attempts(),
+               "this_attempt": {k: attempt[k] for k in ("events", "batches", "skipped", "stale", "filtered",
+                                                         "dead_lettered", "first_tick", "last_tick")}}
+        if summary.total.batches != attempt["batches"] or summary.total.events != attempt["events"]:
+            self.log.info(
+                "this run moved %d events in %d batches over %d tries (this try: %d events in %d batches): %s",
+                summary.total.events, summary.total.batches, len(summary.by_try), attempt["events"],
+                attempt["batches"],
+                ", ".join(f"try {a['try_number']}: {a['events']} events in {a['batches']} batches"
+                          for a in summary.attempts()),
+            )
+        return out
 
     def _announce(self, context: Context, report: dict[str, Any]) -> None:
         """The outlet Asset gets an event only when events moved, with the report as extra.
