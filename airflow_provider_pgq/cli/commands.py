@@ -123,9 +123,10 @@ def _print_journal(config: MoverConfig, conns: Connections) -> None:
                                        STATUS_JOURNAL_ENTRIES)
     finally:
         conns.target.rollback()
-    print(f"last batches applied (move journal, newest first, at most {STATUS_JOURNAL_ENTRIES}):")
     if not entries:
-        print("  none")
+        print("journal: no batch applied (the move journal of pgq_ext holds no entry of this key)")
+        return
+    print(f"journal: the last {len(entries)} batches applied, newest first:")
     for e in entries:
         w = e.who
         if w.dag_id is not None:
