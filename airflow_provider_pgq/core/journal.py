@@ -161,3 +161,38 @@ class RunSummary:
 
     def attempts(self) -> list[dict[str, Any]]:
         return [{"try_number": n, **asdict(t)} for n, t in sorted(self.by_try.items())]
+
+
+#: (consumer, subconsumer, dag_id, task_id, map_index, run_id): one Airflow task
+#: instance's entries of one key.
+RunKey = tuple[str, str, str, str, int, str]
+
+_RUN_TOTALS = (
+    "select w.c, w.s, w.d, w.t, w.m, w.r, pg_catalog.sum(j.events)::bigint, pg_catalog.count(*),"
+    " pg_catalog.sum(j.filtered)::bigint, pg_catalog.sum(j.dead_lettered)::bigint,"
+    " (pg_catalog.array_agg(j.prev_tick_id order by j.applied_at, j.journal_id))[1],"
+    " pg_catalog.max(j.cur_tick_id)"
+    " from rows from (pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::text[]),"
+    "                 pg_catalog.unnest(%s::text[]), pg_catalog.unnest(%s::integer[]), pg_catalog.unnest(%s::text[]))"
+    " as w(c, s, d, t, m, r)"
+    " join pgq_ext.move_journal j on j.dag_id = w.d and j.run_id = w.r and j.task_id = w.t and j.map_index = w.m"
+    " and j.consumer_id = w.c and j.subconsumer_id = w.s"
+    " group by 1, 2, 3, 4, 5, 6"
+)
+
+
+def run_totals(conn: Connection, runs: list[RunKey]) -> dict[RunKey, Totals]:
+    """What each of these task instances moved over all its tries, in one statement (the
+    PgQ page: runs whose XCom a killed try never wrote). A run without entries is absent;
+    {} without a journal. Leaves the transaction open."""
+    if not runs or not has_journal(conn):
+        return {}
+    columns = [list(c) for c in zip(*runs, strict=True)]
+    with conn.cursor() as cur:
+        cur.execute(_RUN_TOTALS, tuple(columns))
+        rows = cur.fetchall()
+    return {
+        (c, s, d, t, int(m), r): Totals(int(events), int(batches), int(filtered), int(dead),
+                                        None if first is None else int(first), int(last))
+        for c, s, d, t, m, r, events, batches, filtered, dead, first, last in rows
+    }
