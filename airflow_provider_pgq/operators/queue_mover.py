@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+import psycopg2
 from airflow.sdk import Asset, BaseOperator, Context
 from psycopg2.extensions import connection as Psycopg2Connection
 
@@ -336,22 +337,35 @@ class PgqQueueMoverOperator(BaseOperator):
         return result
 
     def _run_entries(self, target: Psycopg2Connection, options: MoverOptions,
-                     who: journal.Who) -> list[journal.JournalEntry]:
-        """The journal entries of this task instance (every try), read after the drain."""
+                     who: journal.Who) -> list[journal.JournalEntry] | None:
+        """The journal entries of this task instance (every try), read after the drain;
+        None when they cannot be read (the drain's work stands: the report is then this
+        try's only, and says so)."""
         assert who.dag_id is not None and who.run_id is not None and who.task_id is not None
         try:
             return journal.run_entries(target, options.consumer, options.subconsumer, who.dag_id, who.run_id,
                                        who.task_id, who.map_index if who.map_index is not None else -1)
+        except psycopg2.Error as exc:
+            self.log.warning(
+                "the move journal of %s on the target could not be read after the drain (%s): the report"
+                " counts this try only (attempts: null); the PgQ page reads the journal for this run later",
+                options.key, str(exc).strip())
+            return None
         finally:
-            target.rollback()
+            try:
+                target.rollback()
+            except psycopg2.Error:
+                pass
 
-    def _run_report(self, attempt: dict[str, Any], entries: list[journal.JournalEntry]) -> dict[str, Any]:
+    def _run_report(self, attempt: dict[str, Any], entries: list[journal.JournalEntry] | None) -> dict[str, Any]:
         """This try's report with the run's totals from the journal in place of its own
         counts, the split by try, and this try's own counts under ``this_attempt``."""
+        own = {k: attempt[k] for k in ("events", "batches", "skipped", "stale", "filtered", "dead_lettered",
+                                       "first_tick", "last_tick")}
+        if entries is None:
+            return {**attempt, "attempts": None, "this_attempt": own}
         summary = journal.RunSummary.of(entries)
-        out = {**attempt, **asdict(summary.total), "attempts": summary.attempts(),
-               "this_attempt": {k: attempt[k] for k in ("events", "batches", "skipped", "stale", "filtered",
-                                                         "dead_lettered", "first_tick", "last_tick")}}
+        out = {**attempt, **asdict(summary.total), "attempts": summary.attempts(), "this_attempt": own}
         if summary.total.batches != attempt["batches"] or summary.total.events != attempt["events"]:
             self.log.info(
                 "this run moved %d events in %d batches over %d tries (this try: %d events in %d batches): %s",
