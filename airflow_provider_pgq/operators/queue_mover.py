@@ -292,8 +292,11 @@ class PgqQueueMoverOperator(BaseOperator):
 
     @staticmethod
     def _who(context: Context) -> journal.Who:
-        """The task instance, as the move journal records who applied each batch."""
-        ti = context["ti"]
+        """The task instance, as the move journal records who applied each batch (outside
+        a task instance, e.g. execute() called by hand: the host and pid only)."""
+        ti = context.get("ti")
+        if ti is None:
+            return journal.Who.here()
         return journal.Who.here(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
                                 map_index=ti.map_index, try_number=ti.try_number)
 
@@ -340,8 +343,9 @@ class PgqQueueMoverOperator(BaseOperator):
                      who: journal.Who) -> list[journal.JournalEntry] | None:
         """The journal entries of this task instance (every try), read after the drain;
         None when they cannot be read (the drain's work stands: the report is then this
-        try's only, and says so)."""
-        assert who.dag_id is not None and who.run_id is not None and who.task_id is not None
+        try's only, and says so) or there is no task instance to read them for."""
+        if who.dag_id is None or who.run_id is None or who.task_id is None:
+            return None
         try:
             return journal.run_entries(target, options.consumer, options.subconsumer, who.dag_id, who.run_id,
                                        who.task_id, who.map_index if who.map_index is not None else -1)

@@ -545,7 +545,7 @@ def test_upgrade_to_owned_keys_keeps_marks_and_grants_and_leaves_old_keys_unowne
     finally:
         conn.close()
     assert any("kept_ids_refusal" in g and "from public" in g for g in report.granted), report.granted
-    assert target.execute("select pgq_ext.mover_schema_version()") == [(5,)]
+    assert target.execute("select pgq_ext.mover_schema_version()") == [(pgq_ext.REQUIRED_MOVER_SCHEMA,)]
     assert target.execute("select consumer_id, subconsumer_id, owner_role from pgq_ext.tracking_key"
                           " order by 1") == [("old_a", "", None), ("old_b", "x", None)]
     assert (mark_of(target, "old_a"), mark_of(target, "old_b", "x")) == (11, 12)
