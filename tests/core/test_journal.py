@@ -150,7 +150,8 @@ def mark_batch(conn: Any, consumer: str, batch_id: int) -> int:
 
 def test_retention_prunes_by_age_and_by_rows(target: Server) -> None:
     """keep_for: older entries of the key go with its next batch (a range of its index);
-    keep_rows: every 32nd row cuts the key to its newest keep_rows. Other keys keep theirs."""
+    keep_rows: once in 32 rows (keep_rows / 100 for a larger keep_rows) the key is cut to its
+    newest keep_rows. Other keys keep theirs."""
     conn = psycopg2.connect(target.dsn)
     try:
         for i in range(3):

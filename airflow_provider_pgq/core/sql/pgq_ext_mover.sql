@@ -760,7 +760,10 @@ insert into pgq_ext.move_journal_retention (only_row) values (true) on conflict 
 -- refuses a key this login may not write) and the batch's journal row, in the caller's
 -- transaction (the mover sends the COMMIT in the same round trip). Then the key's
 -- entries older than the retention's keep_for go (a range of the key's index), and,
--- every 32nd row, those beyond its keep_rows newest. Returns the row's journal_id.
+-- once in greatest(32, keep_rows / 100) rows, those beyond its keep_rows newest: that
+-- cut walks keep_rows index entries, so done that seldom it costs a batch about as
+-- much as 100 entries (measured: benchmarks/bench_journal.py), and a key holds at most
+-- about 1% (at least 32) more than keep_rows. Returns the row's journal_id.
 create or replace function pgq_ext.mark_batch(a_consumer text, a_subconsumer text, a_batch_id bigint,
                                               a_prev_tick bigint, a_cur_tick bigint, a_events bigint,
                                               a_filtered bigint, a_dead_lettered bigint, a_who jsonb)
@@ -793,7 +796,7 @@ begin
          where j.consumer_id = a_consumer and j.subconsumer_id = a_subconsumer
            and j.applied_at < pg_catalog.now() - keep.keep_for;
     end if;
-    if keep.keep_rows is not null and id % 32 = 0 then
+    if keep.keep_rows is not null and id % greatest(32, keep.keep_rows / 100) = 0 then
         select j.applied_at into cutoff from pgq_ext.move_journal j
          where j.consumer_id = a_consumer and j.subconsumer_id = a_subconsumer
          order by j.applied_at desc, j.journal_id desc offset keep.keep_rows limit 1;
