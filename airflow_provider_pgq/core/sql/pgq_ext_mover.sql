@@ -756,8 +756,8 @@ create table if not exists pgq_ext.move_journal_retention (
 );
 insert into pgq_ext.move_journal_retention (only_row) values (true) on conflict do nothing;
 
--- Step 5 of the move protocol: the key's mark := a_cur_tick (set_last_tick, which
--- refuses a key this login may not write) and the batch's journal row, in the caller's
+-- Step 5 of the move protocol: the key's mark := a_cur_tick (refused for a key this
+-- login may not write, as set_last_tick refuses it) and the batch's journal row, in the caller's
 -- transaction (the mover sends the COMMIT in the same round trip). Then the key's
 -- entries older than the retention's keep_for go (a range of the key's index), and,
 -- once in greatest(32, keep_rows / 100) rows, those beyond its keep_rows newest: that
@@ -779,7 +779,12 @@ begin
                         pg_catalog.quote_nullable(a_consumer), pg_catalog.quote_nullable(a_subconsumer)
               using errcode = 'null_value_not_allowed';
     end if;
-    perform pgq_ext.set_last_tick(a_consumer, a_subconsumer, a_cur_tick);
+    -- the mark as set_last_tick writes it, checked here: next to a classic pgq_ext made
+    -- with CREATE EXTENSION, set_last_tick is the extension's, which checks nothing
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'set the mark of', true);
+    insert into pgq_ext.completed_tick (consumer_id, subconsumer_id, last_tick_id)
+    values (a_consumer, a_subconsumer, a_cur_tick)
+    on conflict (consumer_id, subconsumer_id) do update set last_tick_id = excluded.last_tick_id;
     insert into pgq_ext.move_journal
            (consumer_id, subconsumer_id, batch_id, prev_tick_id, cur_tick_id, events, filtered, dead_lettered,
             login_role, dag_id, run_id, task_id, map_index, try_number, job, host, pid)
