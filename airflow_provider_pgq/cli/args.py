@@ -52,12 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="unregister the consumer from the source queue and clear the target's mark, then exit")
     more.add_argument("--status", action="store_true",
                       help="print queue, consumer, lag, pending events and target mark, then exit")
+    dead = more.add_mutually_exclusive_group()
+    dead.add_argument("--dead-letters", action="store_true",
+                      help="list the events the target refused that wait in pgq_ext.dead_letter"
+                           " (invalid_events = dead_letter), then exit")
+    dead.add_argument("--replay-dead-letters", action="store_true",
+                      help="put the dead letters into the target queue (each once), then exit")
+    more.add_argument("--from-encoding", metavar="ENCODING",
+                      help="with --replay-dead-letters: read their bytes as this encoding (e.g. LATIN1)"
+                           " instead of the source database's")
     return p
 
 
 def admin_switches(args: argparse.Namespace) -> bool:
     return bool(args.rewind or args.reset or args.install_pgq_ext or args.register or args.unregister
-                or args.status)
+                or args.status or args.dead_letters or args.replay_dead_letters)
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
@@ -75,6 +84,8 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
 
 def check_switches(args: argparse.Namespace) -> None:
     admin = admin_switches(args)
+    if args.from_encoding is not None and not args.replay_dead_letters:
+        raise UsageError("--from-encoding goes with --replay-dead-letters")
     if args.unregister and args.rewind:
         raise UsageError("--unregister and --rewind contradict each other: use one")
     if args.send is not None and (args.daemon or args.once or admin):

@@ -1,5 +1,5 @@
 """The one-shot admin commands (--install-pgq-ext, --register, --unregister, --reset,
---rewind, --status) and what they print."""
+--rewind, --status, --dead-letters, --replay-dead-letters) and what they print."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from airflow_provider_pgq.cli.common import EXIT_OK
 from airflow_provider_pgq.cli.config import MoverConfig
 from airflow_provider_pgq.cli.connections import Connections
 from airflow_provider_pgq.cli.daemon import PidFile
-from airflow_provider_pgq.core import journal, pgq, pgq_ext
+from airflow_provider_pgq.core import journal, pgq, pgq_ext, poison
 from airflow_provider_pgq.core.connect import describe
 from airflow_provider_pgq.core.mover import QueueMover
 from airflow_provider_pgq.core.pending import MoverStatus
@@ -29,7 +29,8 @@ def _fmt(value: Any) -> str:
 
 
 def admin(config: MoverConfig, args: argparse.Namespace) -> int:
-    """--install-pgq-ext, --register, --reset, --rewind, --status, in that order."""
+    """--install-pgq-ext, --register, --reset, --rewind, --status, --dead-letters,
+    --replay-dead-letters, in that order."""
     conns = Connections(config)
     out = sys.stdout
     try:
@@ -62,8 +63,19 @@ def admin(config: MoverConfig, args: argparse.Namespace) -> int:
             if args.status:
                 pgq_ext.require(conns.target)
                 conns.target.rollback()
-                _print_status(config, mover.status())
+                _print_status(config, mover.status(), poison.pending_count(
+                    conns.target, config.pgq_consumer_id, config.subconsumer))
                 _print_journal(config, conns)
+        if args.dead_letters or args.replay_dead_letters:
+            pgq_ext.require(conns.target)
+            conns.target.rollback()
+            if args.dead_letters:
+                _print_dead_letters(config, conns)
+            else:
+                n = poison.replay(conns.target, config.pgq_consumer_id, config.subconsumer,
+                                  from_encoding=args.from_encoding)
+                print(f"replayed {n} dead letter(s) of consumer {config.pgq_consumer_id!r} into their target"
+                      " queue (each once)", file=out)
     finally:
         conns.close()
     return EXIT_OK
@@ -87,7 +99,19 @@ def _unregister(config: MoverConfig, conns: Connections, out: Any) -> None:
     )
 
 
-def _print_status(config: MoverConfig, status: MoverStatus) -> None:
+def _print_dead_letters(config: MoverConfig, conns: Connections) -> None:
+    """One line a dead letter waiting for replay; its payload is not printed (it may be
+    large or binary; the table holds it byte for byte)."""
+    letters = poison.list_dead_letters(conns.target, config.pgq_consumer_id, config.subconsumer)
+    conns.target.rollback()
+    for d in letters:
+        print(f"dl_id {d.dl_id}: ev_id {d.ev_id} of queue {d.source_queue} (ticks {d.prev_tick_id}..{d.cur_tick_id},"
+              f" ev_time {d.ev_time.isoformat()}, ev_type {poison.shown(d.ev_type, d.source_encoding)!r})"
+              f" for {d.target_queue}: {d.error_sqlstate} {d.error_message} (at {d.dead_lettered_at.isoformat()})")
+    print(f"{len(letters)} dead letter(s) of consumer {config.pgq_consumer_id!r} wait for --replay-dead-letters")
+
+
+def _print_status(config: MoverConfig, status: MoverStatus, dead_letters: int | None = None) -> None:
     running = "-"
     if config.pidfile is not None:
         pid = PidFile(config.pidfile).running_pid()
@@ -105,6 +129,7 @@ def _print_status(config: MoverConfig, status: MoverStatus) -> None:
         ("target mark", _fmt(status.target_mark)),
         ("lag", _fmt(status.lag_seconds)),
         ("pending events", _fmt(status.pending_events)),
+        ("dead letters", _fmt(dead_letters)),
     ]
     width = max(len(name) for name, _ in rows) + 1
     for name, value in rows:

@@ -21,6 +21,8 @@ def log_report(r: MoveReport, single_run: bool) -> None:
         extra += f", {r.stale} finished by another mover"
     if r.filtered:
         extra += f", {r.filtered} of other tables consumed (table_filter)"
+    if r.dead_lettered:
+        extra += f", {r.dead_lettered} refused by the target kept in pgq_ext.dead_letter"
     lag = f"{r.lag_seconds:.1f}s" if r.lag_seconds is not None else "-"
     log.log(
         level,

@@ -118,3 +118,19 @@ class ConnectionLost(PgqError, psycopg2.OperationalError):
 class WaitAborted(PgqError):
     """A network wait was cut short on purpose (SIGTERM, Airflow's on_kill, a task
     timeout): the connection is closed, the open transaction rolled back by the server."""
+
+
+class InvalidEvents(PgqError):
+    """A side refused events of a batch for their content (an encoding error, say), and
+    invalid_events is "stop": nothing of the batch was committed. Names the side, the
+    queues, the consumer, the events' ids and the batch's ticks; invalid_events =
+    dead_letter moves the rest and keeps the refused events on the target."""
+
+    def __init__(self, message: str, side: str = "target", ev_ids: tuple[int, ...] = (),
+                 sqlstate: str = "", prev_tick: int | None = None, cur_tick: int | None = None) -> None:
+        super().__init__(message)
+        self.side = side
+        self.ev_ids = ev_ids
+        self.sqlstate = sqlstate
+        self.prev_tick = prev_tick
+        self.cur_tick = cur_tick

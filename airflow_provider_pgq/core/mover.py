@@ -25,9 +25,10 @@ from typing import Any
 import psycopg2
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core import faults, guard, kept_ids, pgq, pgq_ext, registration, ticking, transfer
+from airflow_provider_pgq.core import faults, guard, kept_ids, pgq, pgq_ext, poison, registration, ticking, transfer
 from airflow_provider_pgq.core.errors import (
     ConsumerNotRegistered,
+    InvalidEvents,
     InvalidParameter,
     PgqError,
     PositionMismatch,
@@ -200,6 +201,11 @@ class MoverOptions:
     #: second of it, and after each a pause that keeps the average (a gentle hand on a
     #: busy OLTP source). None: as fast as both sides go.
     max_events_per_second: float | None = None
+    #: What to do with events the target refuses for their content (an encoding error):
+    #: "stop" (the default) fails the batch with one line naming them; "dead_letter" moves
+    #: the rest of the batch and keeps them, byte for byte, in pgq_ext.dead_letter on the
+    #: target, in the batch's transaction (see core/poison.py).
+    invalid_events: str = poison.STOP
     #: Who runs this mover, recorded in the target's move journal with every batch (the
     #: operator: the Airflow task instance; the CLI: its job name). None: host and pid only.
     who: Who | None = None
@@ -223,6 +229,7 @@ class MoverOptions:
         check_keep_lag(self.keep_lag)
         if self.max_events_per_second is not None:
             _require_seconds("max_events_per_second", self.max_events_per_second, "or None", "events a second")
+        poison.check_invalid_events(self.invalid_events)
         if self.who is not None and not isinstance(self.who, Who):
             raise InvalidParameter(f"who must be a journal.Who or None, got {self.who!r}")
 
@@ -271,7 +278,7 @@ class BatchResult:
     seconds: float
     #: Events of the batch that table_filter left out: consumed, not moved.
     filtered: int = 0
-    #: Events of the batch the target refused, kept in pgq_ext's dead-letter table.
+    #: Events the target refused, kept in pgq_ext.dead_letter (invalid_events = dead_letter).
     dead_lettered: int = 0
 
 
@@ -289,7 +296,7 @@ class MoveReport:
     events: int = 0
     #: Events consumed but not moved because table_filter does not name their table.
     filtered: int = 0
-    #: Events the target refused, kept in pgq_ext's dead-letter table instead.
+    #: Events the target refused, kept in pgq_ext.dead_letter instead (invalid_events).
     dead_lettered: int = 0
     first_tick: int | None = None
     last_tick: int | None = None
@@ -327,6 +334,20 @@ def _quietly(action: Callable[[], Any]) -> None:
         action()
     except (psycopg2.Error, OSError):
         pass
+
+
+def _split(ids: list[int], lo: int, hi: int) -> int:
+    """Where to halve ids[lo:hi] (ev_id order) without parting two events of one id;
+    ids[lo] != ids[hi - 1], so there is such a place."""
+    mid = (lo + hi) // 2
+    up = mid
+    while up < hi and ids[up - 1] == ids[up]:
+        up += 1
+    if up < hi:
+        return up
+    while mid > lo + 1 and ids[mid - 1] == ids[mid]:
+        mid -= 1
+    return mid
 
 
 class Decision(enum.Enum):
@@ -687,7 +708,9 @@ class QueueMover:
             self._on_batch(result)
         return result
 
-    def _apply_on_target(self, batch: pgq.BatchInfo) -> tuple[str, int]:
+    def _apply_on_target(self, batch: pgq.BatchInfo, sift: bool = False) -> tuple[str, int]:
+        """sift: the batch was refused for an event's content; move it in pieces to find
+        which events (see _sift), after taking the key's lock and deciding again."""
         o = self.options
         t = self.target
         system_id, database = self._source_identity
@@ -732,13 +755,41 @@ class QueueMover:
         # The source's reads are each a transaction of their own (the COPY's included):
         # no source transaction is held open while the target works (it would hold back
         # PgQ's rotation), and none needs a BEGIN, a COMMIT or a rollback.
+        refused: list[poison.Refused] = []
+        refused_rows: list[tuple[Any, ...]] = []
+        refused_exc: psycopg2.Error | None = None
         with guard.autocommit(self.source):
             batch_sql = pgq.batch_event_sql(self.source, batch.batch_id)
             if o.table_filter:  # filtered on the source: events of other tables never leave it
                 self._filtered = transfer.count_filtered_out(self.source, batch_sql, o.table_filter)
                 batch_sql = transfer.filter_batch_sql(self.source, batch_sql, o.table_filter)
-            events = self._transfer(batch_sql)
-            last_id = pgq.batch_max_event_id(self.source, batch_sql) if o.keep_event_id and events else None
+            if sift:
+                # "stop" names the first SHOWN_IDS only: no need to sift the whole batch
+                limit = None if o.invalid_events == poison.DEAD_LETTER else poison.SHOWN_IDS
+                events, refused, written_ids = self._sift(batch_sql, limit)
+                last_id = max(written_ids) if o.keep_event_id and written_ids else None
+            else:
+                try:
+                    events = self._transfer(batch_sql)
+                except psycopg2.Error as exc:
+                    why = poison.refusal(exc)
+                    if why is None:
+                        raise
+                    log.info("batch %s (ticks %s..%s): the target refused its content (%s): finding which"
+                             " events", batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, why[0])
+                    refused_exc = exc
+                last_id = (pgq.batch_max_event_id(self.source, batch_sql)
+                           if refused_exc is None and o.keep_event_id and events else None)
+            if refused:
+                refused_rows = poison.read_raw(self.source, batch_sql, [r.ev_id for r in refused])
+        if not sift and refused_exc is not None:
+            t.rollback()
+            try:
+                return self._apply_on_target(batch, sift=True)
+            except InvalidEvents as exc:
+                raise exc from refused_exc
+        if refused:
+            self._refused(batch, refused, refused_rows)
         if last_id is not None:
             self._mark(batch, events)
             # Last before the commit: the setval inside cannot be rolled back.
@@ -759,6 +810,82 @@ class QueueMover:
             (events, self._filtered, self._dead_lettered), self._who, commit=commit,
         )
 
+    def _refused(self, batch: pgq.BatchInfo, refused: list[poison.Refused], rows: list[tuple[Any, ...]]) -> None:
+        """Stops with one line naming the refused events (invalid_events "stop"), or keeps
+        them in pgq_ext.dead_letter in the batch's open target transaction."""
+        o = self.options
+        t = self.target
+        database = t.info.dbname
+        encoding = t.info.parameter_status("server_encoding") or "?"
+        if o.invalid_events != poison.DEAD_LETTER:
+            t.rollback()
+            raise InvalidEvents(
+                f"target database {database!r} ({encoding}) refuses"
+                f" {'at least ' if len(refused) >= poison.SHOWN_IDS else ''}{len(refused)} event(s) of batch"
+                f" {batch.batch_id} (ticks {batch.prev_tick_id}..{batch.cur_tick_id}) moved from queue"
+                f" {o.source_queue!r} into {o.target_queue!r} by {o.key}: {poison.describe(refused)};"
+                " nothing of the batch was written, the mover stops here. Fix the events on the source"
+                " (and rewind), or set invalid_events = dead_letter (ini key; operator parameter"
+                " invalid_events='dead_letter') to move the rest and keep the refused events in"
+                " pgq_ext.dead_letter on the target, for replay once fixed",
+                "target", tuple(r.ev_id for r in refused), refused[0].sqlstate,
+                batch.prev_tick_id, batch.cur_tick_id,
+            )
+        self._dead_lettered = poison.store(
+            t, o.consumer, o.subconsumer, o.source_queue, o.target_queue,
+            batch.prev_tick_id, batch.cur_tick_id, rows, refused,
+        )
+        log.warning(
+            "batch %s (ticks %s..%s) of %s: target database %r (%s) refused %d event(s) of queue %r,"
+            " kept in pgq_ext.dead_letter (invalid_events = dead_letter): %s; the rest of the batch"
+            " is moved. Replay them once fixed: PgqHook.replay_dead_letters() or --replay-dead-letters",
+            batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, o.key, database, encoding,
+            len(refused), o.source_queue, poison.describe(refused),
+        )
+
+    def _sift(self, batch_sql: str, limit: int | None = None) -> tuple[int, list[poison.Refused], list[int]]:
+        """The batch moved in pieces, each under a savepoint of the target transaction:
+        a refused piece is rolled back and split in two, down to single events, which are
+        the refused ones. Only after the whole batch was refused (no cost on the happy
+        path); about 2 log2(n) pieces per refused event, at most 2n. With limit, it stops
+        once that many are found (the rest of the batch is then not written: only for a
+        transaction that is rolled back). Returns (events written, the refused events,
+        the ids written)."""
+        ids = poison.batch_ids(self.source, batch_sql)
+        refused: list[poison.Refused] = []
+        written: list[int] = []
+        count = 0
+        # The whole batch was refused already: start with its halves (where it can be split).
+        pieces = [(0, len(ids))]
+        if len(ids) > 1 and ids[0] != ids[-1]:
+            mid = _split(ids, 0, len(ids))
+            pieces = [(mid, len(ids)), (0, mid)]
+        while pieces and (limit is None or len(refused) < limit):
+            lo, hi = pieces.pop()
+            if lo >= hi:
+                continue
+            with self.target.cursor() as cur:
+                cur.execute("savepoint pgq_mover_sift")
+            try:
+                count += self._transfer(poison.range_sql(self.source, batch_sql, ids[lo], ids[hi - 1]),
+                                        stream_hook=False)
+            except psycopg2.Error as exc:
+                why = poison.refusal(exc)
+                if why is None:
+                    raise
+                with self.target.cursor() as cur:
+                    cur.execute("rollback to savepoint pgq_mover_sift")
+                if ids[lo] == ids[hi - 1]:  # one event (or several of one id: a retried event)
+                    refused.extend(poison.Refused(i, *why) for i in ids[lo:hi])
+                    continue
+                mid = _split(ids, lo, hi)
+                pieces += [(mid, hi), (lo, mid)]  # the lower half first: ev_id order kept
+                continue
+            written += ids[lo:hi]
+            with self.target.cursor() as cur:
+                cur.execute("release savepoint pgq_mover_sift")
+        return count, refused, written
+
     def _batch_still_active(self, batch: pgq.BatchInfo) -> bool:
         with guard.autocommit(self.source):
             return pgq.batch_is_active(self.source, batch.batch_id)
@@ -777,7 +904,7 @@ class QueueMover:
         assert row is not None
         return str(row[0])
 
-    def _transfer(self, batch_sql: str) -> int:
+    def _transfer(self, batch_sql: str, stream_hook: bool = True) -> int:
         """The chunk path's insert_event_chunk picks the event table itself (a mover role
         need not call pgq.current_event_table, which PgQ grants to producers)."""
         o = self.options
@@ -789,11 +916,11 @@ class QueueMover:
             if self.write_path == COPY_PATH:
                 return transfer.copy_stream(
                     self.source, self.target, batch_sql, self._current_event_table(), o.keep_event_id,
-                    mid_stream if self._fault else None,
+                    mid_stream if self._fault and stream_hook else None,
                 )
             return transfer.insert_chunks(
                 self.source, self.target, batch_sql, o.target_queue, o.keep_event_id,
-                o.chunk_size, mid_stream if self._fault else None,
+                o.chunk_size, mid_stream if self._fault and stream_hook else None,
             )
         except psycopg2.Error as exc:
             kind = pgq.pgq_error(exc)

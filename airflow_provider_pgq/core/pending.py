@@ -46,6 +46,10 @@ class PendingStatus:
     lag_seconds: float | None
     #: The open batch's end tick (None without one).
     next_tick: int | None = None
+    #: Seconds since PgQ last saw the consumer take or finish a batch (get_consumer_info's
+    #: ``last_seen``: ``now() - sub_active``); with an open batch, how long it has been open.
+    #: Read by the PgQ page (core.positions) only; None elsewhere.
+    last_seen_seconds: float | None = None
 
     @property
     def batch_available(self) -> bool:

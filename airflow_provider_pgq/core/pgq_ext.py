@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 #: 2: kept event ids; 3: the write side for MOVER_ROLE only, claims proven by rows;
 #: 4: staged inserts (stage_events, insert_staged_events); 5: tracking keys have owners,
 #: their locks are rows of pgq_ext (lock_key, ensure_key, assign_key); 6: the move journal
-#: (move_journal, written with the mark by mark_batch).
-REQUIRED_MOVER_SCHEMA = 6
+#: (move_journal, written with the mark by mark_batch); 7: dead letters (dead_letter,
+#: dead_letter_events, replay_dead_letters).
+REQUIRED_MOVER_SCHEMA = 7
 
 #: The NOLOGIN role install makes: the only one (besides superusers and the installing
 #: owner) that may call the write side of pgq_ext. Grant it to the mover's target login.
@@ -34,8 +35,11 @@ WRITE_FUNCTIONS = (
     "set_last_tick", "set_batch_done", "set_event_done", "bind_source", "unbind_source",
     "insert_event_chunk", "kept_ids_claim", "kept_ids_commit", "kept_ids_release",
     "stage_events", "insert_staged_events", "_require_own_staging", "_require_kept_ids_claim", "begin_batch",
-    "lock_key", "ensure_key", "kept_ids_refusal", "mark_batch",
+    "lock_key", "ensure_key", "kept_ids_refusal", "dead_letter_events", "replay_dead_letters", "mark_batch",
 )
+
+#: Tables readable by MOVER_ROLE only (and admins), never PUBLIC: they hold event payloads.
+MOVER_TABLES = ("dead_letter",)
 
 #: Functions open to PUBLIC before mover schema 5 that are the mover's since: reading
 #: kept_ids_refusal locks the queue's event tables (PgQ then skips their rotation).
@@ -286,6 +290,10 @@ def _default_rights(conn: Connection, name: str, kind: str) -> list[str]:
         with conn.cursor() as cur:
             cur.execute("grant usage on schema pgq_ext to public")
         return ["usage on schema pgq_ext to public"]
+    if kind == "table" and name.rsplit(".", 1)[-1] in MOVER_TABLES:
+        _execute_formatted(conn, "revoke all on table %s from public", name, "pg_catalog.regclass")
+        _execute_formatted(conn, "grant select on table %s to %I", name, "pg_catalog.regclass", MOVER_ROLE)
+        return [f"select on {name} to {MOVER_ROLE} only"]
     if kind == "table":
         _execute_formatted(conn, "grant select on table %s to public", name, "pg_catalog.regclass")
         return []  # tables are readable by all, as the classic had them: not worth a line

@@ -56,6 +56,7 @@ _SOURCES = sql.SQL(
     " 'last_tick', c.last_tick, 'current_batch', c.current_batch, 'next_tick', c.next_tick,"
     " 'pending_events', c.pending_events,"
     " 'lag_seconds', pg_catalog.date_part('epoch', c.lag)::float8,"
+    " 'last_seen_seconds', pg_catalog.date_part('epoch', c.last_seen)::float8,"
     " 'newest_tick', (select pg_catalog.max(t.tick_id) from pgq.tick t where t.tick_queue = q.queue_id)"
     ")), '[]')"
     " from rows from (pg_catalog.unnest(%(src_queues)s::text[]), pg_catalog.unnest(%(src_consumers)s::text[]))"

@@ -24,7 +24,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 from psycopg2.extensions import connection as Psycopg2Connection
 
-from airflow_provider_pgq.core import pgq, pgq_ext, registration
+from airflow_provider_pgq.core import pgq, pgq_ext, poison, registration
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import ConnectionFailed, InvalidParameter
 from airflow_provider_pgq.core.guard import Timeouts
@@ -208,6 +208,29 @@ class PgqHook(BaseHook):
         """Installs or upgrades pgq_ext (and the pgq_mover role); says what it changed."""
         with self.psycopg2_connection() as conn:
             return pgq_ext.install(conn)
+
+    # -- dead letters (this hook is the target) --------------------------------
+
+    def list_dead_letters(self, consumer: str, subconsumer: str = "",
+                          include_replayed: bool = False) -> list[poison.DeadLetter]:
+        """The events the target refused for the key (invalid_events = dead_letter), as
+        the source stored them (bytes); those replayed already only with include_replayed.
+        Needs pgq_mover (or an admin) on this connection's login."""
+        with self.psycopg2_connection() as conn:
+            try:
+                return poison.list_dead_letters(conn, consumer, subconsumer, include_replayed)
+            finally:
+                conn.rollback()
+
+    def replay_dead_letters(self, consumer: str, subconsumer: str = "", dl_ids: list[int] | None = None,
+                            from_encoding: str | None = None) -> int:
+        """Puts the key's dead letters (all waiting, or those of dl_ids) into their target
+        queue with their times, each once (marked replayed in the same transaction), read
+        as from_encoding (e.g. "LATIN1"; None: the source database's encoding). A byte
+        sequence the target still refuses fails the call and replays nothing. Returns
+        how many were replayed."""
+        with self.psycopg2_connection() as conn:
+            return poison.replay(conn, consumer, subconsumer, dl_ids, from_encoding)
 
     # -- repositioning (this hook is the source; target is the other side) ----
 

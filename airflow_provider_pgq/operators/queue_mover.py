@@ -27,8 +27,10 @@ from airflow_provider_pgq.core.mover import (
     normalize_table_filter,
     seconds_to_interval,
 )
+from airflow_provider_pgq.core.poison import check_invalid_events
 from airflow_provider_pgq.hooks.pgq import PgqHook
 from airflow_provider_pgq.links.mover_page import PgqMoverPageLink
+from airflow_provider_pgq.operators import turns
 
 try:
     from airflow.sdk.observability.stats import Stats
@@ -55,6 +57,17 @@ def target_asset(target_conn_id: str, target_queue: str) -> Asset:
                 " outlets=[Asset(...)] yourself"
             )
     return Asset(f"pgq://{target_conn_id}/{target_queue}")
+
+
+def queue_dataset_address(parameters: dict[str, str], queue: str, conn: Psycopg2Connection) -> tuple[str, str]:
+    """A queue's OpenLineage (namespace, name), as the postgres provider names a table:
+    ``postgres://<host>:<port>`` (the connection's host in lower case, ``localhost`` when it
+    has none, i.e. libpq's local socket; port 5432 when it gives none) and
+    ``<database>.pgq.<queue>`` (PgQ keeps its queues in the ``pgq`` schema). ``parameters``:
+    PgqHook.connect_parameters(); ``conn``, open, names the database when they do not."""
+    host = (parameters.get("host") or parameters.get("hostaddr") or "localhost").lower()
+    database = parameters.get("dbname") or str(conn.info.dbname)
+    return f"postgres://{host}:{parameters.get('port') or 5432}", f"{database}.pgq.{queue}"
 
 
 def _seconds(value: float | dt.timedelta | None) -> float | None:
@@ -121,6 +134,13 @@ class PgqQueueMoverOperator(BaseOperator):
         the filter runs on the source.
     :param keep_lag: only move batches whose end tick is at least this old (seconds or a
         timedelta; skytools' ``pgq_keep_lag``): the target stays that far behind.
+    :param invalid_events: what to do with events the target refuses for their content
+        (an encoding error, say a Latin-1 byte from a SQL_ASCII source in a UTF8 target):
+        ``"stop"`` (default) fails the task with one line naming the side, the events'
+        ev_ids, the batch's ticks and this option; ``"dead_letter"`` moves the rest of the
+        batch and keeps the refused events, byte for byte, in ``pgq_ext.dead_letter`` on the
+        target (same transaction), counted as ``dead_lettered`` in the report; replay them
+        once fixed with ``PgqHook.replay_dead_letters``.
     :param outlet_asset: declare ``pgq://<target_conn_id>/<target_queue>`` as outlet. An
         asset event is emitted only by a run that moved events; its ``extra`` holds the
         move report (events, batches, first_tick, last_tick, ...). Built when the DAG is
@@ -149,12 +169,19 @@ class PgqQueueMoverOperator(BaseOperator):
         ``stop_reason``, ``lag_seconds``, ``pending_events``, ``write_path``) are this
         try's.
 
-    Concurrency: ``max_active_tis_per_dag`` defaults to 1, so concurrent runs of the DAG
-    (a backfill's ``max_active_runs``, a clear next to a scheduled run) run this task one
-    at a time: the queue hands out batches strictly in order to one consumer, so
-    parallel runs would only race for the same batches. Pass another value to override
-    (a mapped task is not covered: its map indexes share one task id; use the DAG's
-    ``max_active_runs=1`` or a pool with one slot per source).
+    :param turn_poll: seconds after which a mover instance that stepped back for another
+        run's instance of itself tries again (twice that for the later of the two;
+        see Concurrency). Keep it above the scheduler's loop time (operators/turns.py).
+
+    Concurrency: concurrent runs of the DAG (a backfill's ``max_active_runs``, a clear
+    next to a scheduled run) run this task one at a time, per map index for a mapped
+    task: the queue hands out batches strictly in order to one consumer, so parallel runs
+    would only race for the same batches. A plain task gets ``max_active_tis_per_dag=1``
+    (the scheduler holds the others back). A mapped task's map indexes (its partitions)
+    run in parallel; an instance that finds the same map index running in another run,
+    or waiting in an earlier run, gives its slot back and is rescheduled
+    (``up_for_reschedule``, not a retry), so backfilled intervals move oldest first
+    (operators/turns.py).
     """
 
     template_fields: Sequence[str] = (
@@ -191,12 +218,14 @@ class PgqQueueMoverOperator(BaseOperator):
         keep_event_id: bool = False,
         table_filter: Sequence[str] | None = None,
         keep_lag: float | dt.timedelta | None = None,
+        invalid_events: str = "stop",
         outlet_asset: bool = False,
         reposition: str | None = None,
         connect_timeout: float = Timeouts.connect_timeout,
         network_timeout: float = Timeouts.network_timeout,
         statement_timeout: float = Timeouts.statement_timeout,
         lock_timeout: float = Timeouts.lock_timeout,
+        turn_poll: float = 15.0,
         **kwargs: Any,
     ) -> None:
         self._asset = target_asset(target_conn_id, target_queue) if outlet_asset else None
@@ -217,6 +246,8 @@ class PgqQueueMoverOperator(BaseOperator):
         self.table_filter = normalize_table_filter(table_filter)
         self.keep_lag = seconds_to_interval("keep_lag", keep_lag)
         check_keep_lag(self.keep_lag)
+        check_invalid_events(invalid_events)
+        self.invalid_events = invalid_events
         self.bounds = DrainBounds(
             max_batches=max_batches, max_events=max_events, max_runtime=self.max_runtime,
             force_tick=force_tick, run_ticker=run_ticker, tick_timeout=tick_timeout,
@@ -235,6 +266,12 @@ class PgqQueueMoverOperator(BaseOperator):
         self.timeouts = Timeouts(connect_timeout=connect_timeout, network_timeout=network_timeout,
                                  statement_timeout=statement_timeout, lock_timeout=lock_timeout)
         self._connections: list[Psycopg2Connection] = []
+        if not isinstance(turn_poll, (int, float)) or isinstance(turn_poll, bool) or not 0 < turn_poll <= 3600:
+            raise InvalidParameter(f"turn_poll must be seconds in (0, 3600], got {turn_poll!r}")
+        self.turn_poll = float(turn_poll)
+        #: What get_openlineage_facets_on_complete reports: the run's report and where the
+        #: queues live ((namespace, name) of source and target), set by execute.
+        self._lineage: tuple[dict[str, Any], tuple[str, str], tuple[str, str]] | None = None
 
     def mover_options(self, who: journal.Who | None = None) -> MoverOptions:
         return MoverOptions(
@@ -253,6 +290,7 @@ class PgqQueueMoverOperator(BaseOperator):
             max_events_per_second=self.max_events_per_second,
             table_filter=self.table_filter,
             keep_lag=self.keep_lag,
+            invalid_events=self.invalid_events,
             who=who,
         )
 
@@ -267,9 +305,11 @@ class PgqQueueMoverOperator(BaseOperator):
 
     def _log_batch(self, result: BatchResult) -> None:
         self.log.info(
-            "batch %s ticks %s..%s: %s, %d events, %.3fs",
+            "batch %s ticks %s..%s: %s, %d events, %.3fs%s",
             result.batch_id, result.prev_tick_id, result.cur_tick_id, result.outcome,
             result.events, result.seconds,
+            f", {result.dead_lettered} refused by the target kept in pgq_ext.dead_letter"
+            if result.dead_lettered else "",
         )
 
     def make_mover(
@@ -301,6 +341,7 @@ class PgqQueueMoverOperator(BaseOperator):
                                 map_index=ti.map_index, try_number=ti.try_number)
 
     def execute(self, context: Context) -> dict[str, Any]:
+        turns.take_turn(context["ti"], self.log, self.turn_poll)  # may reschedule this task
         who = self._who(context)
         options = self.mover_options(who)
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
@@ -321,11 +362,14 @@ class PgqQueueMoverOperator(BaseOperator):
                     entries = self._run_entries(target, options, who)
             finally:
                 self._connections = []
+            where = (queue_dataset_address(source_hook.connect_parameters(), options.source_queue, source),
+                     queue_dataset_address(target_hook.connect_parameters(), options.target_queue, target))
         self.log.info(
             "moved %d events in %d batches (%d already applied, skipped; %d of other tables"
-            " consumed, not moved) from %r to %r as %s in %.2fs; stopped: %s; lag left %s s,"
-            " ~%s events pending",
-            report.events, report.batches, report.skipped, report.filtered, options.source_queue,
+            " consumed, not moved; %d refused by the target, dead-lettered) from %r to %r as %s in"
+            " %.2fs; stopped: %s; lag left %s s, ~%s events pending",
+            report.events, report.batches, report.skipped, report.filtered, report.dead_lettered,
+            options.source_queue,
             options.target_queue, options.key, report.seconds, report.stop_reason,
             report.lag_seconds, report.pending_events,
         )
@@ -333,10 +377,14 @@ class PgqQueueMoverOperator(BaseOperator):
                 "consumer_name": options.consumer}
         Stats.incr("pgq.mover.events", report.events, tags=tags)
         Stats.incr("pgq.mover.batches", report.batches, tags=tags)
+        if report.dead_lettered:
+            Stats.incr("pgq.mover.dead_lettered", report.dead_lettered, tags=tags)
         if report.lag_seconds is not None:
             Stats.gauge("pgq.mover.lag_seconds", report.lag_seconds, tags=tags)
         result = self._run_report(report.to_dict(), entries)
         self._announce(context, result)
+        # lineage is per try (each try's OpenLineage events): this try's own counts, not the run's
+        self._lineage = (report.to_dict(), *where)
         return result
 
     def _run_entries(self, target: Psycopg2Connection, options: MoverOptions,
@@ -379,6 +427,20 @@ class PgqQueueMoverOperator(BaseOperator):
                           for a in summary.attempts()),
             )
         return out
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """For Airflow's openlineage provider (only it calls this): the source and target
+        queues as datasets, the moved event count as the target's ``outputStatistics`` and the
+        consumed tick range as the source's ``pgqTickRange`` facet (operators/lineage.py).
+        A run that moved nothing reports no dataset: it changed nothing downstream. None when
+        the provider cannot be imported."""
+        try:
+            from airflow_provider_pgq.operators.lineage import moved_lineage
+        except ImportError:
+            return None
+        if self._lineage is None:  # execute did not finish: what it moved is not known here
+            return moved_lineage({}, ("", ""), ("", ""))
+        return moved_lineage(*self._lineage)
 
     def _announce(self, context: Context, report: dict[str, Any]) -> None:
         """The outlet Asset gets an event only when events moved, with the report as extra.

@@ -29,7 +29,13 @@ from airflow_provider_pgq.core.positions import Positions
 from airflow_provider_pgq.ui import live
 from airflow_provider_pgq.ui.history import RunPoint, last_rendered, recent_runs
 from airflow_provider_pgq.ui.movers import MoverSpec, movers_in_dag, with_rendered_values
-from airflow_provider_pgq.ui.state import DEFAULT_BEHIND_SECONDS, classify, marks_agree, rules
+from airflow_provider_pgq.ui.state import (
+    DEFAULT_BEHIND_SECONDS,
+    DEFAULT_STUCK_SECONDS,
+    classify,
+    marks_agree,
+    rules,
+)
 
 STATIC = Path(__file__).parent / "static"
 _ASSETS = {"pgq.js": "text/javascript", "pgq.css": "text/css"}
@@ -147,10 +153,11 @@ def _movers(reader: live.LiveReader, user: Any, runs: int) -> dict[str, Any]:
                            method="GET", details=ConnectionDetails(conn_id=c, team_name=conn_teams.get(c)),
                            user=user)}
     behind = _conf_float("ui_behind_seconds", DEFAULT_BEHIND_SECONDS)
+    stuck = _conf_float("ui_stuck_seconds", DEFAULT_STUCK_SECONDS)
     rows = build_rows(reader, sorted(specs, key=lambda s: (s.dag_id, s.task_id, s.map_index)), history,
-                      behind, _ui_prefix(), reports, connections=connections)
+                      behind, _ui_prefix(), reports, connections=connections, stuck=stuck)
     return {"generated_at": dt.datetime.now(dt.timezone.utc).isoformat(), "behind_seconds": behind,
-            "rules": rules(behind), "movers": rows}
+            "stuck_seconds": stuck, "rules": rules(behind, stuck), "movers": rows}
 
 
 def _resolved(spec: MoverSpec, rendered: dict[tuple[str, str], tuple[str, dict[int, dict[str, Any]]]]
@@ -164,7 +171,8 @@ def _resolved(spec: MoverSpec, rendered: dict[tuple[str, str], tuple[str, dict[i
 
 def build_rows(reader: live.LiveReader, specs: Sequence[MoverSpec],
                history: dict[tuple[str, str, int], list[RunPoint]], behind: float, ui_prefix: str,
-               reports: set[str], *, connections: Collection[str]) -> list[dict[str, Any]]:
+               reports: set[str], *, connections: Collection[str],
+               stuck: float = DEFAULT_STUCK_SECONDS) -> list[dict[str, Any]]:
     """One row per mover: live position (one read per database), last runs, state.
     connections: the connection ids the user may read; no other is opened or shown."""
     databases: dict[str, live.Database | str] = {}
@@ -183,7 +191,7 @@ def build_rows(reader: live.LiveReader, specs: Sequence[MoverSpec],
     partial = {k: [p.run_id for p in points if not p.whole_run] for k, points in history.items()}
     answers = reader.read(live.plan(readable, {c: d for c, d in databases.items() if isinstance(d, live.Database)},
                                     {k: v for k, v in partial.items() if v}))
-    return [_row(s, databases, answers, history, behind, ui_prefix, s.dag_id in reports) for s in specs]
+    return [_row(s, databases, answers, history, behind, ui_prefix, s.dag_id in reports, stuck) for s in specs]
 
 
 def _side(conn_id: str, queue: str, database: live.Database | str | None) -> dict[str, Any]:
@@ -212,7 +220,7 @@ def _journaled(spec: MoverSpec, point: RunPoint, target: Positions) -> RunPoint:
 
 def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: dict[live.Database, live.Answer],
          history: dict[tuple[str, str, int], list[RunPoint]], behind: float, ui_prefix: str,
-         reports: bool) -> dict[str, Any]:
+         reports: bool, stuck: float) -> dict[str, Any]:
     errors = [spec.problem] if spec.problem else []
     src_db, dst_db = databases.get(spec.source_conn_id), databases.get(spec.target_conn_id)
     src_answer = _answer("source", spec.source_conn_id, src_db, answers, errors)
@@ -229,10 +237,12 @@ def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: di
         errors.append(f"consumer {spec.consumer_name!r} is not registered on {spec.source_queue!r}")
     if target is not None and not target.queue_exists:
         errors.append(f"target queue {spec.target_queue!r} does not exist")
-    state = classify(source, target, "; ".join(errors) or None, behind, unknown)
     points = history.get((spec.dag_id, spec.task_id, spec.map_index), []) if reports else []
     if dst_answer is not None and dst_answer.runs:
         points = [_journaled(spec, p, dst_answer) for p in points]
+    # the latest task instance's state, where the user may read it (as the run history)
+    task_state = points[-1].state if points else None
+    state = classify(source, target, "; ".join(errors) or None, behind, unknown, stuck, task_state)
     return {
         "key": spec.key, "dag_id": spec.dag_id, "task_id": spec.task_id, "map_index": spec.map_index,
         "grid_url": f"{ui_prefix}/dags/{quote(spec.dag_id, safe='')}",
@@ -247,6 +257,7 @@ def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: di
         "target_mark": target.mark if target else None,
         "marks_agree": marks_agree(source, target) if source and target else None,
         "lag_seconds": source.lag_seconds if source else None,
+        "last_seen_seconds": source.last_seen_seconds if source else None,
         "pending_events": source.pending_events if source else None,
         "state": state.value, "errors": errors,
         "runs": [p.to_dict() for p in points] if reports else None,

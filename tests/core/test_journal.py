@@ -212,7 +212,7 @@ def test_upgrade_from_mover_schema_5_keeps_marks_and_adds_the_journal(source: Se
     marks = target.execute("select * from pgq_ext.completed_tick order by 1, 2")
     conn = psycopg2.connect(target.dsn)
     try:
-        with pytest.raises(PgqExtMissing, match="schema 5 < 6"):
+        with pytest.raises(PgqExtMissing, match=f"schema 5 < {pgq_ext.REQUIRED_MOVER_SCHEMA}"):
             pgq_ext.require(conn)
         conn.rollback()
         assert journal.last_entries(conn, "mover", "") == []  # no journal yet: nothing, no error
@@ -222,7 +222,7 @@ def test_upgrade_from_mover_schema_5_keeps_marks_and_adds_the_journal(source: Se
         conn.close()
     assert target.execute("select * from pgq_ext.completed_tick order by 1, 2") == marks
     assert mark_of(target, "mover") == ticks[2]
-    assert target.execute("select pgq_ext.mover_schema_version()")[0][0] == 6
+    assert target.execute("select pgq_ext.mover_schema_version()")[0][0] == pgq_ext.REQUIRED_MOVER_SCHEMA
     assert target.execute(
         "select has_table_privilege('public', 'pgq_ext.move_journal', 'SELECT'),"
         " has_table_privilege('public', 'pgq_ext.move_journal', 'INSERT'),"

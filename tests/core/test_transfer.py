@@ -24,6 +24,7 @@ from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core import faults, kept_ids, pgq, pgq_ext, transfer
 from airflow_provider_pgq.core.connect import connect
+from airflow_provider_pgq.core.errors import InvalidEvents
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoveReport, MoverOptions, QueueMover
 from tests.helpers import Server, produce, register, tick
 from tests.support.cluster import ThrowawayCluster, wait_until
@@ -372,8 +373,9 @@ def test_utf8_source_into_latin1_target_converts_or_refuses(
     first = tick(source, "src_q")
     produce(source, "src_q", [("check", "✓ is not LATIN1", None, None, None, None)])
     tick(source, "src_q")
-    with pytest.raises(psycopg2.errors.UntranslatableCharacter):
+    with pytest.raises(InvalidEvents, match="refuses 1 event") as info:
         move(source, target.dsn)
+    assert isinstance(info.value.__cause__, psycopg2.errors.UntranslatableCharacter)
     assert [tuple(r) for r in ordered_events(target, "dst_q")] == LATIN1_TEXT
     assert target.execute("select pgq_ext.get_last_tick('mover', '')") == [(first,)]
 

@@ -12,6 +12,7 @@ import pytest
 from airflow_provider_pgq import get_provider_info
 from airflow_provider_pgq.core.errors import ConnectionFailed
 from airflow_provider_pgq.hooks.pgq import PgqHook, UnsupportedConnection
+from tests.core.test_poison_events import make_sql_ascii_db  # noqa: F401 - a fixture, for getfixturevalue
 from tests.helpers import produce, require_password_checks, simple_events, tick
 
 
@@ -169,3 +170,32 @@ def test_hook_leaves_airflow_only_extras_out_of_libpq(source, conn_env):
     assert {"iam", "cursor", "sqlalchemy_scheme", "enable_log_db_messages"}.isdisjoint(hook.connect_parameters())
     with hook.psycopg2_connection() as conn:
         assert conn.get_dsn_parameters()["sslmode"] == "disable"
+
+
+
+def test_hook_lists_and_replays_dead_letters(request, target, conn_env):
+    """Issue 24: PgqHook on the target lists the dead letters as the source's bytes and
+    replays them once, read as LATIN1."""
+    from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
+    from tests.core.test_poison_events import POISON_DATA, POISON_EXTRA, produce_raw
+    from tests.helpers import queue_events, register
+
+    sa = request.getfixturevalue("make_sql_ascii_db")("src_q")
+    register(sa, "src_q", "mover")
+    ids = produce_raw(sa, "src_q", [POISON_DATA, POISON_EXTRA])
+    tick(sa, "src_q")
+    s, t = sa.connect(), target.connect()
+    try:
+        QueueMover(s, t, MoverOptions("src_q", "dst_q", "mover", invalid_events="dead_letter")).drain()
+    finally:
+        s.close()
+        t.close()
+    conn_env("pgq_dst", target.uri())
+    hook = PgqHook("pgq_dst")
+    letters = hook.list_dead_letters("mover")
+    assert [(d.ev_id, d.ev_data, d.source_encoding) for d in letters] == [
+        (ids[0], POISON_DATA[1], "SQL_ASCII"), (ids[1], POISON_EXTRA[1], "SQL_ASCII")]
+    assert hook.replay_dead_letters("mover", dl_ids=[letters[0].dl_id], from_encoding="LATIN1") == 1
+    assert hook.replay_dead_letters("mover", dl_ids=[letters[0].dl_id], from_encoding="LATIN1") == 0
+    assert [d.ev_id for d in hook.list_dead_letters("mover")] == [ids[1]]
+    assert [e[1] for e in queue_events(target, "dst_q")] == ["café au lait"]

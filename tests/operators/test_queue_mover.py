@@ -11,6 +11,7 @@ import pytest
 from airflow_provider_pgq.core.errors import InvalidParameter
 from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
 from airflow_provider_pgq.operators.queue_mover import PgqQueueMoverOperator
+from tests.core.test_poison_events import make_sql_ascii_db  # noqa: F401 - a fixture, for getfixturevalue
 from tests.helpers import DagRunner, produce, queue_events, register, run_mover, simple_events, tick
 
 DAGS = Path(__file__).parent / "dags"
@@ -154,3 +155,32 @@ def test_outlet_asset_refuses_templated_target(templated):
     plain = PgqQueueMoverOperator(**{**kwargs, "target_conn_id": "pgq_dst", "target_queue": "dst_q"},
                                   outlet_asset=True)
     assert [o.uri for o in plain.outlets] == ["pgq://pgq_dst/dst_q"]
+
+
+def test_invalid_events_is_checked_when_the_dag_is_parsed():
+    with pytest.raises(InvalidParameter, match="invalid_events must be one of 'stop', 'dead_letter'"):
+        PgqQueueMoverOperator(task_id="m", source_conn_id="s", target_conn_id="t", source_queue="a",
+                              target_queue="b", invalid_events="ignore")
+    op = PgqQueueMoverOperator(task_id="m", source_conn_id="s", target_conn_id="t", source_queue="a",
+                               target_queue="b", invalid_events="dead_letter")
+    assert op.mover_options().invalid_events == "dead_letter"
+
+
+def test_poison_events_through_airflow_stop_then_dead_letter_in_xcom(request, target, run_dag: DagRunner):
+    """Issue 24: the default fails the task with the one line; invalid_events="dead_letter"
+    moves the rest, and the run's XCom report counts the dead-lettered events."""
+    from tests.core.test_poison_events import batch_of, dead_letters, target_events
+
+    source = request.getfixturevalue("make_sql_ascii_db")("src_q")
+    register(source, "src_q", "mover")
+    ids, prev, cur = batch_of(source)
+    conns = {"pgq_src": source.uri(), "pgq_dst": target.uri()}
+    stopped = run_dag("pgq_test_poison_stop", conns, dags_folder=DAGS)
+    assert stopped["state"] == "failed"
+    assert f"ev_id {ids[1]} (22021" in stopped["log"] and f"ticks {prev}..{cur}" in stopped["log"]
+    assert "invalid_events = dead_letter" in stopped["log"]
+    moved = run_dag("pgq_test_poison_dead_letter", conns, dags_folder=DAGS)
+    assert moved["state"] == "success", moved["log"][-3000:]
+    report = moved["xcom"]["move[-1]"]
+    assert (report["events"], report["dead_lettered"], report["last_tick"]) == (3, 2, cur)
+    assert len(target_events(target)) == 3 and [d[0] for d in dead_letters(target)] == [ids[1], ids[3]]

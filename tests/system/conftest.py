@@ -21,11 +21,13 @@ from tests.system.deployment import Deployment
 
 SYSTEM_DAGS = Path(__file__).parent / "dags"
 PARTITION_DAG = "example_pgq_partition_consolidation"
-QUEUES = ("bf", "dr", "sn", "ed", "tq")
+QUEUES = ("bf", "bm0", "bm1", "dr", "sn", "ed", "tq")
 #: The DAG the auth manager refuses to the user "outsider" (tests/system/auth.py).
 HIDDEN_DAG = "pgq_sys_event"
 #: The outsider may read this DAG, not its task instances (so not what its runs rendered).
 TEMPLATED_DAG = "pgq_sys_templated"
+#: The deployment's [pgq] ui_stuck_seconds.
+STUCK_SECONDS = 5
 
 
 @dataclass
@@ -35,6 +37,7 @@ class System:
     dst: Server
     parts: list[Server]
     central: Server
+    work: Path
 
 
 def _db(cluster: ThrowawayCluster, name: str, made: list[str], *queues: str) -> Server:
@@ -77,11 +80,15 @@ def system(cluster: ThrowawayCluster, tmp_path_factory: pytest.TempPathFactory) 
                                   "PGQ_TEST_HIDDEN_DAGS": f"outsider:{HIDDEN_DAG}",
                                   "PGQ_TEST_NO_TASK_INSTANCES": f"outsider:{TEMPLATED_DAG}",
                                   # the page's numbers are compared with the databases right after
-                                  "AIRFLOW__PGQ__UI_CACHE_SECONDS": "0"})
+                                  "AIRFLOW__PGQ__UI_CACHE_SECONDS": "0",
+                                  # a batch left open this long reads "stuck" (test_pgq_page.py);
+                                  # the system DAGs' batches move in well under a second
+                                  "AIRFLOW__PGQ__UI_STUCK_SECONDS": str(STUCK_SECONDS),
+                                  "PGQ_TEST_SPANS": str(work / "spans.jsonl")})
         airflow.start()
-        airflow.wait_for_dags(["pgq_sys_backfill", "pgq_sys_drain", "pgq_sys_sensor", "pgq_sys_event",
-                               "pgq_sys_templated", PARTITION_DAG])
-        yield System(airflow, src, dst, parts, central)
+        airflow.wait_for_dags(["pgq_sys_backfill", "pgq_sys_backfill_mapped", "pgq_sys_drain", "pgq_sys_sensor",
+                               "pgq_sys_event", "pgq_sys_templated", PARTITION_DAG])
+        yield System(airflow, src, dst, parts, central, work)
     finally:
         if airflow is not None:
             airflow.stop()

@@ -9,6 +9,7 @@ what the page shows with the databases.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from tests.helpers import ROOT, Server, produce, simple_events, tick
-from tests.system.conftest import HIDDEN_DAG, PARTITION_DAG, TEMPLATED_DAG, System
+from tests.system.conftest import HIDDEN_DAG, PARTITION_DAG, STUCK_SECONDS, TEMPLATED_DAG, System
 
 pytestmark = pytest.mark.system
 
@@ -180,10 +181,28 @@ def test_each_mover_task_instance_links_to_its_row(system: System) -> None:
     assert links["extra_links"]["PgQ movers"] == f"{af.base}/pgq/?mover=pgq_sys_drain.move#pgq_sys_drain.move"
 
 
-def test_the_page_in_a_real_browser(system: System) -> None:
+def _playwright() -> Any:
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.fail(f"no chromium at {CHROMIUM}: scripts/setup-env installs Debian's chromium package")
+    return playwright
+
+
+def _logged_in_page(browser: Any, system: System) -> Any:
+    """A page logged in through Airflow's own login form, as "operator" (who may read the
+    connections, so the rows show positions)."""
+    af = system.airflow
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.goto(f"{af.base}/auth/login")
+    page.get_by_label("Username").fill("operator")
+    page.get_by_label("Password").fill(af.passwords["operator"])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+    return page
+
+
+def test_the_page_in_a_real_browser(system: System) -> None:
+    playwright = _playwright()
     run_id = _move_known_count(system, events=90)
     truth = _truth(system.src, system.dst, "dr", "dr_mover")
     af = system.airflow
@@ -192,13 +211,7 @@ def test_the_page_in_a_real_browser(system: System) -> None:
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            # Airflow's own login form
-            page.goto(f"{af.base}/auth/login")
-            page.get_by_label("Username").fill("operator")  # may read the connections
-            page.get_by_label("Password").fill(af.passwords["operator"])
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(lambda url: "/auth/login" not in url, timeout=30_000)
+            page = _logged_in_page(browser, system)
             # the "PgQ" entry of the navigation shows the page in a frame
             page.goto(f"{af.base}/plugin/pgq")
             frame = page.frame_locator("iframe")
@@ -227,3 +240,46 @@ def test_the_page_in_a_real_browser(system: System) -> None:
     assert shown["last-run"] == "success: 90 events, 3 batches"
     assert state == "keeping up"
     assert shot.stat().st_size > 10_000
+
+
+def test_a_batch_left_open_by_a_dead_worker_shows_stuck(system: System) -> None:
+    """Issue 24, point 3: a mover whose worker died holding a batch showed green ("keeping
+    up") until the lag passed ui_behind_seconds. The worker here is the test: it takes the
+    batch as the mover would and never finishes it."""
+    playwright = _playwright()
+    af = system.airflow
+    produce(system.src, "dr", simple_events(30, prefix="stuck"))
+    tick(system.src, "dr")
+    [[batch_id]] = system.src.execute("select pgq.next_batch('dr', 'dr_mover')")
+    assert batch_id is not None
+    time.sleep(STUCK_SECONDS + 1)
+    row = _rows(system)["pgq_sys_drain.move"]
+    assert row["current_batch"] == batch_id and row["last_seen_seconds"] > STUCK_SECONDS, row
+    assert row["state"] == "stuck" and row["lag_seconds"] < 900, row  # not yet "falling behind"
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    shot = OUTPUT / "pgq-page-stuck.png"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = _logged_in_page(browser, system)
+            page.goto(f"{af.base}/pgq/?mover=pgq_sys_drain.move")
+            page.locator("body[data-loaded=true]").wait_for(timeout=60_000)
+            shown = page.locator('tr[data-key="pgq_sys_drain.move"]')
+            state = shown.get_attribute("data-state")
+            badge = shown.locator("td.state .badge").inner_text()
+            open_for = shown.locator("td.current-batch").inner_text()
+            rule = page.locator("#rule-list").inner_text()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert state == badge == "stuck"
+    assert open_for.startswith(f"{batch_id}\nopen ") and open_for.endswith(" s"), open_for
+    assert f"has not moved for more than {STUCK_SECONDS} s" in rule and "up_for_retry" in rule
+    assert shot.stat().st_size > 10_000
+    # the next run takes the open batch over and moves it once: green again
+    af.unpause("pgq_sys_drain")
+    run_id = af.trigger("pgq_sys_drain")
+    assert af.wait_run("pgq_sys_drain", run_id) == "success"
+    assert af.xcom("pgq_sys_drain", run_id, "move")["events"] == 30
+    after = _rows(system)["pgq_sys_drain.move"]
+    assert after["state"] == "keeping up" and after["current_batch"] is None, after

@@ -14,7 +14,7 @@ from airflow_provider_pgq.ui import live
 from airflow_provider_pgq.ui.app import build_rows
 from airflow_provider_pgq.ui.history import RunPoint
 from airflow_provider_pgq.ui.movers import MoverSpec
-from tests.helpers import Server, create_queue, produce, register, simple_events, tick
+from tests.helpers import Server, create_queue, produce, queue_events, register, run_mover, simple_events, tick
 
 #: Every connection id these tests use: a user who may read them all.
 EVERY = frozenset(("src_a", "src_b", "dst", "dst_again", "down", "silent", "no_such_conn"))
@@ -201,3 +201,40 @@ def test_run_history_reads_the_journal_where_the_xcom_is_missing_or_partial(
     assert (runs["new"]["events"], runs["new"]["from_journal"]) == (7, False)
     assert (runs["never"]["events"], runs["never"]["from_journal"]) == (None, False)
     assert row["errors"] == []
+
+
+def test_an_open_batch_left_behind_by_a_dead_worker_reads_as_stuck_until_a_retry_moves_it(
+        source: Server, target: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24, point 3: the row said "keeping up" (open batch, events pending, the task
+    up_for_retry) until the lag passed ui_behind_seconds."""
+    monkeypatch.setenv("AIRFLOW_CONN_SRC_A", source.uri())
+    monkeypatch.setenv("AIRFLOW_CONN_DST", target.uri())
+    register(source, "src_q", "c")
+    produce(source, "src_q", simple_events(40))
+    tick(source, "src_q")
+    # the worker took the batch, then died: PgQ keeps it open for the consumer
+    [[batch_id]] = source.execute("select pgq.next_batch('src_q', 'c')")
+    assert batch_id is not None
+    spec = _spec("m", "src_a", "dst", "src_q", "c")
+    spec = MoverSpec(**{**spec.__dict__, "target_queue": "dst_q"})
+    time.sleep(1.2)
+    reader = live.LiveReader(lambda conn_id: _open(conn_id), ttl=0, bound=20)
+
+    def row(stuck: float, task_state: str | None = None) -> dict[str, object]:
+        point = RunPoint("r1", None, task_state, None, None, None, None, None)
+        history = {("d", "m", -1): [point]} if task_state else {}
+        (only,) = build_rows(reader, [spec], history, 900, "", {"d"}, connections=EVERY | {"src_a", "dst"},
+                             stuck=stuck)
+        return only
+
+    stuck = row(stuck=1.0)
+    assert stuck["errors"] == [] and stuck["current_batch"] == batch_id, stuck
+    assert stuck["state"] == "stuck" and isinstance(stuck["last_seen_seconds"], float)
+    assert stuck["last_seen_seconds"] >= 1.2
+    assert row(stuck=3600)["state"] == "keeping up"  # under the setting: a batch being moved
+    assert row(stuck=3600, task_state="up_for_retry")["state"] == "stuck"  # nobody is moving it
+    # the retry takes the same open batch over and moves it: the row is green again
+    assert run_mover(source, target, consumer="c").events == 40
+    after = row(stuck=1.0, task_state="success")
+    assert after["current_batch"] is None and after["state"] == "keeping up", after
+    assert queue_events(target, "dst_q") == queue_events(source, "src_q")

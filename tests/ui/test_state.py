@@ -60,3 +60,43 @@ def test_every_state_has_a_colour_on_the_page() -> None:
     css = (Path(state_module.__file__).parent / "static" / "pgq.css").read_text()
     for state in State:
         assert f".state-{state.value.replace(' ', '-')} {{ background:" in css, state
+
+
+# -- issue 24, point 3: a mover stuck behind a dead worker showed "keeping up" -------------
+
+#: The issue's row: open batch 14, 604,002 pending, lag 318 s, the task up_for_retry.
+STUCK_ROW = replace(SOURCE, current_batch=14, next_tick=11, pending_events=604_002, lag_seconds=318.0,
+                    last_seen_seconds=318.0)
+
+
+def test_an_open_batch_nobody_touched_for_longer_than_the_setting_is_stuck() -> None:
+    assert classify(STUCK_ROW, TARGET, None, behind_seconds=900, stuck_seconds=300) is State.STUCK
+    assert classify(STUCK_ROW, TARGET, None, behind_seconds=900, stuck_seconds=400) is State.KEEPING_UP
+    young = replace(STUCK_ROW, last_seen_seconds=2.0)  # a batch being moved right now
+    assert classify(young, TARGET, None, stuck_seconds=300) is State.KEEPING_UP
+    # no open batch: an idle consumer is not stuck, however long since PgQ last saw it
+    idle = replace(STUCK_ROW, current_batch=None, next_tick=None, pending_events=0, last_seen_seconds=9999.0)
+    assert classify(idle, TARGET, None, stuck_seconds=300) is State.KEEPING_UP
+
+
+def test_an_open_batch_whose_task_is_up_for_retry_or_failed_is_stuck_at_once() -> None:
+    young = replace(STUCK_ROW, last_seen_seconds=2.0)
+    for task_state in ("up_for_retry", "failed"):
+        assert classify(young, TARGET, None, task_state=task_state) is State.STUCK, task_state
+    for task_state in ("running", "success", "queued", None):
+        assert classify(young, TARGET, None, task_state=task_state) is State.KEEPING_UP, task_state
+    # a failed task that left no open batch: nothing is held, the lag rule decides
+    assert classify(replace(SOURCE, pending_events=5, lag_seconds=1000.0), TARGET, None, behind_seconds=900,
+                    task_state="failed") is State.FALLING_BEHIND
+
+
+def test_stuck_comes_after_mismatch_and_before_falling_behind() -> None:
+    late = replace(STUCK_ROW, lag_seconds=5000.0)
+    assert classify(late, TARGET, None, behind_seconds=900, stuck_seconds=300) is State.STUCK
+    assert classify(late, replace(TARGET, mark=3), None, stuck_seconds=300) is State.MISMATCH
+    assert classify(late, TARGET, "source database: refused", stuck_seconds=300) is State.STOPPED
+    assert classify(late, TARGET, None, stuck_seconds=300, unknown=True) is State.UNKNOWN
+    order = list(rules(900, 300))
+    assert order.index(State.MISMATCH.value) < order.index(State.STUCK.value) < order.index(
+        State.FALLING_BEHIND.value)
+    assert "300 s" in rules(900, 300)[State.STUCK.value] and "up_for_retry" in rules(900, 300)[State.STUCK.value]

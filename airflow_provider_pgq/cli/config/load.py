@@ -26,6 +26,7 @@ from airflow_provider_pgq.core.mover import (
     MAX_MIN_BATCH_EVENTS,
     REGISTER_AT,
 )
+from airflow_provider_pgq.core.poison import INVALID_EVENTS, STOP
 
 
 def _parse(path: Path) -> configparser.ConfigParser:
@@ -148,6 +149,7 @@ def load_config(
         register_consumer=r.boolean("register_consumer"),
         register_at=r.choice("register_at", REGISTER_AT, "now"),
         install_pgq_ext=r.boolean("install_pgq_ext"),
+        invalid_events=r.choice("invalid_events", INVALID_EVENTS, STOP),
         **timeout_keys(r),
         unknown_keys=tuple(sorted(own_keys - KNOWN_KEYS - IGNORED_CLASSIC_KEYS - BUILTIN_KEYS)),
         ignored_keys=tuple(sorted(own_keys & IGNORED_CLASSIC_KEYS)),

@@ -28,7 +28,7 @@ KNOWN_KEYS = frozenset(
         "exception_sleep", "subconsumer", "max_batches", "max_events", "max_runtime",
         "min_batch_events", "min_batch_interval", "force_tick", "run_ticker", "keep_event_id",
         "batch_target_events", "batch_target_seconds", "max_events_per_second",
-        "register_consumer", "register_at", "install_pgq_ext",
+        "register_consumer", "register_at", "install_pgq_ext", "invalid_events",
         "connect_timeout", "network_timeout", "statement_timeout", "lock_timeout",
         # skytools 3 BaseConsumer keys with a meaning here
         "queue_name", "consumer_name", "table_filter", "pgq_keep_lag",
@@ -111,6 +111,8 @@ class MoverConfig:
     #: where a new registration starts: "now" (PgQ's rule) or "oldest" (what the queue holds)
     register_at: str = "now"
     install_pgq_ext: bool = False
+    #: events the target refuses: "stop" (the default) or "dead_letter" (see MoverOptions)
+    invalid_events: str = "stop"
     #: table_filter: move only events whose ev_extra1 is one of these (schema-qualified) names.
     table_filter: tuple[str, ...] = ()
     #: pgq_keep_lag in seconds: only batches whose end tick is at least this old.
@@ -162,6 +164,7 @@ class MoverConfig:
             batch_target_events=self.batch_target_events,
             batch_target_seconds=self.batch_target_seconds,
             max_events_per_second=self.max_events_per_second,
+            invalid_events=self.invalid_events,
             who=Who(job=self.job_name),
         )
 

@@ -58,6 +58,11 @@ dst_queue_name = target_queue
 ;register_at = now
 ;install_pgq_ext = false
 
+; events the target refuses (an encoding error): stop (the default: the mover stops
+; and names them) or dead_letter (the rest moves; they are kept in pgq_ext.dead_letter
+; on the target, for --replay-dead-letters once fixed)
+;invalid_events = stop
+
 ; -- network bounds (seconds) --------------------------------------------------------
 ;connect_timeout = {connect_timeout:g}
 ;network_timeout = {network_timeout:g}

@@ -839,6 +839,134 @@ begin
 end;
 $$;
 
+-- Dead letters (invalid_events = dead_letter): the events of a batch that the target
+-- refused (an encoding error, 22021 / 22P05, or another refusal of a row's content),
+-- written here in the same transaction as the rest of the batch and its mark. Every
+-- text field is kept as the source stored it, byte for byte (bytea), with the source
+-- database's encoding, so that nothing is lost or re-encoded on the way; replay_dead_letters
+-- puts them into the target queue once the target (or the transformation) can take them.
+-- It holds event payloads: readable by pgq_mover (and admins) only, never PUBLIC (install
+-- grants that), writable only through the functions below.
+create table if not exists pgq_ext.dead_letter (
+    dl_id             bigint      generated always as identity primary key,
+    consumer_id       text        not null,
+    subconsumer_id    text        not null default '',
+    source_queue      text        not null,
+    target_queue      text        not null,
+    prev_tick_id      bigint      not null,
+    cur_tick_id       bigint      not null,
+    ev_id             bigint      not null,
+    ev_time           timestamptz not null,
+    ev_type           bytea,
+    ev_data           bytea,
+    ev_extra1         bytea,
+    ev_extra2         bytea,
+    ev_extra3         bytea,
+    ev_extra4         bytea,
+    source_encoding   text        not null,
+    error_sqlstate    text        not null,
+    error_message     text        not null,
+    dead_lettered_at  timestamptz not null default pg_catalog.now(),
+    replayed_at       timestamptz,
+    replayed_by       text
+);
+create index if not exists dead_letter_key_idx
+    on pgq_ext.dead_letter (consumer_id, subconsumer_id, dl_id);
+
+-- Writes the refused events of a batch of the key (arrays of one element per event),
+-- in the mover's target transaction: they commit with the batch's mark or not at all.
+-- Only a writer of the key may. Returns the number of rows written.
+create or replace function pgq_ext.dead_letter_events(
+    a_consumer text, a_subconsumer text, a_source_queue text, a_target_queue text,
+    a_prev_tick bigint, a_cur_tick bigint, a_source_encoding text,
+    a_id bigint[], a_time timestamptz[], a_type bytea[], a_data bytea[], a_extra1 bytea[],
+    a_extra2 bytea[], a_extra3 bytea[], a_extra4 bytea[], a_sqlstate text[], a_error text[])
+returns bigint language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    n bigint;
+begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'dead-letter events of', false);
+    if a_source_queue is null or a_target_queue is null or a_prev_tick is null or a_cur_tick is null
+       or a_source_encoding is null then
+        raise exception 'dead_letter_events: queues, ticks and encoding must not be NULL'
+              using errcode = 'null_value_not_allowed';
+    end if;
+    insert into pgq_ext.dead_letter (consumer_id, subconsumer_id, source_queue, target_queue, prev_tick_id,
+                                     cur_tick_id, ev_id, ev_time, ev_type, ev_data, ev_extra1, ev_extra2,
+                                     ev_extra3, ev_extra4, source_encoding, error_sqlstate, error_message)
+    select a_consumer, a_subconsumer, a_source_queue, a_target_queue, a_prev_tick, a_cur_tick,
+           u.id, u.tm, u.ty, u.da, u.e1, u.e2, u.e3, u.e4, a_source_encoding, u.st, u.er
+      from unnest(a_id, a_time, a_type, a_data, a_extra1, a_extra2, a_extra3, a_extra4,
+                   a_sqlstate, a_error) as u (id, tm, ty, da, e1, e2, e3, e4, st, er)
+     order by u.id;
+    get diagnostics n = row_count;
+    return n;
+end;
+$$;
+
+-- Puts the key's dead letters not replayed yet (all, or those of a_dl_ids) into the target
+-- queue each was meant for, with their times, decoded from a_from_encoding (NULL: the
+-- source's own encoding) into this database's; each row is marked replayed in the same
+-- transaction, so an event is replayed once (a concurrent replay waits for the rows and
+-- then skips them). A byte sequence the target still cannot take fails the whole call,
+-- replaying nothing. Returns the number of events replayed.
+create or replace function pgq_ext.replay_dead_letters(a_consumer text, a_subconsumer text,
+                                                       a_dl_ids bigint[], a_from_encoding text)
+returns bigint language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    ids bigint[];
+    q text;
+    tbl pg_catalog.regclass;
+    n bigint := 0;
+    m bigint;
+begin
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'replay the dead letters of', false);
+    if a_from_encoding is not null and pg_catalog.pg_char_to_encoding(a_from_encoding) < 0 then
+        raise exception 'replay_dead_letters: % is not an encoding PostgreSQL knows',
+                        pg_catalog.quote_literal(a_from_encoding)
+              using errcode = 'invalid_parameter_value';
+    end if;
+    for q in select distinct d.target_queue from pgq_ext.dead_letter d
+              where d.consumer_id = a_consumer and d.subconsumer_id = a_subconsumer and d.replayed_at is null
+                and (a_dl_ids is null or d.dl_id = any(a_dl_ids))
+              order by 1
+    loop
+        if exists (select 1 from pgq_ext.kept_event_ids k where k.target_queue = q) then
+            raise exception 'replay_dead_letters: target queue % receives kept event ids (keep_event_id):'
+                            ' a replayed event would take an id from its sequence, which the mover then'
+                            ' refuses; replay into it is not possible', pg_catalog.quote_literal(q)
+                  using errcode = 'object_not_in_prerequisite_state';
+        end if;
+        select pg_catalog.array_agg(s.dl_id order by s.ev_id, s.dl_id) into ids
+          from (select d.dl_id, d.ev_id from pgq_ext.dead_letter d
+                 where d.consumer_id = a_consumer and d.subconsumer_id = a_subconsumer
+                   and d.target_queue = q and d.replayed_at is null
+                   and (a_dl_ids is null or d.dl_id = any(a_dl_ids))
+                   for update) s;
+        continue when ids is null;
+        -- The txid first: PgQ's rotation decides by txid which table a row belongs to.
+        perform pg_catalog.txid_current();
+        tbl := pgq_ext._queue_relation(q, 'current');
+        execute pg_catalog.format(
+            'insert into %s (ev_type, ev_data, ev_extra1, ev_extra2, ev_extra3, ev_extra4, ev_time)'
+            ' select pg_catalog.convert_from(d.ev_type, e.enc), pg_catalog.convert_from(d.ev_data, e.enc),'
+            ' pg_catalog.convert_from(d.ev_extra1, e.enc), pg_catalog.convert_from(d.ev_extra2, e.enc),'
+            ' pg_catalog.convert_from(d.ev_extra3, e.enc), pg_catalog.convert_from(d.ev_extra4, e.enc), d.ev_time'
+            ' from pgq_ext.dead_letter d cross join lateral'
+            ' (select coalesce($2, d.source_encoding)::pg_catalog.name as enc) e'
+            ' where d.dl_id = any($1) order by d.ev_id, d.dl_id', tbl)
+          using ids, a_from_encoding;
+        get diagnostics m = row_count;
+        update pgq_ext.dead_letter d set replayed_at = pg_catalog.now(), replayed_by = session_user
+         where d.dl_id = any(ids);
+        n := n + m;
+    end loop;
+    return n;
+end;
+$$;
+
 -- The schema version the mover checks for. Bumped with every change of this file.
 -- 3: write side for pgq_mover only, kept-id claims proven by a row of the transaction.
 -- 4: stage_events / insert_staged_events, the fast path without pgq_admin.
@@ -847,6 +975,7 @@ $$;
 --    kept_ids_commit bounded by what it wrote, names from pgq.queue resolved to PgQ's own
 --    relations (_queue_relation), kept_ids_refusal for pgq_mover only.
 -- 6: the move journal (move_journal, written with the mark by mark_batch; its retention).
+-- 7: dead letters (dead_letter, dead_letter_events, replay_dead_letters).
 create or replace function pgq_ext.mover_schema_version()
 returns integer language sql immutable security definer
-set search_path = pg_catalog, pg_temp as $$ select 6 $$;
+set search_path = pg_catalog, pg_temp as $$ select 7 $$;

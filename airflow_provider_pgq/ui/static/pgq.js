@@ -32,6 +32,16 @@ function cell(cls, value, numeric) {
   return el("td", { class: (numeric ? "num " : "") + cls }, fmt(value));
 }
 
+// The open batch, and how long PgQ has not seen its consumer since it took it (the
+// "stuck" rule's clock).
+function openBatch(m) {
+  const td = cell("current-batch", m.current_batch, true);
+  if (m.current_batch !== null && typeof m.last_seen_seconds === "number") {
+    td.append(el("div", { class: "muted open-for" }, `open ${fmt(m.last_seen_seconds)} s`));
+  }
+  return td;
+}
+
 function stateClass(state) {
   return "state-" + state.replace(/ /g, "-");
 }
@@ -66,7 +76,7 @@ function row(m) {
     el("td", { class: "consumer" }, consumer),
     cell("registered", m.registered),
     cell("last-tick", m.last_tick, true),
-    cell("current-batch", m.current_batch, true),
+    openBatch(m),
     cell("newest-tick", m.newest_tick, true),
     cell("target-mark", m.target_mark, true),
     cell("marks-agree", m.marks_agree),

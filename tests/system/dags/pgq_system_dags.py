@@ -7,6 +7,8 @@ each scenario has its own queue pair there, so the scenarios never share a consu
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
 import time
 from typing import Any
 
@@ -43,6 +45,37 @@ with DAG("pgq_sys_backfill", schedule="@daily", start_date=START, catchup=False,
         task_id="move", **CONNS, source_queue="bf", target_queue="bf", consumer_name="bf_mover",
         stop_at_interval_end=True, register_consumer=True,
     )
+
+class SpanRecordingMover(SlowMover):
+    """Writes when each instance's drain began and ended (after its turn was given) to the
+    file PGQ_TEST_SPANS names, so the test can check that no two drains of one map index
+    overlapped (the task instance's own dates include the time it spent rescheduled). The
+    pause after each batch makes a drain last long enough for overlaps to show."""
+
+    def make_mover(self, source: Psycopg2Connection, target: Psycopg2Connection, options: MoverOptions,
+                   context: Context) -> QueueMover:
+        self._began = time.time()
+        return super().make_mover(source, target, options, context)
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        report = super().execute(context)
+        ti = context["ti"]
+        line = json.dumps({"run_id": ti.run_id, "map_index": ti.map_index, "began": self._began,
+                           "ended": time.time(), "events": report["events"]})
+        with open(os.environ["PGQ_TEST_SPANS"], "a") as spans:
+            spans.write(line + "\n")
+        return report
+
+
+# Backfills of a mapped mover: two sources (queues bm0, bm1), one map index each.
+with DAG("pgq_sys_backfill_mapped", schedule="@daily", start_date=START, catchup=False,
+         max_active_runs=16) as bfm:
+    SpanRecordingMover.partial(
+        # retries: Airflow's own race (operators/turns.py) must not fail the run; a retry is a
+        # new try number, and the drains it records still have to be one at a time
+        task_id="move", **CONNS, stop_at_interval_end=True, register_consumer=True, turn_poll=8,
+        retries=2, retry_delay=dt.timedelta(seconds=1),
+    ).expand_kwargs([{"source_queue": q, "target_queue": q, "consumer_name": f"{q}_mover"} for q in ("bm0", "bm1")])
 
 # Triggered, cleared, marked failed, killed.
 with DAG("pgq_sys_drain", schedule=None, start_date=START, catchup=False, max_active_runs=4) as drain:
