@@ -341,7 +341,8 @@ class PgqQueueMoverOperator(BaseOperator):
                                 map_index=ti.map_index, try_number=ti.try_number)
 
     def execute(self, context: Context) -> dict[str, Any]:
-        turns.take_turn(context["ti"], self.log, self.turn_poll)  # may reschedule this task
+        if context.get("ti") is not None:  # outside a task instance (execute({}) by hand): no turns
+            turns.take_turn(context["ti"], self.log, self.turn_poll)  # may reschedule this task
         who = self._who(context)
         options = self.mover_options(who)
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
