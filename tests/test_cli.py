@@ -8,6 +8,7 @@ import datetime as dt
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -546,6 +547,30 @@ def test_status_reports_queue_consumer_lag_and_mark(source: Server, target: Serv
     assert status["lag"].endswith("s")
     assert status["source"].endswith("queue src_q") and status["target"].endswith("queue dst_q")
     assert mark_of(target, job) == t1  # --status moves nothing
+
+
+def test_status_shows_the_last_entries_of_the_move_journal(source: Server, target: Server, tmp_path: Path) -> None:
+    """--status lists the key's newest journal entries: batch, ticks, events, job, host, login."""
+    job = "journal_mover"
+    register(source, "src_q", job)
+    ini = write_ini(tmp_path / "m.ini", base_keys(source, target, job))
+    proc = run_cli("--status", ini)
+    assert proc.returncode == 0, proc.stderr
+    assert "journal: no batch applied" in proc.stdout
+    ticks = []
+    for n in (3, 4):
+        produce(source, "src_q", simple_events(n, start=10 * n))
+        ticks.append(tick(source, "src_q"))
+        assert run_cli("--once", ini).returncode == 0
+    proc = run_cli("--status", ini)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("journal: the last 2 batches applied"))
+    newest, older = lines[start + 1], lines[start + 2]
+    assert f"..{ticks[1]}: 4 events; job {job} on {socket.gethostname()} pid " in newest
+    assert f"ticks {ticks[0]}..{ticks[1]}" in newest
+    assert f"..{ticks[0]}: 3 events; job {job}" in older
+    assert newest.endswith(f" as {target.cluster.superuser}")
 
 
 def test_register_then_once(source: Server, target: Server, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from airflow_provider_pgq.cli.common import EXIT_OK
 from airflow_provider_pgq.cli.config import MoverConfig
 from airflow_provider_pgq.cli.connections import Connections
 from airflow_provider_pgq.cli.daemon import PidFile
-from airflow_provider_pgq.core import pgq, pgq_ext, poison
+from airflow_provider_pgq.core import journal, pgq, pgq_ext, poison
 from airflow_provider_pgq.core.connect import describe
 from airflow_provider_pgq.core.mover import QueueMover
 from airflow_provider_pgq.core.pending import MoverStatus
@@ -65,6 +65,7 @@ def admin(config: MoverConfig, args: argparse.Namespace) -> int:
                 conns.target.rollback()
                 _print_status(config, mover.status(), poison.pending_count(
                     conns.target, config.pgq_consumer_id, config.subconsumer))
+                _print_journal(config, conns)
         if args.dead_letters or args.replay_dead_letters:
             pgq_ext.require(conns.target)
             conns.target.rollback()
@@ -133,3 +134,34 @@ def _print_status(config: MoverConfig, status: MoverStatus, dead_letters: int | 
     width = max(len(name) for name, _ in rows) + 1
     for name, value in rows:
         print(f"{name + ':':<{width}} {value}")
+
+
+#: How many of the key's journal entries --status shows.
+STATUS_JOURNAL_ENTRIES = 10
+
+
+def _print_journal(config: MoverConfig, conns: Connections) -> None:
+    """The key's last entries of the target's move journal, newest first: which batch,
+    how many events, when, and who applied it (a job and host, or an Airflow task)."""
+    try:
+        entries = journal.last_entries(conns.target, config.pgq_consumer_id, config.subconsumer,
+                                       STATUS_JOURNAL_ENTRIES)
+    finally:
+        conns.target.rollback()
+    if not entries:
+        print("journal: no batch applied (the move journal of pgq_ext holds no entry of this key)")
+        return
+    print(f"journal: the last {len(entries)} batches applied, newest first:")
+    for e in entries:
+        w = e.who
+        if w.dag_id is not None:
+            who = f"airflow {w.dag_id}.{w.task_id}" + (f"[{w.map_index}]" if w.map_index not in (None, -1) else "")
+            who += f" run {w.run_id} try {w.try_number}"
+        else:
+            who = f"job {w.job}" if w.job else "-"
+        where = f" on {w.host}" + (f" pid {w.pid}" if w.pid is not None else "") if w.host else ""
+        extra = "".join(f", {n} {what}" for n, what in ((e.filtered, "filtered"), (e.dead_lettered, "dead-lettered"))
+                        if n)
+        print(f"  {e.applied_at.isoformat(timespec='seconds')}  batch {e.batch_id} ticks"
+              f" {_fmt(e.prev_tick_id)}..{e.cur_tick_id}: {e.events} events{extra}; {who}{where}"
+              f" as {e.login_role}")

@@ -51,6 +51,7 @@ from airflow_provider_pgq.core.errors import (
     WaitTimeout,
     literal,
 )
+from airflow_provider_pgq.core.journal import Who
 from airflow_provider_pgq.core.pending import MoverStatus, pending_status
 
 log = logging.getLogger(__name__)
@@ -239,6 +240,9 @@ class MoverOptions:
     #: the rest of the batch and keeps them, byte for byte, in pgq_ext.dead_letter on the
     #: target, in the batch's transaction (see core/poison.py).
     invalid_events: str = poison.STOP
+    #: Who runs this mover, recorded in the target's move journal with every batch (the
+    #: operator: the Airflow task instance; the CLI: its job name). None: host and pid only.
+    who: Who | None = None
 
     def __post_init__(self) -> None:
         for name in ("source_queue", "target_queue", "consumer"):
@@ -260,6 +264,8 @@ class MoverOptions:
         if self.max_events_per_second is not None:
             _require_seconds("max_events_per_second", self.max_events_per_second, "or None", "events a second")
         poison.check_invalid_events(self.invalid_events)
+        if self.who is not None and not isinstance(self.who, Who):
+            raise InvalidParameter(f"who must be a journal.Who or None, got {self.who!r}")
 
     @property
     def key(self) -> str:
@@ -427,7 +433,9 @@ class QueueMover:
         self._last_taken: pgq.Taken | None = None
         self._said_unowned = False
         self._filtered = 0  # table_filter's left-out events of the batch being applied
-        self._dead_lettered = 0  # refused events of the batch kept in pgq_ext.dead_letter
+        self._dead_lettered = 0  # events of the batch being applied kept in the dead-letter table
+        #: the journal's "who" of every batch: the caller's, with this host and pid unless it gave them
+        self._who = Who.here(**(options.who.as_json() if options.who else {})).as_json()
         self._source_identity: tuple[str, str] = ("", "")
         #: the chunk path's stage_events answer, asked with the key's lock (begin_staged_batch)
         self._staged: tuple[int | None] | None = None
@@ -930,16 +938,24 @@ class QueueMover:
         if refused:
             self._refused(batch, refused, refused_rows)
         if last_id is not None:
-            pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id)
+            self._mark(batch, events)
             # Last before the commit: the setval inside cannot be rolled back.
             kept_ids.commit(t, o.consumer, o.subconsumer, o.target_queue, last_id, o.key)
             self._hit(faults.BEFORE_TARGET_COMMIT)
             t.commit()
         else:
             self._hit(faults.BEFORE_TARGET_COMMIT)
-            pgq_ext.set_last_tick(t, o.consumer, o.subconsumer, batch.cur_tick_id, commit=True)
+            self._mark(batch, events, commit=True)
         self._hit(faults.AFTER_TARGET_COMMIT)
         return "moved", events
+
+    def _mark(self, batch: pgq.BatchInfo, events: int, commit: bool = False) -> None:
+        """The mark and the batch's journal row, one statement (with the COMMIT when asked)."""
+        o = self.options
+        pgq_ext.mark_batch(
+            self.target, o.consumer, o.subconsumer, (batch.batch_id, batch.prev_tick_id, batch.cur_tick_id),
+            (events, self._filtered, self._dead_lettered), self._who, commit=commit,
+        )
 
     def _refused(self, batch: pgq.BatchInfo, refused: list[poison.Refused], rows: list[tuple[Any, ...]]) -> None:
         """Stops with one line naming the refused events (invalid_events "stop"), or keeps

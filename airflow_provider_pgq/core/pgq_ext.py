@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -18,8 +19,9 @@ log = logging.getLogger(__name__)
 #: What pgq_ext.mover_schema_version() must at least answer for this release.
 #: 2: kept event ids; 3: the write side for MOVER_ROLE only, claims proven by rows;
 #: 4: staged inserts (stage_events, insert_staged_events); 5: tracking keys have owners,
-#: their locks are rows of pgq_ext (lock_key, ensure_key, assign_key); 7: dead letters
-#: (dead_letter, dead_letter_events, replay_dead_letters).
+#: their locks are rows of pgq_ext (lock_key, ensure_key, assign_key); 6: the move journal
+#: (move_journal, written with the mark by mark_batch); 7: dead letters (dead_letter,
+#: dead_letter_events, replay_dead_letters).
 REQUIRED_MOVER_SCHEMA = 7
 
 #: The NOLOGIN role install makes: the only one (besides superusers and the installing
@@ -33,7 +35,7 @@ WRITE_FUNCTIONS = (
     "set_last_tick", "set_batch_done", "set_event_done", "bind_source", "unbind_source",
     "insert_event_chunk", "kept_ids_claim", "kept_ids_commit", "kept_ids_release",
     "stage_events", "insert_staged_events", "_require_own_staging", "_require_kept_ids_claim", "begin_batch",
-    "lock_key", "ensure_key", "kept_ids_refusal", "dead_letter_events", "replay_dead_letters",
+    "lock_key", "ensure_key", "kept_ids_refusal", "dead_letter_events", "replay_dead_letters", "mark_batch",
 )
 
 #: Tables readable by MOVER_ROLE only (and admins), never PUBLIC: they hold event payloads.
@@ -48,6 +50,7 @@ MOVED_TO_MOVER_IN_5 = ("kept_ids_refusal",)
 #: itself) and the helpers the SECURITY DEFINER functions call as their owner.
 PRIVATE_FUNCTIONS = (
     "assign_key", "_require_key_writer", "_is_key_admin", "_may_write_key", "_key_owner_name", "_queue_relation",
+    "set_journal_retention",
 )
 
 #: The names our SQL defines; a classic installation's functions of these names are
@@ -524,6 +527,28 @@ def set_last_tick(conn: Connection, consumer: str, subconsumer: str, tick_id: in
     """None forgets the mark. commit: and commit the transaction, in the same round trip
     where the connection can (GuardedConnection.commit_after)."""
     query, params = "select pgq_ext.set_last_tick(%s::text, %s::text, %s::bigint)", (consumer, subconsumer, tick_id)
+    if commit and hasattr(conn, "commit_after"):
+        conn.commit_after(query, params)
+        return
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+    if commit:
+        conn.commit()
+
+
+def mark_batch(conn: Connection, consumer: str, subconsumer: str, batch: tuple[int, int | None, int],
+               counts: tuple[int, int, int], who: dict[str, Any], commit: bool = False) -> None:
+    """Step 5: the key's mark := the batch's cur tick, and its row in the move journal
+    (pgq_ext.mark_batch), in this transaction; batch is (batch id, prev tick, cur tick),
+    counts (events, filtered, dead_lettered). commit: and commit, in the same round trip
+    where the connection can (GuardedConnection.commit_after): the journal costs no
+    round trip of its own."""
+    batch_id, prev_tick, cur_tick = batch
+    events, filtered, dead_lettered = counts
+    query = ("select pgq_ext.mark_batch(%s::text, %s::text, %s::bigint, %s::bigint, %s::bigint, %s::bigint,"
+             " %s::bigint, %s::bigint, %s::jsonb)")
+    params = (consumer, subconsumer, batch_id, prev_tick, cur_tick, events, filtered, dead_lettered,
+              json.dumps(who))
     if commit and hasattr(conn, "commit_after"):
         conn.commit_after(query, params)
         return

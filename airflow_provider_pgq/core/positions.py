@@ -11,7 +11,7 @@ passed as array parameters. Read-only: it never allocates a batch or writes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
@@ -19,6 +19,7 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.errors import PgqNotInstalled
+from airflow_provider_pgq.core.journal import RunKey, Totals
 from airflow_provider_pgq.core.pending import PendingStatus
 
 
@@ -43,6 +44,9 @@ class Positions:
     missing_queues: frozenset[str] = frozenset()
     #: Why the targets could not be read although the sources could (pgq_ext missing).
     target_problem: str | None = None
+    #: What Airflow runs moved by the target's move journal (journal.run_totals), for the
+    #: runs the reader asked about: the PgQ page's history where a run's XCom is missing.
+    runs: dict[RunKey, Totals] = field(default_factory=dict)
 
 
 _SOURCES = sql.SQL(

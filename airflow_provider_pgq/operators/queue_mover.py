@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import signal
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
+import psycopg2
 from airflow.sdk import Asset, BaseOperator, Context
 from psycopg2.extensions import connection as Psycopg2Connection
 
-from airflow_provider_pgq.core import guard
+from airflow_provider_pgq.core import guard, journal
 from airflow_provider_pgq.core.errors import InvalidParameter
 from airflow_provider_pgq.core.guard import Timeouts
 from airflow_provider_pgq.core.mover import (
@@ -156,7 +158,16 @@ class PgqQueueMoverOperator(BaseOperator):
         default: the Airflow connection's extras (``connect_timeout``, ``keepalives_idle``,
         ``tcp_user_timeout``, ``options: -c statement_timeout=...``) win. Past a bound
         the task fails (and Airflow retries it); nothing is half-applied.
-    :return: the MoveReport as a dict (XCom).
+    :return: the run's report as a dict (XCom). It covers the whole run across its
+        attempts, read back from the target's move journal (each applied batch's row,
+        written with its mark): ``events``, ``batches``, ``filtered``, ``dead_lettered``,
+        ``first_tick`` and ``last_tick`` count every batch this task instance (same dag,
+        run, task and map index) applied, by whichever try; ``attempts`` lists what each
+        try moved (``try_number``, ``events``, ``batches``, ...), and ``this_attempt``
+        what this try's drain did (its MoveReport: ``events``, ``batches``, ``skipped``,
+        ``stale``, ...). The other keys (``skipped``, ``stale``, ``seconds``,
+        ``stop_reason``, ``lag_seconds``, ``pending_events``, ``write_path``) are this
+        try's.
 
     :param turn_poll: seconds after which a mover instance that stepped back for another
         run's instance of itself tries again (twice that for the later of the two;
@@ -262,7 +273,7 @@ class PgqQueueMoverOperator(BaseOperator):
         #: queues live ((namespace, name) of source and target), set by execute.
         self._lineage: tuple[dict[str, Any], tuple[str, str], tuple[str, str]] | None = None
 
-    def mover_options(self) -> MoverOptions:
+    def mover_options(self, who: journal.Who | None = None) -> MoverOptions:
         return MoverOptions(
             source_queue=self.source_queue,
             target_queue=self.target_queue,
@@ -280,6 +291,7 @@ class PgqQueueMoverOperator(BaseOperator):
             table_filter=self.table_filter,
             keep_lag=self.keep_lag,
             invalid_events=self.invalid_events,
+            who=who,
         )
 
     def _bounds(self, context: Context) -> DrainBounds:
@@ -318,10 +330,21 @@ class PgqQueueMoverOperator(BaseOperator):
         else:
             raise ValueError(f"reposition must be 'rewind', 'reset' or empty, got {self.reposition!r}")
 
+    @staticmethod
+    def _who(context: Context) -> journal.Who:
+        """The task instance, as the move journal records who applied each batch (outside
+        a task instance, e.g. execute() called by hand: the host and pid only)."""
+        ti = context.get("ti")
+        if ti is None:
+            return journal.Who.here()
+        return journal.Who.here(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                                map_index=ti.map_index, try_number=ti.try_number)
+
     def execute(self, context: Context) -> dict[str, Any]:
-        if "ti" in context:  # not when execute() is called by hand, outside a task instance
+        if context.get("ti") is not None:  # outside a task instance (execute({}) by hand): no turns
             turns.take_turn(context["ti"], self.log, self.turn_poll)  # may reschedule this task
-        options = self.mover_options()
+        who = self._who(context)
+        options = self.mover_options(who)
         app = f"airflow:{self.dag_id}.{self.task_id}"[:63]
         source_hook = PgqHook(self.source_conn_id, application_name=app, timeouts=self.timeouts)
         target_hook = PgqHook(self.target_conn_id, application_name=app, timeouts=self.timeouts)
@@ -337,6 +360,7 @@ class PgqQueueMoverOperator(BaseOperator):
                     mover = self.make_mover(source, target, options, context)
                     self._reposition(mover)
                     report = mover.drain(bounds)
+                    entries = self._run_entries(target, options, who)
             finally:
                 self._connections = []
             where = (queue_dataset_address(source_hook.connect_parameters(), options.source_queue, source),
@@ -358,10 +382,52 @@ class PgqQueueMoverOperator(BaseOperator):
             Stats.incr("pgq.mover.dead_lettered", report.dead_lettered, tags=tags)
         if report.lag_seconds is not None:
             Stats.gauge("pgq.mover.lag_seconds", report.lag_seconds, tags=tags)
-        result = report.to_dict()
+        result = self._run_report(report.to_dict(), entries)
         self._announce(context, result)
-        self._lineage = (result, *where)
+        # lineage is per try (each try's OpenLineage events): this try's own counts, not the run's
+        self._lineage = (report.to_dict(), *where)
         return result
+
+    def _run_entries(self, target: Psycopg2Connection, options: MoverOptions,
+                     who: journal.Who) -> list[journal.JournalEntry] | None:
+        """The journal entries of this task instance (every try), read after the drain;
+        None when they cannot be read (the drain's work stands: the report is then this
+        try's only, and says so) or there is no task instance to read them for."""
+        if who.dag_id is None or who.run_id is None or who.task_id is None:
+            return None
+        try:
+            return journal.run_entries(target, options.consumer, options.subconsumer, who.dag_id, who.run_id,
+                                       who.task_id, who.map_index if who.map_index is not None else -1)
+        except psycopg2.Error as exc:
+            self.log.warning(
+                "the move journal of %s on the target could not be read after the drain (%s): the report"
+                " counts this try only (attempts: null); the PgQ page reads the journal for this run later",
+                options.key, str(exc).strip())
+            return None
+        finally:
+            try:
+                target.rollback()
+            except psycopg2.Error:
+                pass
+
+    def _run_report(self, attempt: dict[str, Any], entries: list[journal.JournalEntry] | None) -> dict[str, Any]:
+        """This try's report with the run's totals from the journal in place of its own
+        counts, the split by try, and this try's own counts under ``this_attempt``."""
+        own = {k: attempt[k] for k in ("events", "batches", "skipped", "stale", "filtered", "dead_lettered",
+                                       "first_tick", "last_tick")}
+        if entries is None:
+            return {**attempt, "attempts": None, "this_attempt": own}
+        summary = journal.RunSummary.of(entries)
+        out = {**attempt, **asdict(summary.total), "attempts": summary.attempts(), "this_attempt": own}
+        if summary.total.batches != attempt["batches"] or summary.total.events != attempt["events"]:
+            self.log.info(
+                "this run moved %d events in %d batches over %d tries (this try: %d events in %d batches): %s",
+                summary.total.events, summary.total.batches, len(summary.by_try), attempt["events"],
+                attempt["batches"],
+                ", ".join(f"try {a['try_number']}: {a['events']} events in {a['batches']} batches"
+                          for a in summary.attempts()),
+            )
+        return out
 
     def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
         """For Airflow's openlineage provider (only it calls this): the source and target

@@ -187,7 +187,10 @@ def build_rows(reader: live.LiveReader, specs: Sequence[MoverSpec],
             databases[conn_id] = live.describe(exc)
     readable = [s for s in specs if s.live and all(isinstance(databases[c], live.Database)
                                                    for c in (s.source_conn_id, s.target_conn_id))]
-    answers = reader.read(live.plan(readable, {c: d for c, d in databases.items() if isinstance(d, live.Database)}))
+    # runs without a whole-run report (a killed try wrote no XCom): the target's journal tells
+    partial = {k: [p.run_id for p in points if not p.whole_run] for k, points in history.items()}
+    answers = reader.read(live.plan(readable, {c: d for c, d in databases.items() if isinstance(d, live.Database)},
+                                    {k: v for k, v in partial.items() if v}))
     return [_row(s, databases, answers, history, behind, ui_prefix, s.dag_id in reports, stuck) for s in specs]
 
 
@@ -207,6 +210,12 @@ def _answer(side: str, conn_id: str, db: live.Database | str | None,
         errors.append(f"{side} database: {answer}")
         return None
     return answer
+
+
+def _journaled(spec: MoverSpec, point: RunPoint, target: Positions) -> RunPoint:
+    totals = target.runs.get((spec.consumer_name, spec.subconsumer, spec.dag_id, spec.task_id, spec.map_index,
+                              point.run_id))
+    return point if totals is None else point.with_journal(totals.events, totals.batches)
 
 
 def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: dict[live.Database, live.Answer],
@@ -229,6 +238,8 @@ def _row(spec: MoverSpec, databases: dict[str, live.Database | str], answers: di
     if target is not None and not target.queue_exists:
         errors.append(f"target queue {spec.target_queue!r} does not exist")
     points = history.get((spec.dag_id, spec.task_id, spec.map_index), []) if reports else []
+    if dst_answer is not None and dst_answer.runs:
+        points = [_journaled(spec, p, dst_answer) for p in points]
     # the latest task instance's state, where the user may read it (as the run history)
     task_state = points[-1].state if points else None
     state = classify(source, target, "; ".join(errors) or None, behind, unknown, stuck, task_state)

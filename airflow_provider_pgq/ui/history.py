@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,9 +21,22 @@ class RunPoint:
     lag_seconds: float | None
     pending_events: int | None
     stop_reason: str | None
+    #: The XCom covers the whole run across its tries (a report of this release); else
+    #: it is missing (a killed try writes none) or one try's only, and the target's
+    #: move journal gives the run's events and batches.
+    whole_run: bool = False
+    #: events and batches are the journal's (the XCom's were missing or partial)
+    from_journal: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_journal(self, events: int, batches: int) -> RunPoint:
+        """The run's totals as the journal has them, where the XCom had fewer or none."""
+        if self.whole_run or (self.events is not None and self.events >= events
+                              and self.batches is not None and self.batches >= batches):
+            return self
+        return replace(self, events=events, batches=batches, from_journal=True)
 
 
 def recent_runs(session: Session, tasks: Iterable[tuple[str, str]], limit: int
@@ -69,6 +82,7 @@ def recent_runs(session: Session, tasks: Iterable[tuple[str, str]], limit: int
             lag_seconds=_number(report.get("lag_seconds"), float),
             pending_events=_number(report.get("pending_events"), int),
             stop_reason=str(report["stop_reason"]) if report.get("stop_reason") is not None else None,
+            whole_run=isinstance(report.get("attempts"), list),
         ))
     return out
 

@@ -11,6 +11,7 @@ cached for ``ttl`` seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from psycopg2.extensions import connection as Connection
 
 from airflow_provider_pgq.core.connect import redact
+from airflow_provider_pgq.core.journal import RunKey, run_totals
 from airflow_provider_pgq.core.positions import Positions, read_positions
 from airflow_provider_pgq.ui.movers import MoverSpec
 
@@ -42,6 +44,8 @@ class Request:
 
     sources: tuple[tuple[str, str], ...]
     targets: tuple[tuple[str, str, str], ...]
+    #: runs whose totals the move journal should give (their XCom is missing or partial)
+    runs: tuple[RunKey, ...] = ()
 
 
 class NoAnswer(str):
@@ -105,7 +109,13 @@ class LiveReader:
         except Exception as exc:  # noqa: BLE001 - shown on the rows, the page stays up
             return describe(exc, login)
         try:
-            return read_positions(conn, request.sources, request.targets)
+            positions = read_positions(conn, request.sources, request.targets)
+            if request.runs and request.targets and positions.target_problem is None:
+                try:
+                    positions = dataclasses.replace(positions, runs=run_totals(conn, list(request.runs)))
+                finally:
+                    conn.rollback()
+            return positions
         except Exception as exc:  # noqa: BLE001
             return describe(exc, login)
         finally:
@@ -124,8 +134,11 @@ def describe(exc: BaseException, login: str = "") -> str:
     return text
 
 
-def plan(specs: Sequence[MoverSpec], databases: Mapping[str, Database]) -> dict[Database, tuple[str, Request]]:
-    """One request per database for the movers (whose connection ids ``databases`` resolves)."""
+def plan(specs: Sequence[MoverSpec], databases: Mapping[str, Database],
+         runs: Mapping[tuple[str, str, int], Sequence[str]] | None = None) -> dict[Database, tuple[str, Request]]:
+    """One request per database for the movers (whose connection ids ``databases`` resolves);
+    ``runs``: (dag_id, task_id, map_index) -> run ids whose totals the target's journal should give."""
+    wanted: dict[Database, set[RunKey]] = {}
     sources: dict[Database, set[tuple[str, str]]] = {}
     targets: dict[Database, set[tuple[str, str, str]]] = {}
     conn_ids: dict[Database, str] = {}
@@ -135,5 +148,9 @@ def plan(specs: Sequence[MoverSpec], databases: Mapping[str, Database]) -> dict[
         targets.setdefault(dst, set()).add((spec.target_queue, spec.consumer_name, spec.subconsumer))
         conn_ids.setdefault(src, spec.source_conn_id)
         conn_ids.setdefault(dst, spec.target_conn_id)
-    return {db: (conn_ids[db], Request(tuple(sorted(sources.get(db, ()))), tuple(sorted(targets.get(db, ())))))
+        for run_id in (runs or {}).get((spec.dag_id, spec.task_id, spec.map_index), ()):
+            wanted.setdefault(dst, set()).add((spec.consumer_name, spec.subconsumer, spec.dag_id, spec.task_id,
+                                               spec.map_index, run_id))
+    return {db: (conn_ids[db], Request(tuple(sorted(sources.get(db, ()))), tuple(sorted(targets.get(db, ()))),
+                                       tuple(sorted(wanted.get(db, ())))))
             for db in conn_ids}

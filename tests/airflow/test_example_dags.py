@@ -124,9 +124,50 @@ def test_retry_after_injected_failure_moves_each_event_once(make_db, run_dag: Da
     assert result["state"] == "success", result["log"][-3000:]
     assert "injected at after_target_commit" in result["log"]
     report = result["xcom"]["move[-1]"]
-    # the second batch reached the target before the crash: the retry finishes it only
-    assert report["skipped"] == 1 and report["batches"] == 2 and report["events"] == 100
+    # the second batch reached the target before the crash: the retry finishes it only;
+    # the report covers the whole run (read from the journal), with each try's part
+    this = report["this_attempt"]
+    assert this["skipped"] == 1 and this["batches"] == 2 and this["events"] == 100
+    assert report["events"] == 200 and report["batches"] == 4 and report["skipped"] == 1
+    assert [(a["try_number"], a["batches"], a["events"]) for a in report["attempts"]] == [(1, 2, 100), (2, 2, 100)]
     assert queue_events(dst, "dst_q") == queue_events(src, "src_q")
+    # who applied each batch: the task instance, its try
+    rows = dst.execute("select dag_id, run_id, task_id, map_index, try_number, events, job from pgq_ext.move_journal"
+                       " where consumer_id = 'retry_mover' order by journal_id")
+    assert [(r[0], r[2], r[3], r[4], r[5], r[6]) for r in rows] == [
+        ("pgq_test_retry", "move", -1, 1, 50, None), ("pgq_test_retry", "move", -1, 1, 50, None),
+        ("pgq_test_retry", "move", -1, 2, 50, None), ("pgq_test_retry", "move", -1, 2, 50, None)]
+    assert len({r[1] for r in rows}) == 1 and rows[0][1]
+    assert report["first_tick"] == report["attempts"][0]["first_tick"]
+    assert report["last_tick"] == report["attempts"][1]["last_tick"]
+
+
+def test_mapped_retry_report_counts_every_event_of_the_run_once(make_db, run_dag: DagRunner):
+    """Map index 1 dies in the middle of its third batch on try 1 (two batches committed,
+    the third rolled back); its retry moves the rest. Each map index's XCom counts every
+    event of its run once (from the journal), with the split by try."""
+    src, dst = make_db(queue="src_a"), make_db(queue="dst_q", ext=True)
+    src.execute("select pgq.create_queue('src_b')")
+    src.execute("select pgq.set_queue_config('src_b', 'ticker_max_count', '1')")
+    for queue, consumer in (("src_a", "mover_a"), ("src_b", "mover_b")):
+        register(src, queue, consumer)
+    for i in range(4):
+        produce(src, "src_a", simple_events(10, start=i * 10, prefix="a"))
+        produce(src, "src_b", simple_events(30, start=i * 30, prefix="b"))
+        tick(src, "src_a")
+        tick(src, "src_b")
+    result = run_dag("pgq_test_retry_mapped", _conns(pgq_src=src, pgq_dst=dst), dags_folder=TEST_DAGS)
+    assert result["state"] == "success", result["log"][-3000:]
+    assert "injected at mid_stream" in result["log"]
+    a, b = result["xcom"]["move[0]"], result["xcom"]["move[1]"]
+    assert a["events"] == 40 and a["batches"] == 4 and [x["try_number"] for x in a["attempts"]] == [1]
+    assert b["events"] == 120 and b["batches"] == 4
+    assert [(x["try_number"], x["batches"], x["events"]) for x in b["attempts"]] == [(1, 2, 60), (2, 2, 60)]
+    assert b["this_attempt"]["events"] == 60 and b["this_attempt"]["skipped"] == 0
+    assert queue_events(dst, "dst_q") == queue_events(src, "src_a") + queue_events(src, "src_b")
+    assert dst.execute("select consumer_id, map_index, try_number, count(*), sum(events) from pgq_ext.move_journal"
+                       " group by 1, 2, 3 order by 1, 2, 3") == [
+        ("mover_a", 0, 1, 4, 40), ("mover_b", 1, 1, 2, 60), ("mover_b", 1, 2, 2, 60)]
 
 
 def test_templated_fields_render_and_xcom_has_the_report(make_db, run_dag: DagRunner):

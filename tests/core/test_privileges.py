@@ -36,6 +36,7 @@ MOVER_PGQ_EXT_FUNCTIONS = (
     ("insert_staged_events", "text, bigint, boolean"),
     ("begin_batch", "text, text, text, text, text"),
     ("ensure_key", "text, text"),
+    ("mark_batch", "text, text, bigint, bigint, bigint, bigint, bigint, bigint, jsonb"),
 )
 
 

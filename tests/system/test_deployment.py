@@ -175,7 +175,10 @@ def test_trigger_then_clear_moves_nothing_twice(system: System) -> None:
     })
     af.wait(lambda: af.task_instance("pgq_sys_drain", run_id, "move")["try_number"] >= 2
             and af.run_state("pgq_sys_drain", run_id) == "success", 90, "the cleared run to finish")
-    assert af.xcom("pgq_sys_drain", run_id, "move")["events"] == 0
+    # the report covers the task instance's tries: the clear (try 2) moved nothing
+    report = af.xcom("pgq_sys_drain", run_id, "move")
+    assert report["this_attempt"]["events"] == 0 and report["events"] == 100
+    assert [(a["try_number"], a["events"]) for a in report["attempts"]] == [(1, 100)]
     _same(system, "dr")
 
 
@@ -192,6 +195,11 @@ def _interrupt_mid_drain(system: System, tag: str, interrupt: Any) -> None:
     af.wait(lambda: _backend_gone(system, "airflow:pgq_sys_drain.move"), 60, "the task's sessions to end")
     partial = _exactly_once_so_far(system, "dr")
     assert partial < sum(queue_events(system.src, "dr").values()), "the drain was not interrupted"
+    # the stopped try wrote no XCom; the target's journal holds what it moved, under its run and try
+    (events, tries), = system.dst.execute(
+        "select coalesce(sum(events), 0), array_agg(distinct try_number) from pgq_ext.move_journal"
+        " where consumer_id = 'dr_mover' and run_id = %s", (run_id,))
+    assert (int(events), tries) == (partial - before, [1])
     assert af.wait_run("pgq_sys_drain", af.trigger("pgq_sys_drain")) == "success"
     _same(system, "dr")
 

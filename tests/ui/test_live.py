@@ -164,6 +164,45 @@ def test_describe_hides_the_login_but_not_words_that_contain_it() -> None:
     assert live.describe(exc, "bob") == 'RuntimeError: role "<login>" does not exist; bobby and bob.x stay'
 
 
+def test_run_history_reads_the_journal_where_the_xcom_is_missing_or_partial(
+        three_databases: list[Server]) -> None:
+    """A try killed after some batches writes no XCom; a report of an older release covers
+    one try only. Their runs show the events and batches the target's journal holds for
+    the task instance; a whole-run report stays as it is."""
+    from airflow_provider_pgq.core.connect import connect
+    from airflow_provider_pgq.core.journal import Who
+    from airflow_provider_pgq.core.mover import MoverOptions, QueueMover
+
+    src_a, _, dst = three_databases
+    register(src_a, "q", "c")
+    for run_id, sizes in (("killed", (3, 4)), ("old", (5, 6)), ("new", (7,))):
+        for n in sizes:
+            produce(src_a, "q", simple_events(n))
+            tick(src_a, "q")
+            who = Who(dag_id="d", run_id=run_id, task_id="up", map_index=-1, try_number=1)
+            s, t = connect(src_a.dsn), connect(dst.dsn)
+            try:
+                QueueMover(s, t, MoverOptions("q", "q", "c", batch_target_events=1, who=who)).drain()
+            finally:
+                s.close()
+                t.close()
+    history = {("d", "up", -1): [
+        RunPoint("killed", None, "failed", None, None, None, None, None),
+        RunPoint("old", None, "success", 6, 1, 0.5, 0, "drained"),  # the retry's own try only
+        RunPoint("new", None, "success", 7, 1, 0.5, 0, "drained", whole_run=True),
+        RunPoint("never", None, "failed", None, None, None, None, None),
+    ]}
+    reader = live.LiveReader(lambda conn_id: _open(conn_id))
+    (row,) = build_rows(reader, [_spec("up", "src_a", "dst", "q", "c")], history, 900, "", {"d"},
+                        connections=EVERY)
+    runs = {r["run_id"]: r for r in row["runs"]}
+    assert (runs["killed"]["events"], runs["killed"]["batches"], runs["killed"]["from_journal"]) == (7, 2, True)
+    assert (runs["old"]["events"], runs["old"]["batches"], runs["old"]["from_journal"]) == (11, 2, True)
+    assert (runs["new"]["events"], runs["new"]["from_journal"]) == (7, False)
+    assert (runs["never"]["events"], runs["never"]["from_journal"]) == (None, False)
+    assert row["errors"] == []
+
+
 def test_an_open_batch_left_behind_by_a_dead_worker_reads_as_stuck_until_a_retry_moves_it(
         source: Server, target: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 24, point 3: the row said "keeping up" (open batch, events pending, the task

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from airflow_provider_pgq.core.errors import PgqError
 from airflow_provider_pgq.core.guard import Timeouts
+from airflow_provider_pgq.core.journal import Who
 from airflow_provider_pgq.core.mover import (
     DEFAULT_BATCH_TARGET_EVENTS,
     DEFAULT_BATCH_TARGET_SECONDS,
@@ -164,6 +165,7 @@ class MoverConfig:
             batch_target_seconds=self.batch_target_seconds,
             max_events_per_second=self.max_events_per_second,
             invalid_events=self.invalid_events,
+            who=Who(job=self.job_name),
         )
 
     def timeouts(self) -> Timeouts:

@@ -709,6 +709,136 @@ begin
 end;
 $$;
 
+-- The move journal: one row per batch a mover applied, written by mark_batch in the
+-- batch's own target transaction together with its mark (a batch's row exists exactly
+-- when its mark moved). Says what moved (tick range, events, left out by table_filter,
+-- dead-lettered), when (the transaction's time), by which login, and who ran it: the
+-- Airflow task instance (dag_id, run_id, task_id, map_index, try_number) for the
+-- operator, the job name for the CLI, and the host and pid of the process. "who" is
+-- what the caller says (a writer of the key could say anything about its own key);
+-- login_role is session_user, which no caller can choose. Readable by PUBLIC like the
+-- marks; written only through mark_batch (pgq_mover), pruned as move_journal_retention says.
+create table if not exists pgq_ext.move_journal (
+    journal_id      bigint      generated always as identity primary key,
+    consumer_id     text        not null,
+    subconsumer_id  text        not null default '',
+    batch_id        bigint      not null,
+    prev_tick_id    bigint,
+    cur_tick_id     bigint      not null,
+    events          bigint      not null,
+    filtered        bigint      not null default 0,
+    dead_lettered   bigint      not null default 0,
+    applied_at      timestamptz not null default pg_catalog.now(),
+    login_role      text        not null,
+    dag_id          text,
+    run_id          text,
+    task_id         text,
+    map_index       integer,
+    try_number      integer,
+    job             text,
+    host            text,
+    pid             integer
+);
+-- a key's entries by time: the reads of a key, and the retention's range deletes
+create index if not exists move_journal_key_time
+    on pgq_ext.move_journal (consumer_id, subconsumer_id, applied_at);
+-- the entries of one Airflow run (the operator's report across its attempts)
+create index if not exists move_journal_run
+    on pgq_ext.move_journal (dag_id, run_id, task_id, map_index) where dag_id is not null;
+
+-- How long the journal keeps a key's entries: younger than keep_for, and at most
+-- keep_rows per key (NULL: no bound of that kind). One row; an admin changes it with
+-- set_journal_retention.
+create table if not exists pgq_ext.move_journal_retention (
+    only_row    boolean     primary key default true check (only_row),
+    keep_for    interval    default '30 days',
+    keep_rows   integer     default 100000 check (keep_rows > 0)
+);
+insert into pgq_ext.move_journal_retention (only_row) values (true) on conflict do nothing;
+
+-- Step 5 of the move protocol: the key's mark := a_cur_tick (refused for a key this
+-- login may not write, as set_last_tick refuses it) and the batch's journal row, in the caller's
+-- transaction (the mover sends the COMMIT in the same round trip). Then the key's
+-- entries older than the retention's keep_for go (a range of the key's index), and,
+-- once in greatest(32, keep_rows / 100) rows, those beyond its keep_rows newest: that
+-- cut walks keep_rows index entries, so done that seldom it costs a batch about as
+-- much as 100 entries (measured: benchmarks/bench_journal.py), and a key holds at most
+-- about 1% (at least 32) more than keep_rows. Returns the row's journal_id.
+create or replace function pgq_ext.mark_batch(a_consumer text, a_subconsumer text, a_batch_id bigint,
+                                              a_prev_tick bigint, a_cur_tick bigint, a_events bigint,
+                                              a_filtered bigint, a_dead_lettered bigint, a_who jsonb)
+returns bigint language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    id bigint;
+    keep record;
+    cutoff timestamptz;
+begin
+    if a_cur_tick is null or a_batch_id is null or a_events is null then
+        raise exception 'mark_batch(%, %): batch id, tick and event count must not be NULL',
+                        pg_catalog.quote_nullable(a_consumer), pg_catalog.quote_nullable(a_subconsumer)
+              using errcode = 'null_value_not_allowed';
+    end if;
+    -- the mark as set_last_tick writes it, checked here: next to a classic pgq_ext made
+    -- with CREATE EXTENSION, set_last_tick is the extension's, which checks nothing
+    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'set the mark of', true);
+    insert into pgq_ext.completed_tick (consumer_id, subconsumer_id, last_tick_id)
+    values (a_consumer, a_subconsumer, a_cur_tick)
+    on conflict (consumer_id, subconsumer_id) do update set last_tick_id = excluded.last_tick_id;
+    insert into pgq_ext.move_journal
+           (consumer_id, subconsumer_id, batch_id, prev_tick_id, cur_tick_id, events, filtered, dead_lettered,
+            login_role, dag_id, run_id, task_id, map_index, try_number, job, host, pid)
+    values (a_consumer, a_subconsumer, a_batch_id, a_prev_tick, a_cur_tick, a_events,
+            coalesce(a_filtered, 0), coalesce(a_dead_lettered, 0), session_user::text,
+            pg_catalog.left(a_who ->> 'dag_id', 250), pg_catalog.left(a_who ->> 'run_id', 250),
+            pg_catalog.left(a_who ->> 'task_id', 250), (a_who ->> 'map_index')::integer,
+            (a_who ->> 'try_number')::integer, pg_catalog.left(a_who ->> 'job', 250),
+            pg_catalog.left(a_who ->> 'host', 250), (a_who ->> 'pid')::integer)
+    returning journal_id into id;
+    select r.keep_for, r.keep_rows into keep from pgq_ext.move_journal_retention r;
+    if keep.keep_for is not null then
+        delete from pgq_ext.move_journal j
+         where j.consumer_id = a_consumer and j.subconsumer_id = a_subconsumer
+           and j.applied_at < pg_catalog.now() - keep.keep_for;
+    end if;
+    if keep.keep_rows is not null and id % greatest(32, keep.keep_rows / 100) = 0 then
+        select j.applied_at into cutoff from pgq_ext.move_journal j
+         where j.consumer_id = a_consumer and j.subconsumer_id = a_subconsumer
+         order by j.applied_at desc, j.journal_id desc offset keep.keep_rows limit 1;
+        if cutoff is not null then
+            delete from pgq_ext.move_journal j
+             where j.consumer_id = a_consumer and j.subconsumer_id = a_subconsumer
+               and j.applied_at <= cutoff and j.journal_id <> id;
+        end if;
+    end if;
+    return id;
+end;
+$$;
+
+-- An admin sets how long the journal keeps entries (NULL: no bound of that kind).
+-- Returns the setting as it was, as text.
+create or replace function pgq_ext.set_journal_retention(a_keep_for interval, a_keep_rows integer)
+returns text language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    old record;
+begin
+    if not pgq_ext._is_key_admin() then
+        raise exception 'role % may not change the move journal''s retention: a superuser or a member of role %'
+                        ' may', pg_catalog.quote_literal(session_user), pg_catalog.quote_literal(current_user)
+              using errcode = 'insufficient_privilege';
+    end if;
+    if a_keep_for is not null and a_keep_for <= interval '0' then
+        raise exception 'keep_for must be above zero or NULL, got %', a_keep_for
+              using errcode = 'invalid_parameter_value';
+    end if;
+    select r.keep_for, r.keep_rows into old from pgq_ext.move_journal_retention r for update;
+    update pgq_ext.move_journal_retention set keep_for = a_keep_for, keep_rows = a_keep_rows;
+    return pg_catalog.format('keep_for %s, keep_rows %s', coalesce(old.keep_for::text, 'NULL'),
+                             coalesce(old.keep_rows::text, 'NULL'));
+end;
+$$;
+
 -- Dead letters (invalid_events = dead_letter): the events of a batch that the target
 -- refused (an encoding error, 22021 / 22P05, or another refusal of a row's content),
 -- written here in the same transaction as the rest of the batch and its mark. Every
@@ -844,6 +974,7 @@ $$;
 --    locks are rows of pgq_ext (lock_key, ensure_key, tracking_consumer, kept_ids_queue),
 --    kept_ids_commit bounded by what it wrote, names from pgq.queue resolved to PgQ's own
 --    relations (_queue_relation), kept_ids_refusal for pgq_mover only.
+-- 6: the move journal (move_journal, written with the mark by mark_batch; its retention).
 -- 7: dead letters (dead_letter, dead_letter_events, replay_dead_letters).
 create or replace function pgq_ext.mover_schema_version()
 returns integer language sql immutable security definer
