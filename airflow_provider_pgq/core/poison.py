@@ -20,7 +20,7 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import InvalidParameter
+from airflow_provider_pgq.core.errors import InvalidParameter, PgqExtMissing
 
 STOP = "stop"
 DEAD_LETTER = "dead_letter"
@@ -227,9 +227,17 @@ def list_dead_letters(conn: Connection, consumer: str, subconsumer: str = "",
     """The key's dead letters (those not replayed yet unless include_replayed), through
     pgq_ext.list_dead_letters: for a writer of the key (a pgq_mover login of its owner)
     or an admin only, as they hold event payloads."""
-    with conn.cursor() as cur:
-        cur.execute(_LIST, (consumer, subconsumer, include_replayed))
-        rows = cur.fetchall()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(_LIST, (consumer, subconsumer, include_replayed))
+            rows = cur.fetchall()
+    except psycopg2.errors.UndefinedFunction as exc:
+        conn.rollback()
+        raise PgqExtMissing(
+            f"pgq_ext in target database {conn.info.dbname!r} has no list_dead_letters (installed by an"
+            f" earlier build of mover schema 7): install it again once (--install-pgq-ext, or"
+            f" PgqHook.install_pgq_ext()); then read the dead letters of consumer {consumer!r}"
+        ) from exc
     out = []
     for row in rows:
         values: list[Any] = [bytes(v) if isinstance(v, memoryview) else v for v in row]

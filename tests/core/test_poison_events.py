@@ -22,7 +22,7 @@ from psycopg2 import sql
 
 from airflow_provider_pgq.core import faults, pgq_ext, poison
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.core.errors import InvalidEvents, InvalidParameter
+from airflow_provider_pgq.core.errors import InvalidEvents, InvalidParameter, PgqExtMissing
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoveReport, MoverOptions, QueueMover
 from tests.helpers import (
     Server,
@@ -529,6 +529,9 @@ def test_upgrade_of_schema_7_revokes_pgq_movers_select_on_dead_letters(target: S
     target.execute("grant select on pgq_ext.dead_letter to pgq_mover")
     conn = target.connect()
     try:
+        with pytest.raises(PgqExtMissing, match="install it again once"):
+            poison.list_dead_letters(conn, "mover")
+        assert poison.pending_count(conn, "mover") is None
         report = pgq_ext.install(conn)
         assert any("SELECT on pgq_ext.dead_letter revoked" in g for g in report.granted), report.granted
         assert target.execute(

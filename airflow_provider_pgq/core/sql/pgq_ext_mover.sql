@@ -994,6 +994,7 @@ begin
      where d.consumer_id = a_consumer and d.subconsumer_id = a_subconsumer and d.replayed_at is null
        and (a_dl_ids is null or d.dl_id = any(a_dl_ids));
     foreach q in array coalesce(queues, '{}'::text[]) loop
+        perform pgq_ext._queue_relation(q, 'data');  -- a queue gone or not PgQ's own: refused here
         if exists (select 1 from pgq_ext.kept_event_ids k where k.target_queue = q) then
             raise exception 'replay_dead_letters: target queue % receives kept event ids (keep_event_id):'
                             ' a replayed event would take an id from its sequence, which the mover then'
