@@ -877,8 +877,8 @@ create index if not exists dead_letter_key_idx
 
 -- Refuses (insufficient_privilege) unless the key exists and this login may write it
 -- (a_what: what it wanted to do); with a_locked, also unless this transaction holds the
--- key's row lock (lock_key, begin_batch): the row's xmax is this transaction's xid, which
--- no other transaction can make it. Dead letters are written only under a key someone
+-- key's row lock (lock_key, begin_batch): the row's xmax (or, once this transaction
+-- updated it, its xmin) is this transaction's xid, which no other transaction can make it. Dead letters are written only under a key someone
 -- owns, in the batch that refused them: none planted under a key another team makes later.
 create or replace function pgq_ext._require_held_key(a_consumer text, a_subconsumer text, a_what text,
                                                      a_locked boolean)
@@ -887,7 +887,7 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     k record;
 begin
-    select t.owner_role, t.xmax::text as locker into k from pgq_ext.tracking_key t
+    select t.owner_role, t.xmax::text as locker, t.xmin::text as writer into k from pgq_ext.tracking_key t
      where t.consumer_id = a_consumer and t.subconsumer_id = a_subconsumer;
     if not found then
         raise exception 'tracking key consumer % subconsumer % does not exist: role % may not % it',
@@ -899,7 +899,8 @@ begin
     if not pgq_ext._may_write_key(k.owner_role) then
         perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, a_what, false);
     end if;
-    if a_locked and k.locker::bigint is distinct from pg_catalog.txid_current() % 4294967296 then
+    -- (xmin: this transaction wrote the row's version, as mark_batch's update does: it holds it too)
+    if a_locked and pg_catalog.txid_current() % 4294967296 not in (k.locker::bigint, k.writer::bigint) then
         raise exception 'role % may not % tracking key consumer % subconsumer % outside its batch:'
                         ' this transaction does not hold the key''s lock (pgq_ext.begin_batch)',
                         pg_catalog.quote_literal(session_user), a_what, pg_catalog.quote_literal(a_consumer),
