@@ -135,12 +135,12 @@ class Totals:
     last_tick: int | None = None
 
     def add(self, entry: JournalEntry) -> None:
+        if self.batches == 0:  # the first entry's, even where it has none (as the SQL totals)
+            self.first_tick = entry.prev_tick_id
         self.events += entry.events
         self.batches += 1
         self.filtered += entry.filtered
         self.dead_lettered += entry.dead_lettered
-        if self.first_tick is None:
-            self.first_tick = entry.prev_tick_id
         self.last_tick = entry.cur_tick_id
 
 

@@ -150,8 +150,8 @@ def mark_batch(conn: Any, consumer: str, batch_id: int) -> int:
 
 def test_retention_prunes_by_age_and_by_rows(target: Server) -> None:
     """keep_for: older entries of the key go with its next batch (a range of its index);
-    keep_rows: once in 32 rows (keep_rows / 100 for a larger keep_rows) the key is cut to its
-    newest keep_rows. Other keys keep theirs."""
+    keep_rows: once in 32 of the key's rows (keep_rows / 100 for a larger keep_rows) the key
+    is cut to its newest keep_rows. Other keys keep theirs."""
     conn = psycopg2.connect(target.dsn)
     try:
         for i in range(3):
@@ -165,16 +165,32 @@ def test_retention_prunes_by_age_and_by_rows(target: Server) -> None:
         mark_batch(conn, "k", 5)
         assert [r[0] for r in target.execute(
             "select batch_id from pgq_ext.move_journal where consumer_id = 'k' order by 1")] == [2, 3, 4, 5]
-        ids = [mark_batch(conn, "k", i) for i in range(6, 80)]
+        for i in range(6, 80):
+            mark_batch(conn, "k", i)
     finally:
         conn.close()
-    assert any(i % 32 == 0 for i in ids)
     kept = [r[0] for r in target.execute(
         "select batch_id from pgq_ext.move_journal where consumer_id = 'k' order by 1")]
     assert 10 <= len(kept) <= 10 + 31 and kept[-1] == 79 and kept == list(range(80 - len(kept), 80))
     # the other key had no batch since: its (old) rows stay until its next one
     assert target.execute("select count(*) from pgq_ext.move_journal where consumer_id = 'other'")[0][0] == 3
     assert mark_of(target, "k") == 80
+
+
+def test_retention_by_rows_cuts_every_key_whatever_their_batches_interleave(target: Server) -> None:
+    """The cut counts each key's own rows: by the journal's shared ids, two keys taking turns
+    got only even or only odd ids, and the odd one was never cut (period 32)."""
+    conn = psycopg2.connect(target.dsn)
+    try:
+        target.execute("select pgq_ext.set_journal_retention(null, 10)")
+        for i in range(80):
+            for key in ("a", "b"):
+                mark_batch(conn, key, i)
+    finally:
+        conn.close()
+    for key in ("a", "b"):
+        kept = target.execute("select count(*) from pgq_ext.move_journal where consumer_id = %s", (key,))[0][0]
+        assert 10 <= kept < 10 + 32, f"key {key} holds {kept} entries, keep_rows 10"
 
 
 def test_retention_setting_is_for_admins_only(target: Server, cluster: Any) -> None:

@@ -32,6 +32,9 @@ create table if not exists pgq_ext.tracking_key (
     created_at      timestamptz not null default pg_catalog.now(),
     primary key (consumer_id, subconsumer_id)
 );
+-- How many journal entries the key has had (mark_batch counts them, and cuts the key to
+-- keep_rows once in a while by this count: the journal's ids are shared by every key).
+alter table pgq_ext.tracking_key add column if not exists journal_rows bigint not null default 0;
 
 -- The bind lock of a consumer name (one source consumer feeds one key): a row per
 -- consumer name, locked FOR UPDATE while one of its keys is bound.
@@ -760,10 +763,11 @@ insert into pgq_ext.move_journal_retention (only_row) values (true) on conflict 
 -- login may not write, as set_last_tick refuses it) and the batch's journal row, in the caller's
 -- transaction (the mover sends the COMMIT in the same round trip). Then the key's
 -- entries older than the retention's keep_for go (a range of the key's index), and,
--- once in greatest(32, keep_rows / 100) rows, those beyond its keep_rows newest: that
--- cut walks keep_rows index entries, so done that seldom it costs a batch about as
--- much as 100 entries (measured: benchmarks/bench_journal.py), and a key holds at most
--- about 1% (at least 32) more than keep_rows. Returns the row's journal_id.
+-- once in greatest(32, keep_rows / 100) of the key's rows (its own count, in
+-- tracking_key), those beyond its keep_rows newest: that cut walks keep_rows index
+-- entries, so done that seldom it costs a batch about as much as 100 entries (measured:
+-- benchmarks/bench_journal.py), and a key holds fewer than keep_rows + greatest(32,
+-- keep_rows / 100) entries. Returns the row's journal_id.
 create or replace function pgq_ext.mark_batch(a_consumer text, a_subconsumer text, a_batch_id bigint,
                                               a_prev_tick bigint, a_cur_tick bigint, a_events bigint,
                                               a_filtered bigint, a_dead_lettered bigint, a_who jsonb)
@@ -771,6 +775,7 @@ returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
     id bigint;
+    n bigint;
     keep record;
     cutoff timestamptz;
 begin
@@ -801,7 +806,11 @@ begin
          where j.consumer_id = a_consumer and j.subconsumer_id = a_subconsumer
            and j.applied_at < pg_catalog.now() - keep.keep_for;
     end if;
-    if keep.keep_rows is not null and id % greatest(32, keep.keep_rows / 100) = 0 then
+    -- the key's row is locked by this transaction already (begin_batch): no new wait
+    update pgq_ext.tracking_key k set journal_rows = k.journal_rows + 1
+     where k.consumer_id = a_consumer and k.subconsumer_id = a_subconsumer
+    returning k.journal_rows into n;
+    if keep.keep_rows is not null and n % greatest(32, keep.keep_rows / 100) = 0 then
         select j.applied_at into cutoff from pgq_ext.move_journal j
          where j.consumer_id = a_consumer and j.subconsumer_id = a_subconsumer
          order by j.applied_at desc, j.journal_id desc offset keep.keep_rows limit 1;
