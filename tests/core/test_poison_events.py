@@ -463,6 +463,31 @@ def test_no_login_plants_dead_letters_under_a_key_nobody_made_or_outside_the_key
     assert target.execute("select count(*) from pgq_ext.dead_letter where error_message = 'planted'") == [(0,)]
 
 
+def test_the_keys_owner_writes_dead_letters_while_its_transaction_holds_the_key(
+    sa_source: Server, target: Server, mover_only: Callable[[Server], str]
+) -> None:
+    """The lock proof holds for the key's row locked (lock_key) and still once this
+    transaction updated the row (mark_batch counts the journal's rows in it)."""
+    batch_of(sa_source)
+    dsn = mover_only(target)
+    move(sa_source, dsn, invalid_events="dead_letter")
+    write = ("select pgq_ext.dead_letter_events('mover', '', 'src_q', 'dst_q', 1, 2, 'SQL_ASCII',"
+             " array[1]::bigint[], array[now()], array['\\x41'::bytea], array['\\x41'::bytea], array[null::bytea],"
+             " array[null::bytea], array[null::bytea], array[null::bytea], array['22021'], array['held'])")
+    conn = connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select pgq_ext.lock_key('mover', '')")
+            cur.execute(write)
+            assert cur.fetchone() == (1,)
+            cur.execute("select pgq_ext.mark_batch('mover', '', 999, 1, 2, 0, 0, 1, '{}'::jsonb)")
+            cur.execute(write)
+            assert cur.fetchone() == (1,)
+        conn.rollback()
+    finally:
+        conn.close()
+
+
 def test_one_team_cannot_read_another_teams_dead_letters_the_owner_and_admins_can(
     cluster: ThrowawayCluster, sa_source: Server, target: Server, mover_only: Callable[[Server], str]
 ) -> None:

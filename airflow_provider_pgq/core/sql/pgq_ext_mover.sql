@@ -908,7 +908,8 @@ begin
     if not pgq_ext._may_write_key(k.owner_role) then
         perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, a_what, false);
     end if;
-    -- (xmin: this transaction wrote the row's version, as mark_batch's update does: it holds it too)
+    -- (xmin too: a row version this transaction wrote is held by it; PostgreSQL keeps the
+    -- locker's xid in xmax across such an update, tested, so this is only a second proof)
     if a_locked and pg_catalog.txid_current() % 4294967296 not in (k.locker::bigint, k.writer::bigint) then
         raise exception 'role % may not % tracking key consumer % subconsumer % outside its batch:'
                         ' this transaction does not hold the key''s lock (pgq_ext.begin_batch)',
