@@ -370,6 +370,12 @@ def _quietly(action: Callable[[], Any]) -> None:
         pass
 
 
+def _sides(refused: list[poison.Refused]) -> str:
+    """The side that refused the events: one side's name, or "source and target"."""
+    sides = sorted({r.side for r in refused})
+    return sides[0] if len(sides) == 1 else " and ".join(sides)
+
+
 def _split(ids: list[int], lo: int, hi: int) -> int:
     """Where to halve ids[lo:hi] (ev_id order) without parting two events of one id;
     ids[lo] != ids[hi - 1], so there is such a place."""
@@ -919,15 +925,16 @@ class QueueMover:
                 try:
                     events = self._transfer(batch_sql)
                 except psycopg2.Error as exc:
-                    why = poison.refusal(exc)
+                    why = poison.refusal(exc, limits=True)
                     if why is None:
                         raise
-                    log.info("batch %s (ticks %s..%s): the target refused its content (%s): finding which"
-                             " events", batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, why[0])
+                    log.info("batch %s (ticks %s..%s): the %s refused its content (%s): finding which"
+                             " events", batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, self._side(exc),
+                             why[0])
                     refused_exc = exc
                 last_id = (pgq.batch_max_event_id(self.source, batch_sql)
                            if refused_exc is None and o.keep_event_id and events else None)
-            if refused:
+            if refused and o.invalid_events == poison.DEAD_LETTER:
                 refused_rows = poison.read_raw(self.source, batch_sql, [r.ev_id for r in refused])
         if not sift and refused_exc is not None:
             t.rollback()
@@ -966,8 +973,15 @@ class QueueMover:
         encoding = t.info.parameter_status("server_encoding") or "?"
         if o.invalid_events != poison.DEAD_LETTER:
             t.rollback()
+            side = _sides(refused)
+            who = {
+                "target": f"target database {database!r} ({encoding}) refuses",
+                # e.g. a SQL_ASCII source checks each byte sequence it sends in the target's encoding
+                "source": f"source database {self.source.info.dbname!r} cannot convert into target database"
+                          f" {database!r}'s encoding ({encoding})",
+            }.get(side, f"{side} database (moving into target database {database!r}, {encoding}) refuses")
             raise InvalidEvents(
-                f"target database {database!r} ({encoding}) refuses"
+                f"{who}"
                 f" {'at least ' if len(refused) >= poison.SHOWN_IDS else ''}{len(refused)} event(s) of batch"
                 f" {batch.batch_id} (ticks {batch.prev_tick_id}..{batch.cur_tick_id}) moved from queue"
                 f" {o.source_queue!r} into {o.target_queue!r} by {o.key}: {poison.describe(refused)};"
@@ -975,7 +989,7 @@ class QueueMover:
                 " (and rewind), or set invalid_events = dead_letter (ini key; operator parameter"
                 " invalid_events='dead_letter') to move the rest and keep the refused events in"
                 " pgq_ext.dead_letter on the target, for replay once fixed",
-                "target", tuple(r.ev_id for r in refused), refused[0].sqlstate,
+                _sides(refused), tuple(r.ev_id for r in refused), refused[0].sqlstate,
                 batch.prev_tick_id, batch.cur_tick_id,
             )
         self._dead_lettered = poison.store(
@@ -983,12 +997,22 @@ class QueueMover:
             batch.prev_tick_id, batch.cur_tick_id, rows, refused,
         )
         log.warning(
-            "batch %s (ticks %s..%s) of %s: target database %r (%s) refused %d event(s) of queue %r,"
-            " kept in pgq_ext.dead_letter (invalid_events = dead_letter): %s; the rest of the batch"
-            " is moved. Replay them once fixed: PgqHook.replay_dead_letters() or --replay-dead-letters",
-            batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, o.key, database, encoding,
-            len(refused), o.source_queue, poison.describe(refused),
+            "batch %s (ticks %s..%s) of %s: %d event(s) of queue %r refused (by the %s, moving into target"
+            " database %r, %s), kept in pgq_ext.dead_letter (invalid_events = dead_letter): %s; the rest of"
+            " the batch is moved. Replay them once fixed: PgqHook.replay_dead_letters() or --replay-dead-letters",
+            batch.batch_id, batch.prev_tick_id, batch.cur_tick_id, o.key, len(refused), o.source_queue,
+            _sides(refused), database, encoding, poison.describe(refused),
         )
+
+    def _side(self, exc: psycopg2.Error) -> str:
+        """Which server raised exc: psycopg2 names the cursor that received the error."""
+        cursor = getattr(exc, "cursor", None)
+        conn = cursor.connection if cursor is not None else None
+        if conn is self.source:
+            return "source"
+        if conn is self.target:
+            return "target"
+        return "source or target"
 
     def _sift(self, batch_sql: str, limit: int | None = None) -> tuple[int, list[poison.Refused], list[int]]:
         """The batch moved in pieces, each under a savepoint of the target transaction:
@@ -1017,13 +1041,15 @@ class QueueMover:
                 count += self._transfer(poison.range_sql(self.source, batch_sql, ids[lo], ids[hi - 1]),
                                         stream_hook=False)
             except psycopg2.Error as exc:
-                why = poison.refusal(exc)
+                why = poison.refusal(exc, limits=True)
                 if why is None:
                     raise
                 with self.target.cursor() as cur:
                     cur.execute("rollback to savepoint pgq_mover_sift")
                 if ids[lo] == ids[hi - 1]:  # one event (or several of one id: a retried event)
-                    refused.extend(poison.Refused(i, *why) for i in ids[lo:hi])
+                    if hi - lo > 1 and why[0] in poison.LIMITS:
+                        raise  # a limit several events hit together: no event's own refusal
+                    refused.extend(poison.Refused(i, *why, side=self._side(exc)) for i in ids[lo:hi])
                     continue
                 mid = _split(ids, lo, hi)
                 pieces += [(mid, hi), (lo, mid)]  # the lower half first: ev_id order kept

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 #: 4: staged inserts (stage_events, insert_staged_events); 5: tracking keys have owners,
 #: their locks are rows of pgq_ext (lock_key, ensure_key, assign_key); 6: the move journal
 #: (move_journal, written with the mark by mark_batch); 7: dead letters (dead_letter,
-#: dead_letter_events, replay_dead_letters).
+#: dead_letter_events, replay_dead_letters, list_dead_letters).
 REQUIRED_MOVER_SCHEMA = 7
 
 #: The NOLOGIN role install makes: the only one (besides superusers and the installing
@@ -38,7 +38,13 @@ WRITE_FUNCTIONS = (
     "lock_key", "ensure_key", "kept_ids_refusal", "dead_letter_events", "replay_dead_letters", "mark_batch",
 )
 
-#: Tables readable by MOVER_ROLE only (and admins), never PUBLIC: they hold event payloads.
+#: Functions that read what one key's owner may see (event payloads): EXECUTE for
+#: MOVER_ROLE only; each answers only a writer of the key (or an admin).
+MOVER_READ_FUNCTIONS = ("list_dead_letters",)
+
+#: Tables that hold event payloads: readable by their owner (admins) only, never PUBLIC
+#: nor MOVER_ROLE (on a target shared by teams it would read every team's); a key's
+#: writer reads its own rows through MOVER_READ_FUNCTIONS.
 MOVER_TABLES = ("dead_letter",)
 
 #: Functions open to PUBLIC before mover schema 5 that are the mover's since: reading
@@ -50,12 +56,12 @@ MOVED_TO_MOVER_IN_5 = ("kept_ids_refusal",)
 #: itself) and the helpers the SECURITY DEFINER functions call as their owner.
 PRIVATE_FUNCTIONS = (
     "assign_key", "_require_key_writer", "_is_key_admin", "_may_write_key", "_key_owner_name", "_queue_relation",
-    "set_journal_retention",
+    "set_journal_retention", "_require_held_key",
 )
 
 #: The names our SQL defines; a classic installation's functions of these names are
 #: dropped once when install first takes it over (their argument names may differ).
-OUR_FUNCTIONS = WRITE_FUNCTIONS + PRIVATE_FUNCTIONS + (
+OUR_FUNCTIONS = WRITE_FUNCTIONS + MOVER_READ_FUNCTIONS + PRIVATE_FUNCTIONS + (
     "get_last_tick", "is_batch_done", "is_event_done", "version", "mover_schema_version",
     "kept_ids_seq_position",
 )
@@ -292,15 +298,14 @@ def _default_rights(conn: Connection, name: str, kind: str) -> list[str]:
         return ["usage on schema pgq_ext to public"]
     if kind == "table" and name.rsplit(".", 1)[-1] in MOVER_TABLES:
         _execute_formatted(conn, "revoke all on table %s from public", name, "pg_catalog.regclass")
-        _execute_formatted(conn, "grant select on table %s to %I", name, "pg_catalog.regclass", MOVER_ROLE)
-        return [f"select on {name} to {MOVER_ROLE} only"]
+        return [f"select on {name} to its owner only ({MOVER_ROLE} through list_dead_letters)"]
     if kind == "table":
         _execute_formatted(conn, "grant select on table %s to public", name, "pg_catalog.regclass")
         return []  # tables are readable by all, as the classic had them: not worth a line
     if _function_name(name) in PRIVATE_FUNCTIONS:
         _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
         return [f"{name} to nobody"]
-    if _function_name(name) not in WRITE_FUNCTIONS:
+    if _function_name(name) not in WRITE_FUNCTIONS + MOVER_READ_FUNCTIONS:
         return []  # PostgreSQL's default: EXECUTE for PUBLIC
     _execute_formatted(conn, "revoke all on function %s from public", name, "pg_catalog.regprocedure")
     _execute_formatted(conn, "grant execute on function %s to %I", name, "pg_catalog.regprocedure", MOVER_ROLE)
@@ -335,6 +340,19 @@ def _move_public_grants(conn: Connection, objects: dict[str, str], names: tuple[
         _execute_formatted(conn, "grant execute on function %s to %I", name, "pg_catalog.regprocedure", MOVER_ROLE)
         moved.append(f"{name} from public to {MOVER_ROLE}")
     return moved
+
+
+def _revoke_mover_table_reads(conn: Connection, objects: dict[str, str], created: list[str]) -> list[str]:
+    """An install of mover schema 7 before list_dead_letters granted SELECT on the
+    payload tables to MOVER_ROLE: revoked once, when that function is first made."""
+    if not any(_function_name(n) in MOVER_READ_FUNCTIONS for n in created if objects[n] == "function"):
+        return []
+    revoked = []
+    for name, kind in objects.items():
+        if kind == "table" and name not in created and name.rsplit(".", 1)[-1] in MOVER_TABLES:
+            _execute_formatted(conn, "revoke select on table %s from %I", name, "pg_catalog.regclass", MOVER_ROLE)
+            revoked.append(f"{MOVER_ROLE}'s SELECT on {name} revoked (list_dead_letters instead)")
+    return revoked
 
 
 def install(conn: Connection) -> InstallReport:
@@ -374,6 +392,7 @@ def install(conn: Connection) -> InstallReport:
         if previous is not None and previous < 5:
             report.granted += _move_public_grants(
                 conn, {n: k for n, k in after.items() if n not in report.created}, MOVED_TO_MOVER_IN_5)
+        report.granted += _revoke_mover_table_reads(conn, after, report.created)
         conn.commit()
     except BaseException:
         conn.rollback()

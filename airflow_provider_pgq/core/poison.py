@@ -20,7 +20,7 @@ import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core.errors import InvalidParameter
+from airflow_provider_pgq.core.errors import InvalidParameter, PgqExtMissing
 
 STOP = "stop"
 DEAD_LETTER = "dead_letter"
@@ -29,12 +29,16 @@ INVALID_EVENTS = (STOP, DEAD_LETTER)
 
 #: SQLSTATEs with which a database refuses a value for what it holds, not for how it was
 #: asked: no valid byte sequence in the encoding (22021, also a NUL byte), a character
-#: the encoding lacks (22P05), a value too large to store (54000).
+#: the encoding lacks (22P05).
 REFUSALS = {
     "22021": "character_not_in_repertoire",
     "22P05": "untranslatable_character",
-    "54000": "program_limit_exceeded",
 }
+
+#: A limit (54000: a value too large to store) is also hit by a piece of many events as
+#: a whole (insert_event_chunk's arrays, say): it makes the mover sift, and refuses an
+#: event only when that event alone, moved by itself, hits it.
+LIMITS = {"54000": "program_limit_exceeded"}
 
 #: How many ev_ids a one-line message names before "and N more".
 SHOWN_IDS = 10
@@ -49,9 +53,11 @@ def check_invalid_events(value: object) -> None:
         )
 
 
-def refusal(exc: BaseException) -> tuple[str, str] | None:
-    """(SQLSTATE, first line of the message) when exc is a refusal of an event's content."""
-    if isinstance(exc, psycopg2.Error) and exc.pgcode in REFUSALS:
+def refusal(exc: BaseException, limits: bool = False) -> tuple[str, str] | None:
+    """(SQLSTATE, first line of the message) when exc may be a refusal of an event's
+    content: a REFUSALS code, or with limits a LIMITS code too (worth sifting for, but
+    an event's own only when that single event, moved alone, hits it)."""
+    if isinstance(exc, psycopg2.Error) and (exc.pgcode in REFUSALS or (limits and exc.pgcode in LIMITS)):
         primary = exc.diag.message_primary if exc.diag is not None else None
         return str(exc.pgcode), (primary or str(exc)).strip().splitlines()[0]
     return None
@@ -59,11 +65,13 @@ def refusal(exc: BaseException) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class Refused:
-    """One event the target refused: its id and why."""
+    """One event refused: its id, why, and the side whose server raised it ("target";
+    "source" when the source could not convert it into the target's encoding)."""
 
     ev_id: int
     sqlstate: str
     message: str
+    side: str = "target"
 
 
 def _batch_text(batch_sql: str) -> sql.SQL:
@@ -141,8 +149,8 @@ def store(
             value = raw[i]
             columns[i].append(psycopg2.Binary(bytes(value)) if i >= 2 and value is not None else value)
     encoding = str(rows[0][8])
-    states = [why[int(r[0])].sqlstate if int(r[0]) in why else "" for r in rows]
-    errors = [why[int(r[0])].message if int(r[0]) in why else "" for r in rows]
+    states = [why[int(r[0])].sqlstate for r in rows]
+    errors = [why[int(r[0])].message for r in rows]
     with conn.cursor() as cur:
         cur.execute(
             "select pgq_ext.dead_letter_events(%s::text, %s::text, %s::text, %s::text, %s::bigint, %s::bigint,"
@@ -209,20 +217,27 @@ _LIST = """
 select d.dl_id, d.consumer_id, d.subconsumer_id, d.source_queue, d.target_queue, d.prev_tick_id,
        d.cur_tick_id, d.ev_id, d.ev_time, d.ev_type, d.ev_data, d.ev_extra1, d.ev_extra2, d.ev_extra3,
        d.ev_extra4, d.source_encoding, d.error_sqlstate, d.error_message, d.dead_lettered_at, d.replayed_at
-  from pgq_ext.dead_letter d
- where d.consumer_id = %s::text and d.subconsumer_id = %s::text
-   and (%s::boolean or d.replayed_at is null)
+  from pgq_ext.list_dead_letters(%s::text, %s::text, %s::boolean) d
  order by d.dl_id
 """
 
 
 def list_dead_letters(conn: Connection, consumer: str, subconsumer: str = "",
                       include_replayed: bool = False) -> list[DeadLetter]:
-    """The key's dead letters (those not replayed yet unless include_replayed). Reading
-    pgq_ext.dead_letter needs pgq_mover (or an admin): it holds event payloads."""
-    with conn.cursor() as cur:
-        cur.execute(_LIST, (consumer, subconsumer, include_replayed))
-        rows = cur.fetchall()
+    """The key's dead letters (those not replayed yet unless include_replayed), through
+    pgq_ext.list_dead_letters: for a writer of the key (a pgq_mover login of its owner)
+    or an admin only, as they hold event payloads."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(_LIST, (consumer, subconsumer, include_replayed))
+            rows = cur.fetchall()
+    except psycopg2.errors.UndefinedFunction as exc:
+        conn.rollback()
+        raise PgqExtMissing(
+            f"pgq_ext in target database {conn.info.dbname!r} has no list_dead_letters (installed by an"
+            f" earlier build of mover schema 7): install it again once (--install-pgq-ext, or"
+            f" PgqHook.install_pgq_ext()); then read the dead letters of consumer {consumer!r}"
+        ) from exc
     out = []
     for row in rows:
         values: list[Any] = [bytes(v) if isinstance(v, memoryview) else v for v in row]
@@ -232,16 +247,17 @@ def list_dead_letters(conn: Connection, consumer: str, subconsumer: str = "",
 
 def pending_count(conn: Connection, consumer: str, subconsumer: str = "") -> int | None:
     """How many of the key's dead letters wait for replay; None when this login may not
-    read pgq_ext.dead_letter (no pgq_mover) or pgq_ext has none (older than schema 7)."""
+    read them (not a writer of the key, or no pgq_mover) or pgq_ext has no
+    list_dead_letters (older than this release)."""
     try:
         with conn.cursor() as cur:
             cur.execute(
-                "select pg_catalog.count(*) from pgq_ext.dead_letter d where d.consumer_id = %s::text"
-                " and d.subconsumer_id = %s::text and d.replayed_at is null",
+                "select pg_catalog.count(*) from pgq_ext.list_dead_letters(%s::text, %s::text, false)",
                 (consumer, subconsumer),
             )
             row = cur.fetchone()
-    except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.UndefinedTable):
+    except (psycopg2.errors.InsufficientPrivilege, psycopg2.errors.UndefinedTable,
+            psycopg2.errors.UndefinedFunction):
         conn.rollback()
         return None
     conn.rollback()

@@ -215,7 +215,7 @@ class PgqHook(BaseHook):
                           include_replayed: bool = False) -> list[poison.DeadLetter]:
         """The events the target refused for the key (invalid_events = dead_letter), as
         the source stored them (bytes); those replayed already only with include_replayed.
-        Needs pgq_mover (or an admin) on this connection's login."""
+        Needs a pgq_mover login of the key's owner (or an admin): another team's is refused."""
         with self.psycopg2_connection() as conn:
             try:
                 return poison.list_dead_letters(conn, consumer, subconsumer, include_replayed)

@@ -22,7 +22,7 @@ from psycopg2 import sql
 
 from airflow_provider_pgq.core import faults, pgq_ext, poison
 from airflow_provider_pgq.core.connect import connect
-from airflow_provider_pgq.core.errors import InvalidEvents, InvalidParameter
+from airflow_provider_pgq.core.errors import InvalidEvents, InvalidParameter, PgqExtMissing
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoveReport, MoverOptions, QueueMover
 from tests.helpers import (
     Server,
@@ -183,15 +183,17 @@ def test_default_stop_names_side_queues_events_ticks_and_option(
         move(sa_source, dsn)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("target database ")
+    # a SQL_ASCII source checks the bytes it sends in the target's encoding: the source
+    # raises (on main the error said "target" although the source's server raised it)
+    assert message.startswith(f"source database {sa_source.dbname!r} cannot convert into target database")
     assert f'ev_id {ids[1]} (22021: invalid byte sequence for encoding "UTF8": 0xe9' in message
     assert f'ev_id {ids[3]} (22021: invalid byte sequence for encoding "UTF8": 0xef' in message
-    assert "(UTF8) refuses 2 event(s)" in message
+    assert "encoding (UTF8) 2 event(s)" in message
     assert f"ticks {prev}..{cur}" in message
     assert "'src_q'" in message and "'dst_q'" in message and "consumer 'mover'" in message
     assert f"ev_id {ids[0]} " not in message and f"ev_id {ids[2]} " not in message
     assert "invalid_events = dead_letter" in message
-    assert info.value.ev_ids == (ids[1], ids[3]) and info.value.side == "target"
+    assert info.value.ev_ids == (ids[1], ids[3]) and info.value.side == "source"
     assert (info.value.prev_tick, info.value.cur_tick) == (prev, cur)
     assert isinstance(info.value.__cause__, psycopg2.errors.CharacterNotInRepertoire)
     # nothing of the batch, no mark, no dead letter: the next run stops the same way
@@ -386,7 +388,7 @@ def test_concurrent_replays_put_each_event_in_once(sa_source: Server, target: Se
 # -- who may see and write dead letters ---------------------------------------------------------
 
 
-def test_only_pgq_mover_reads_dead_letters_and_only_the_keys_writer_writes_or_replays(
+def test_only_the_keys_writer_reads_writes_or_replays_its_dead_letters(
     cluster: ThrowawayCluster, sa_source: Server, target: Server, mover_only: Callable[[Server], str]
 ) -> None:
     batch_of(sa_source)
@@ -401,17 +403,20 @@ def test_only_pgq_mover_reads_dead_letters_and_only_the_keys_writer_writes_or_re
         try:
             denied(session, "select count(*) from pgq_ext.dead_letter")
             denied(session, "select ev_data from pgq_ext.dead_letter")
+            denied(session, "select count(*) from pgq_ext.list_dead_letters('mover', '', true)")
             denied(session, write)
             denied(session, replay)
             denied(session, "delete from pgq_ext.dead_letter")
             denied(session, "update pgq_ext.dead_letter set replayed_at = now()")
         finally:
             session.close()
-    # another team's pgq_mover login reads (the role reads all) but may not write this key
+    # another team's pgq_mover login neither reads nor writes this key's dead letters
     other = create_login(cluster, "other_team", in_role="pgq_mover")
     session = other.raw(target)
     try:
-        assert call(session, "select count(*) from pgq_ext.dead_letter") == 2
+        denied(session, "select count(*) from pgq_ext.dead_letter")
+        assert "may not read the dead letters of it" in denied(
+            session, "select count(*) from pgq_ext.list_dead_letters('mover', '', true)")
         assert "may not dead-letter events of it" in denied(session, write)
         assert "may not replay the dead letters of it" in denied(session, replay)
         denied(session, "delete from pgq_ext.dead_letter")
@@ -424,6 +429,206 @@ def test_only_pgq_mover_reads_dead_letters_and_only_the_keys_writer_writes_or_re
     assert target.execute("select has_table_privilege('public', 'pgq_ext.dead_letter', 'select')") == [(False,)]
 
 
+def test_no_login_plants_dead_letters_under_a_key_nobody_made_or_outside_the_keys_batch(
+    cluster: ThrowawayCluster, sa_source: Server, target: Server, mover_only: Callable[[Server], str]
+) -> None:
+    """On main: another team's pgq_mover login wrote dead letters under a key that did
+    not exist (no owner: any mover could replay them; the team that later makes the key
+    would inherit them)."""
+    batch_of(sa_source)
+    owner_dsn = mover_only(target)
+    move(sa_source, owner_dsn, invalid_events="dead_letter")
+    plant = ("select pgq_ext.dead_letter_events(%s, '', 'src_q', 'dst_q', 1, 2, 'SQL_ASCII',"
+             " array[1]::bigint[], array[now()], array['\\x41'::bytea], array['\\x41'::bytea], array[null::bytea],"
+             " array[null::bytea], array[null::bytea], array[null::bytea], array['22021'], array['planted'])")
+    other = create_login(cluster, "other_team", in_role="pgq_mover")
+    session = other.raw(target)
+    try:
+        assert "does not exist" in denied(session, plant, ("ghost",))
+        # once made by the later team, the key has no planted rows
+        call(session, "select pgq_ext.ensure_key('ghost', '')")
+        assert call(session, "select count(*) from pgq_ext.list_dead_letters('ghost', '', true)") == 0
+        # even its own key's owner writes dead letters only inside the key's batch (its lock)
+        assert "outside its batch" in denied(session, plant, ("ghost",))
+    finally:
+        session.close()
+    owner = connect(owner_dsn)
+    try:
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege, match="outside its batch"):
+            with owner.cursor() as cur:
+                cur.execute(plant, ("mover",))
+        owner.rollback()
+    finally:
+        owner.close()
+    assert target.execute("select count(*) from pgq_ext.dead_letter where error_message = 'planted'") == [(0,)]
+
+
+def test_the_keys_owner_writes_dead_letters_while_its_transaction_holds_the_key(
+    sa_source: Server, target: Server, mover_only: Callable[[Server], str]
+) -> None:
+    """The lock proof holds for the key's row locked (lock_key) and still once this
+    transaction updated the row (mark_batch counts the journal's rows in it)."""
+    batch_of(sa_source)
+    dsn = mover_only(target)
+    move(sa_source, dsn, invalid_events="dead_letter")
+    write = ("select pgq_ext.dead_letter_events('mover', '', 'src_q', 'dst_q', 1, 2, 'SQL_ASCII',"
+             " array[1]::bigint[], array[now()], array['\\x41'::bytea], array['\\x41'::bytea], array[null::bytea],"
+             " array[null::bytea], array[null::bytea], array[null::bytea], array['22021'], array['held'])")
+    conn = connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select pgq_ext.lock_key('mover', '')")
+            cur.execute(write)
+            assert cur.fetchone() == (1,)
+            cur.execute("select pgq_ext.mark_batch('mover', '', 999, 1, 2, 0, 0, 1, '{}'::jsonb)")
+            cur.execute(write)
+            assert cur.fetchone() == (1,)
+        conn.rollback()
+    finally:
+        conn.close()
+
+
+def test_one_team_cannot_read_another_teams_dead_letters_the_owner_and_admins_can(
+    cluster: ThrowawayCluster, sa_source: Server, target: Server, mover_only: Callable[[Server], str]
+) -> None:
+    """On main every pgq_mover login read every key's payloads (SELECT on the table)."""
+    ids, _, _ = batch_of(sa_source)
+    team_b = mover_only(target)
+    move(sa_source, team_b, invalid_events="dead_letter")
+    team_a = create_login(cluster, "team_a", in_role="pgq_mover")
+    session = team_a.raw(target)
+    try:
+        denied(session, "select ev_data from pgq_ext.dead_letter")
+        assert "may not read the dead letters of it" in denied(
+            session, "select ev_data from pgq_ext.list_dead_letters('mover', '', true)")
+        call(session, "select pgq_ext.ensure_key('team_a', '')")  # its own key: allowed, empty
+        assert call(session, "select count(*) from pgq_ext.list_dead_letters('team_a', '', true)") == 0
+    finally:
+        session.close()
+    a_conn = connect(team_a.dsn(target))
+    try:
+        assert poison.pending_count(a_conn, "mover") is None
+        with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+            poison.list_dead_letters(a_conn, "mover")
+    finally:
+        a_conn.close()
+    b_conn = connect(team_b)
+    try:
+        assert [d.ev_id for d in poison.list_dead_letters(b_conn, "mover")] == [ids[1], ids[3]]
+        assert poison.pending_count(b_conn, "mover") == 2
+        denied(b_conn, "select count(*) from pgq_ext.dead_letter")  # the table: admins only
+    finally:
+        b_conn.close()
+    assert target.execute("select count(*) from pgq_ext.list_dead_letters('mover', '', false)") == [(2,)]
+    assert target.execute("select has_table_privilege('pgq_mover', 'pgq_ext.dead_letter', 'select')") == [(False,)]
+
+
+def test_replay_into_a_queue_that_takes_no_inserts_is_refused_before_anything_is_replayed(
+    sa_source: Server, target: Server
+) -> None:
+    """On main replay wrote into the event table itself, past queue_disable_insert."""
+    batch_of(sa_source)
+    move(sa_source, target.dsn, invalid_events="dead_letter")
+    target.execute("update pgq.queue set queue_disable_insert = true where queue_name = 'dst_q'")
+    conn = target.connect()
+    try:
+        with pytest.raises(psycopg2.errors.ObjectNotInPrerequisiteState,
+                           match="target queue 'dst_q' does not take inserts"):
+            poison.replay(conn, "mover", from_encoding="LATIN1")
+    finally:
+        conn.close()
+    assert len(target_events(target)) == 3
+    assert all(row[-1] is None for row in dead_letters(target))
+    target.execute("update pgq.queue set queue_disable_insert = false where queue_name = 'dst_q'")
+    conn = target.connect()
+    try:
+        assert poison.replay(conn, "mover", from_encoding="LATIN1") == 2
+    finally:
+        conn.close()
+
+
+def test_upgrade_of_schema_7_revokes_pgq_movers_select_on_dead_letters(target: Server) -> None:
+    """An install of schema 7 made before list_dead_letters granted pgq_mover SELECT on
+    the table: install again revokes it, once (an admin's later grant stays)."""
+    target.execute("drop function pgq_ext.list_dead_letters")
+    target.execute("grant select on pgq_ext.dead_letter to pgq_mover")
+    conn = target.connect()
+    try:
+        with pytest.raises(PgqExtMissing, match="install it again once"):
+            poison.list_dead_letters(conn, "mover")
+        assert poison.pending_count(conn, "mover") is None
+        report = pgq_ext.install(conn)
+        assert any("SELECT on pgq_ext.dead_letter revoked" in g for g in report.granted), report.granted
+        assert target.execute(
+            "select has_table_privilege('pgq_mover', 'pgq_ext.dead_letter', 'select'),"
+            " has_function_privilege('pgq_mover', 'pgq_ext.list_dead_letters(text, text, boolean)', 'execute'),"
+            " has_function_privilege('public', 'pgq_ext.list_dead_letters(text, text, boolean)', 'execute')"
+        ) == [(False, True, False)]
+        target.execute("grant select on pgq_ext.dead_letter to pgq_mover")
+        pgq_ext.install(conn)
+    finally:
+        conn.close()
+    assert target.execute("select has_table_privilege('pgq_mover', 'pgq_ext.dead_letter', 'select')") == [(True,)]
+
+
+def test_a_limit_is_an_events_refusal_only_when_that_event_alone_hits_it(target: Server) -> None:
+    """54000 (program_limit_exceeded) is also raised for a piece of many events as a whole
+    (an array too large): it makes the mover sift, never dead-letters a whole piece."""
+    conn = target.connect()
+    try:
+        with pytest.raises(psycopg2.errors.ProgramLimitExceeded) as info:
+            with conn.cursor() as cur:
+                cur.execute("select pg_catalog.repeat('x', 1073741824)")
+        conn.rollback()
+    finally:
+        conn.close()
+    assert poison.refusal(info.value) is None
+    assert poison.refusal(info.value, limits=True) == ("54000", "requested length too large")
+
+
+def test_stop_reads_no_raw_payloads(sa_source: Server, target: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On main the stop path read the refused events' payloads from the source, unused."""
+    read: list[list[int]] = []
+    real = poison.read_raw
+    monkeypatch.setattr(poison, "read_raw", lambda conn, q, ids: read.append(ids) or real(conn, q, ids))
+    ids, _, _ = batch_of(sa_source)
+    with pytest.raises(InvalidEvents):
+        move(sa_source, target.dsn)
+    assert read == []
+    move(sa_source, target.dsn, invalid_events="dead_letter")
+    assert read == [[ids[1], ids[3]]]
+
+
+def test_a_character_the_source_cannot_convert_names_the_source_side(
+    cluster: ThrowawayCluster, source: Server
+) -> None:
+    """A UTF8 source holding '€' and a LATIN1 target: the source's COPY, converting into
+    the target's encoding, raises 22P05 on the source. On main: side 'target'."""
+    name = f"t_l1_{uuid.uuid4().hex[:10]}"
+    cluster.execute("postgres", sql.SQL(
+        "create database {} encoding 'LATIN1' template template0 lc_collate 'C' lc_ctype 'C'"
+    ).format(sql.Identifier(name)))
+    try:
+        latin1 = Server(cluster, name)
+        latin1.execute("create extension pgq")
+        latin1.execute("select pgq.create_queue('dst_q')")
+        conn = latin1.connect()
+        try:
+            pgq_ext.install(conn)
+        finally:
+            conn.close()
+        register(source, "src_q", "mover")
+        source.execute("select pgq.insert_event('src_q', 'price', 'ok')")
+        source.execute("select pgq.insert_event('src_q', 'price', '5 \u20ac')")
+        tick(source, "src_q")
+        with pytest.raises(InvalidEvents) as info:
+            move(source, latin1.dsn)
+        assert info.value.side == "source" and info.value.sqlstate == "22P05", str(info.value)
+        assert str(info.value).startswith(f"source database {source.dbname!r} cannot convert")
+    finally:
+        cluster.drop_database(name)
+
+
 def test_upgrade_from_mover_schema_5_adds_dead_letters_for_pgq_mover_only(
     make_db: Callable[..., Server], sa_source: Server
 ) -> None:
@@ -431,7 +636,8 @@ def test_upgrade_from_mover_schema_5_adds_dead_letters_for_pgq_mover_only(
     readable by pgq_mover only, the write functions the mover's; then dead letters work."""
     target = make_db(queue="dst_q", ext=True)
     target.execute("select pgq_ext.set_last_tick('old', '', 11)")
-    target.execute("drop function pgq_ext.dead_letter_events, pgq_ext.replay_dead_letters")
+    target.execute("drop function pgq_ext.dead_letter_events, pgq_ext.replay_dead_letters,"
+                   " pgq_ext.list_dead_letters")
     target.execute("drop table pgq_ext.dead_letter")
     pretend_mover_schema(target, 5)
     with pytest.raises(Exception, match="older than this mover needs"):
@@ -442,7 +648,7 @@ def test_upgrade_from_mover_schema_5_adds_dead_letters_for_pgq_mover_only(
         again = pgq_ext.install(conn)  # idempotent
     finally:
         conn.close()
-    assert any("pgq_ext.dead_letter to pgq_mover only" in g for g in report.granted), report.granted
+    assert any("pgq_ext.dead_letter to its owner only" in g for g in report.granted), report.granted
     assert again.created == []
     assert target.execute("select pgq_ext.mover_schema_version()") == [(pgq_ext.REQUIRED_MOVER_SCHEMA,)]
     assert mark_of(target, "old") == 11
@@ -452,7 +658,7 @@ def test_upgrade_from_mover_schema_5_adds_dead_letters_for_pgq_mover_only(
         " has_table_privilege('pgq_mover', 'pgq_ext.dead_letter', 'insert'),"
         " has_function_privilege('public', 'pgq_ext.replay_dead_letters(text, text, bigint[], text)', 'execute'),"
         " has_function_privilege('pgq_mover', 'pgq_ext.replay_dead_letters(text, text, bigint[], text)', 'execute')"
-    ) == [(False, True, False, False, True)]
+    ) == [(False, False, False, False, True)]
     batch_of(sa_source)
     assert move(sa_source, target.dsn, invalid_events="dead_letter").dead_lettered == 2
 
@@ -555,7 +761,7 @@ def test_stop_names_the_first_ten_refused_events_without_sifting_the_rest(
     bad = [i for i, ev in zip(ids, events, strict=True) if ev is POISON_DATA]
     with pytest.raises(InvalidEvents) as info:
         move(sa_source, target.dsn)
-    assert "refuses at least 10 event(s)" in str(info.value)
+    assert "at least 10 event(s) of batch" in str(info.value)
     assert info.value.ev_ids == tuple(bad[:10])
     assert f"ev_id {bad[10]} " not in str(info.value)
     report = move(sa_source, target.dsn, invalid_events="dead_letter")

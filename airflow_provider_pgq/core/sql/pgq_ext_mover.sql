@@ -854,8 +854,10 @@ $$;
 -- text field is kept as the source stored it, byte for byte (bytea), with the source
 -- database's encoding, so that nothing is lost or re-encoded on the way; replay_dead_letters
 -- puts them into the target queue once the target (or the transformation) can take them.
--- It holds event payloads: readable by pgq_mover (and admins) only, never PUBLIC (install
--- grants that), writable only through the functions below.
+-- It holds event payloads: readable directly by its owner (admins) only, never PUBLIC nor
+-- pgq_mover (a target shared by teams would show one team's payloads to the other); a
+-- writer of the key reads its own through list_dead_letters, writes only through the
+-- functions below.
 create table if not exists pgq_ext.dead_letter (
     dl_id             bigint      generated always as identity primary key,
     consumer_id       text        not null,
@@ -882,9 +884,46 @@ create table if not exists pgq_ext.dead_letter (
 create index if not exists dead_letter_key_idx
     on pgq_ext.dead_letter (consumer_id, subconsumer_id, dl_id);
 
+-- Refuses (insufficient_privilege) unless the key exists and this login may write it
+-- (a_what: what it wanted to do); with a_locked, also unless this transaction holds the
+-- key's row lock (lock_key, begin_batch): the row's xmax (or, once this transaction
+-- updated it, its xmin) is this transaction's xid, which no other transaction can make it. Dead letters are written only under a key someone
+-- owns, in the batch that refused them: none planted under a key another team makes later.
+create or replace function pgq_ext._require_held_key(a_consumer text, a_subconsumer text, a_what text,
+                                                     a_locked boolean)
+returns void language plpgsql security definer
+set search_path = pg_catalog, pg_temp as $$
+declare
+    k record;
+begin
+    select t.owner_role, t.xmax::text as locker, t.xmin::text as writer into k from pgq_ext.tracking_key t
+     where t.consumer_id = a_consumer and t.subconsumer_id = a_subconsumer;
+    if not found then
+        raise exception 'tracking key consumer % subconsumer % does not exist: role % may not % it',
+                        pg_catalog.quote_nullable(a_consumer), pg_catalog.quote_nullable(a_subconsumer),
+                        pg_catalog.quote_literal(session_user), a_what
+              using errcode = 'insufficient_privilege',
+                    hint = 'A mover makes its key (pgq_ext.ensure_key) before its first batch';
+    end if;
+    if not pgq_ext._may_write_key(k.owner_role) then
+        perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, a_what, false);
+    end if;
+    -- (xmin too: a row version this transaction wrote is held by it; PostgreSQL keeps the
+    -- locker's xid in xmax across such an update, tested, so this is only a second proof)
+    if a_locked and pg_catalog.txid_current() % 4294967296 not in (k.locker::bigint, k.writer::bigint) then
+        raise exception 'role % may not % tracking key consumer % subconsumer % outside its batch:'
+                        ' this transaction does not hold the key''s lock (pgq_ext.begin_batch)',
+                        pg_catalog.quote_literal(session_user), a_what, pg_catalog.quote_literal(a_consumer),
+                        pg_catalog.quote_literal(a_subconsumer)
+              using errcode = 'insufficient_privilege';
+    end if;
+end;
+$$;
+
 -- Writes the refused events of a batch of the key (arrays of one element per event),
 -- in the mover's target transaction: they commit with the batch's mark or not at all.
--- Only a writer of the key may. Returns the number of rows written.
+-- Only a writer of an existing key may, in a transaction holding the key's lock.
+-- Returns the number of rows written.
 create or replace function pgq_ext.dead_letter_events(
     a_consumer text, a_subconsumer text, a_source_queue text, a_target_queue text,
     a_prev_tick bigint, a_cur_tick bigint, a_source_encoding text,
@@ -895,7 +934,7 @@ set search_path = pg_catalog, pg_temp as $$
 declare
     n bigint;
 begin
-    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'dead-letter events of', false);
+    perform pgq_ext._require_held_key(a_consumer, a_subconsumer, 'dead-letter events of', true);
     if a_source_queue is null or a_target_queue is null or a_prev_tick is null or a_cur_tick is null
        or a_source_encoding is null then
         raise exception 'dead_letter_events: queues, ticks and encoding must not be NULL'
@@ -906,11 +945,33 @@ begin
                                      ev_extra3, ev_extra4, source_encoding, error_sqlstate, error_message)
     select a_consumer, a_subconsumer, a_source_queue, a_target_queue, a_prev_tick, a_cur_tick,
            u.id, u.tm, u.ty, u.da, u.e1, u.e2, u.e3, u.e4, a_source_encoding, u.st, u.er
-      from unnest(a_id, a_time, a_type, a_data, a_extra1, a_extra2, a_extra3, a_extra4,
-                   a_sqlstate, a_error) as u (id, tm, ty, da, e1, e2, e3, e4, st, er)
+      -- unnest(a, b, ...) is unqualifiable syntax for this ROWS FROM of one-array unnests
+      from rows from (pg_catalog.unnest(a_id), pg_catalog.unnest(a_time), pg_catalog.unnest(a_type),
+                      pg_catalog.unnest(a_data), pg_catalog.unnest(a_extra1), pg_catalog.unnest(a_extra2),
+                      pg_catalog.unnest(a_extra3), pg_catalog.unnest(a_extra4), pg_catalog.unnest(a_sqlstate),
+                      pg_catalog.unnest(a_error)) as u (id, tm, ty, da, e1, e2, e3, e4, st, er)
      order by u.id;
     get diagnostics n = row_count;
     return n;
+end;
+$$;
+
+-- The key's dead letters (those not replayed yet unless a_include_replayed), in dl_id
+-- order: for a writer of the key (its owner's members) or an admin only. pgq_mover may
+-- not read the table itself: on a target shared by teams it would read all of them.
+create or replace function pgq_ext.list_dead_letters(a_consumer text, a_subconsumer text,
+                                                     a_include_replayed boolean)
+returns setof pgq_ext.dead_letter language plpgsql stable security definer
+set search_path = pg_catalog, pg_temp as $$
+begin
+    if not pgq_ext._is_key_admin() then
+        perform pgq_ext._require_held_key(a_consumer, a_subconsumer, 'read the dead letters of', false);
+    end if;
+    return query
+        select d.* from pgq_ext.dead_letter d
+         where d.consumer_id = a_consumer and d.subconsumer_id = a_subconsumer
+           and (coalesce(a_include_replayed, false) or d.replayed_at is null)
+         order by d.dl_id;
 end;
 $$;
 
@@ -926,28 +987,39 @@ returns bigint language plpgsql security definer
 set search_path = pg_catalog, pg_temp as $$
 declare
     ids bigint[];
+    queues text[];
     q text;
     tbl pg_catalog.regclass;
     n bigint := 0;
     m bigint;
 begin
-    perform pgq_ext._require_key_writer(a_consumer, a_subconsumer, 'replay the dead letters of', false);
+    perform pgq_ext._require_held_key(a_consumer, a_subconsumer, 'replay the dead letters of', false);
     if a_from_encoding is not null and pg_catalog.pg_char_to_encoding(a_from_encoding) < 0 then
         raise exception 'replay_dead_letters: % is not an encoding PostgreSQL knows',
                         pg_catalog.quote_literal(a_from_encoding)
               using errcode = 'invalid_parameter_value';
     end if;
-    for q in select distinct d.target_queue from pgq_ext.dead_letter d
-              where d.consumer_id = a_consumer and d.subconsumer_id = a_subconsumer and d.replayed_at is null
-                and (a_dl_ids is null or d.dl_id = any(a_dl_ids))
-              order by 1
-    loop
+    -- Every refusal first, for every target queue, before any row is locked or written.
+    select pg_catalog.array_agg(distinct d.target_queue order by d.target_queue) into queues
+      from pgq_ext.dead_letter d
+     where d.consumer_id = a_consumer and d.subconsumer_id = a_subconsumer and d.replayed_at is null
+       and (a_dl_ids is null or d.dl_id = any(a_dl_ids));
+    foreach q in array coalesce(queues, '{}'::text[]) loop
+        perform pgq_ext._queue_relation(q, 'data');  -- a queue gone or not PgQ's own: refused here
         if exists (select 1 from pgq_ext.kept_event_ids k where k.target_queue = q) then
             raise exception 'replay_dead_letters: target queue % receives kept event ids (keep_event_id):'
                             ' a replayed event would take an id from its sequence, which the mover then'
                             ' refuses; replay into it is not possible', pg_catalog.quote_literal(q)
                   using errcode = 'object_not_in_prerequisite_state';
         end if;
+        if exists (select 1 from pgq.queue pq where pq.queue_name = q and pq.queue_disable_insert) then
+            raise exception 'replay_dead_letters: target queue % does not take inserts (queue_disable_insert):'
+                            ' nothing was replayed', pg_catalog.quote_literal(q)
+                  using errcode = 'object_not_in_prerequisite_state',
+                        hint = 'Replay once the queue takes inserts again (pgq.queue.queue_disable_insert false)';
+        end if;
+    end loop;
+    foreach q in array coalesce(queues, '{}'::text[]) loop
         select pg_catalog.array_agg(s.dl_id order by s.ev_id, s.dl_id) into ids
           from (select d.dl_id, d.ev_id from pgq_ext.dead_letter d
                  where d.consumer_id = a_consumer and d.subconsumer_id = a_subconsumer
@@ -984,7 +1056,7 @@ $$;
 --    kept_ids_commit bounded by what it wrote, names from pgq.queue resolved to PgQ's own
 --    relations (_queue_relation), kept_ids_refusal for pgq_mover only.
 -- 6: the move journal (move_journal, written with the mark by mark_batch; its retention).
--- 7: dead letters (dead_letter, dead_letter_events, replay_dead_letters).
+-- 7: dead letters (dead_letter, dead_letter_events, replay_dead_letters, list_dead_letters).
 create or replace function pgq_ext.mover_schema_version()
 returns integer language sql immutable security definer
 set search_path = pg_catalog, pg_temp as $$ select 7 $$;
