@@ -443,8 +443,8 @@ class QueueMover:
         #: the journal's "who" of every batch: the caller's, with this host and pid unless it gave them
         self._who = Who.here(**(options.who.as_json() if options.who else {})).as_json()
         self._source_identity: tuple[str, str] = ("", "")
-        #: the chunk path's stage_events answer, asked with the key's lock (begin_staged_batch)
-        self._staged: tuple[int | None] | None = None
+        #: the chunk path's stage_events answer, asked with the key's lock (pgq_ext.begin_batch(stage=True))
+        self._staged: pgq_ext.Staged | None = None
         self.write_path = ""
 
     # -- checks ---------------------------------------------------------------
@@ -861,13 +861,9 @@ class QueueMover:
         o = self.options
         t = self.target
         system_id, database = self._source_identity
-        self._staged = None
-        if self.write_path == CHUNK_PATH:  # the staging table's answer rides on the key's lock
-            other, mark, staged = pgq_ext.begin_staged_batch(
-                t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
-            self._staged = (staged,)
-        else:
-            other, mark = pgq_ext.begin_batch(t, o.consumer, o.subconsumer, system_id, database, o.source_queue)
+        # the chunk path's staging table answer rides on the key's lock
+        other, mark, self._staged = pgq_ext.begin_batch(
+            t, o.consumer, o.subconsumer, system_id, database, o.source_queue, stage=self.write_path == CHUNK_PATH)
         if other is not None:
             raise TrackingKeyConflict(
                 f"tracking key {o.key} on the target already belongs to source {other}, not"

@@ -593,43 +593,38 @@ def bind_source(
     return None if row is None else row[0]
 
 
+_BEGIN_BATCH = ("select b.other_source, b.last_tick, null::bigint"
+                " from pgq_ext.begin_batch(%s::text, %s::text, %s::text, %s::text, %s::text) b")
+_BEGIN_STAGED_BATCH = ("select b.other_source, b.last_tick,"
+                       " case when b.other_source is null then pgq_ext.stage_events() end"
+                       " from pgq_ext.begin_batch(%s::text, %s::text, %s::text, %s::text, %s::text) b")
+
+
+@dataclass(frozen=True)
+class Staged:
+    """pgq_ext.stage_events()' answer, asked in the batch's transaction: the staging
+    table's last ordinal, or None where pgq_ext's owner may not make temporary tables."""
+
+    after: int | None
+
+
 def begin_batch(
-    conn: Connection, consumer: str, subconsumer: str, system_id: str, database: str, queue: str
-) -> tuple[str | None, int | None]:
+    conn: Connection, consumer: str, subconsumer: str, system_id: str, database: str, queue: str,
+    stage: bool = False,
+) -> tuple[str | None, int | None, Staged | None]:
     """lock_key, bind_source and get_last_tick in one round trip: (the other source the
-    key belongs to, or None; the key's mark)."""
-    try:
-        rows = _rows(
-            conn,
-            "select other_source, last_tick from pgq_ext.begin_batch(%s::text, %s::text, %s::text, %s::text,"
-            " %s::text)",
-            (consumer, subconsumer, system_id, database, queue),
-        )
-    except psycopg2.errors.LockNotAvailable as exc:
-        raise key_locked(conn, consumer, subconsumer, exc) from exc
-    other, mark = rows[0]
-    return other, None if mark is None else int(mark)
-
-
-def begin_staged_batch(
-    conn: Connection, consumer: str, subconsumer: str, system_id: str, database: str, queue: str
-) -> tuple[str | None, int | None, int | None]:
-    """begin_batch and, for the chunk path, stage_events in the same round trip: (the
-    other source, the key's mark, stage_events' answer: None where pgq_ext's owner may
-    not make temporary tables). The staging table is made (once a session) after the
-    key's lock, in the batch's transaction, also for a batch that is then skipped: it
+    key belongs to, or None; the key's mark; with ``stage``, for the chunk path,
+    stage_events' answer, else None). The staging table is made (once a session) after
+    the key's lock, in the batch's transaction, also for a batch that is then skipped: it
     holds nothing until the COPY."""
     try:
-        rows = _rows(
-            conn,
-            "select b.other_source, b.last_tick, case when b.other_source is null then pgq_ext.stage_events() end"
-            " from pgq_ext.begin_batch(%s::text, %s::text, %s::text, %s::text, %s::text) b",
-            (consumer, subconsumer, system_id, database, queue),
-        )
+        rows = _rows(conn, _BEGIN_STAGED_BATCH if stage else _BEGIN_BATCH,
+                     (consumer, subconsumer, system_id, database, queue))
     except psycopg2.errors.LockNotAvailable as exc:
         raise key_locked(conn, consumer, subconsumer, exc) from exc
-    other, mark, staged = rows[0]
-    return other, None if mark is None else int(mark), None if staged is None else int(staged)
+    other, mark, after = rows[0]
+    staged = Staged(None if after is None else int(after)) if stage else None
+    return other, None if mark is None else int(mark), staged
 
 
 def unbind_source(conn: Connection, consumer: str, subconsumer: str) -> None:

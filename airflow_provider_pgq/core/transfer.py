@@ -30,6 +30,7 @@ from typing import IO
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
+from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.errors import WaitTimeout
 from airflow_provider_pgq.core.guard import WATCHDOG, GuardedConnection, Watch, server_of, shut_socket, unsent_bytes
 
@@ -403,7 +404,7 @@ def insert_chunks(
     keep_event_id: bool = False,
     chunk_size: int = 5000,
     mid_stream: Callable[[], None] | None = None,
-    staged: tuple[int | None] | None = None,
+    staged: pgq_ext.Staged | None = None,
 ) -> int:
     """Writes the batch through pgq_ext, for roles that may not write event tables.
 
@@ -413,14 +414,14 @@ def insert_chunks(
     statement. Otherwise insert_event_chunk, chunk_size events a call. Runs in the
     callers' open transactions and commits neither; returns the number of rows written.
     staged: stage_events' answer where the caller asked it in this transaction already
-    (pgq_ext.begin_staged_batch: no round trip of its own).
+    (pgq_ext.begin_batch(stage=True): no round trip of its own).
     """
     if staged is None:
         with target.cursor() as cur:
             cur.execute("select pgq_ext.stage_events()")
             answer = cur.fetchone()
-        staged = (None if answer is None else answer[0],)
-    after = staged[0]
+        staged = pgq_ext.Staged(None if answer is None or answer[0] is None else int(answer[0]))
+    after = staged.after
     if after is None:
         return _insert_source_arrays(
             source, target, batch_sql, target_queue, keep_event_id, chunk_size, mid_stream
