@@ -373,7 +373,7 @@ def test_utf8_source_into_latin1_target_converts_or_refuses(
     first = tick(source, "src_q")
     produce(source, "src_q", [("check", "✓ is not LATIN1", None, None, None, None)])
     tick(source, "src_q")
-    with pytest.raises(InvalidEvents, match=r"cannot convert into target database .* \(LATIN1\) 1 event\(s\) of batch") as info:
+    with pytest.raises(InvalidEvents, match=r"cannot convert into target .* \(LATIN1\) 1 event\(s\) of batch") as info:
         move(source, target.dsn)
     assert isinstance(info.value.__cause__, psycopg2.errors.UntranslatableCharacter)
     assert info.value.side == "source"  # the UTF8 source's server cannot convert it for the client
