@@ -25,11 +25,13 @@ from urllib.parse import unquote, urlparse
 
 import psycopg2
 import pytest
+from psycopg2 import sql
 from psycopg2.extensions import parse_dsn
 
 from airflow_provider_pgq.core import pgq_ext
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.mover import MoverOptions
+from tests.airflow.runner import read_result
 from tests.helpers import CLASSIC_BATCHES, EXAMPLES, ROOT, DagRunner, Server, create_queue
 from tests.support.chroot import new_cluster
 from tests.support.cluster import ThrowawayCluster, memory_dir
@@ -213,16 +215,31 @@ def bouncer(cluster: ThrowawayCluster) -> Iterator[PgBouncer]:
 
 @pytest.fixture
 def make_db(cluster: ThrowawayCluster) -> Iterator[Callable[..., Server]]:
-    """make_db(queue=None, pgq=True, ext=False) -> Server: a fresh database."""
+    """make_db(queue=None, pgq=True, ext=False, encoding=None) -> Server: a fresh database;
+    with encoding (e.g. 'SQL_ASCII', 'LATIN1') one of that encoding and the C locale, made
+    from template0, so pgq (and pgq_ext) are created in it, not cloned."""
     made: list[str] = []
 
-    def make(queue: str | None = None, pgq: bool = True, ext: bool = False) -> Server:
+    def make(queue: str | None = None, pgq: bool = True, ext: bool = False, encoding: str | None = None) -> Server:
         name = f"t_{uuid.uuid4().hex[:12]}"
         if ext and not pgq:
             raise ValueError("pgq_ext needs pgq")
-        cluster.create_database(name, (TEMPLATE_EXT if ext else TEMPLATE) if pgq else "template0")
+        if encoding is None:
+            cluster.create_database(name, (TEMPLATE_EXT if ext else TEMPLATE) if pgq else "template0")
+        else:
+            cluster.execute("postgres", sql.SQL(
+                "create database {} encoding {} template template0 lc_collate 'C' lc_ctype 'C'"
+            ).format(sql.Identifier(name), sql.Literal(encoding)))
         made.append(name)
         server = Server(cluster, name)
+        if encoding is not None and pgq:
+            server.execute("create extension pgq")
+            if ext:
+                conn = server.connect()
+                try:
+                    pgq_ext.install(conn)
+                finally:
+                    conn.close()
         if queue:
             create_queue(server, queue)
         return server
@@ -380,10 +397,9 @@ def run_dag(airflow_workers: Callable[[Path], AirflowWorker], tmp_path: Path) ->
         request_env.update(env or {})
         log = tmp_path / f"dag-run-{next(runs)}-{dag_id}.log"
         rc, output = worker.run(dag_id, logical_date, request_env, log)
-        out = [line for line in output.splitlines() if line.startswith("RESULT ")]
-        if not out:
+        result = read_result(output)
+        if result is None:
             raise AssertionError(f"DAG {dag_id} did not report (rc {rc}):\n{output[-10000:]}")
-        result: dict[str, Any] = json.loads(out[-1][len("RESULT "):])
         result["log"] = output
         return result
 

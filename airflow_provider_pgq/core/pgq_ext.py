@@ -545,7 +545,13 @@ def set_last_tick(conn: Connection, consumer: str, subconsumer: str, tick_id: in
                   commit: bool = False) -> None:
     """None forgets the mark. commit: and commit the transaction, in the same round trip
     where the connection can (GuardedConnection.commit_after)."""
-    query, params = "select pgq_ext.set_last_tick(%s::text, %s::text, %s::bigint)", (consumer, subconsumer, tick_id)
+    _run_then_commit(conn, "select pgq_ext.set_last_tick(%s::text, %s::text, %s::bigint)",
+                     (consumer, subconsumer, tick_id), commit)
+
+
+def _run_then_commit(conn: Connection, query: str, params: tuple[Any, ...], commit: bool) -> None:
+    """Runs the statement; with commit, commits too, in the same round trip where the
+    connection can (GuardedConnection.commit_after)."""
     if commit and hasattr(conn, "commit_after"):
         conn.commit_after(query, params)
         return
@@ -566,15 +572,8 @@ def mark_batch(conn: Connection, consumer: str, subconsumer: str, batch: tuple[i
     events, filtered, dead_lettered = counts
     query = ("select pgq_ext.mark_batch(%s::text, %s::text, %s::bigint, %s::bigint, %s::bigint, %s::bigint,"
              " %s::bigint, %s::bigint, %s::jsonb)")
-    params = (consumer, subconsumer, batch_id, prev_tick, cur_tick, events, filtered, dead_lettered,
-              json.dumps(who))
-    if commit and hasattr(conn, "commit_after"):
-        conn.commit_after(query, params)
-        return
-    with conn.cursor() as cur:
-        cur.execute(query, params)
-    if commit:
-        conn.commit()
+    _run_then_commit(conn, query, (consumer, subconsumer, batch_id, prev_tick, cur_tick, events, filtered,
+                                   dead_lettered, json.dumps(who)), commit)
 
 
 def bind_source(

@@ -26,6 +26,17 @@ from pathlib import Path
 from typing import Any
 
 
+def read_result(output: str) -> dict[str, Any] | None:
+    """The last "RESULT {...}" line of a run's output, as a dict (None: no such line). A
+    log line another thread (the openlineage client's) writes at the same moment may end
+    up after the JSON on the same line: only the JSON object is read."""
+    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        return None
+    result, _ = json.JSONDecoder().raw_decode(lines[-1][len("RESULT "):])
+    return dict(result)
+
+
 def dag_files(folder: str, dag_id: str) -> list[str]:
     """The .py files of the folder that name dag_id as a string literal; the whole
     folder when none does (a DAG id built at parse time)."""

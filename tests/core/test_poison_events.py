@@ -52,25 +52,9 @@ GOOD = [GOOD_1, GOOD_2, GOOD_3]
 
 
 @pytest.fixture
-def make_sql_ascii_db(cluster: ThrowawayCluster) -> Iterator[Callable[[str], Server]]:
+def make_sql_ascii_db(make_db: Callable[..., Server]) -> Callable[[str], Server]:
     """make_sql_ascii_db(queue) -> a SQL_ASCII database with pgq and the queue."""
-    made: list[str] = []
-
-    def make(queue: str) -> Server:
-        name = f"t_sa_{uuid.uuid4().hex[:10]}"
-        cluster.execute("postgres", sql.SQL(
-            "create database {} encoding 'SQL_ASCII' template template0 lc_collate 'C' lc_ctype 'C'"
-        ).format(sql.Identifier(name)))
-        made.append(name)
-        server = Server(cluster, name)
-        server.execute("create extension pgq")
-        server.execute("select pgq.create_queue(%s)", (queue,))
-        server.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
-        return server
-
-    yield make
-    for name in made:
-        cluster.drop_database(name)
+    return lambda queue: make_db(queue, encoding="SQL_ASCII")
 
 
 @pytest.fixture

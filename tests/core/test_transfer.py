@@ -22,7 +22,7 @@ import pytest
 from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
-from airflow_provider_pgq.core import faults, kept_ids, pgq, pgq_ext, transfer
+from airflow_provider_pgq.core import faults, kept_ids, pgq, transfer
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import InvalidEvents
 from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoveReport, MoverOptions, QueueMover
@@ -313,31 +313,9 @@ LATIN1_TEXT: list[tuple[Any, ...]] = [
 
 
 @pytest.fixture
-def make_latin1_db(cluster: ThrowawayCluster) -> Iterator[Callable[..., Server]]:
+def make_latin1_db(make_db: Callable[..., Server]) -> Callable[..., Server]:
     """make_latin1_db(queue, ext=False) -> a LATIN1 database with pgq and the queue."""
-    made: list[str] = []
-
-    def make(queue: str, ext: bool = False) -> Server:
-        name = f"t_l1_{uuid.uuid4().hex[:10]}"
-        cluster.execute("postgres", sql.SQL(
-            "create database {} encoding 'LATIN1' template template0 lc_collate 'C' lc_ctype 'C'"
-        ).format(sql.Identifier(name)))
-        made.append(name)
-        server = Server(cluster, name)
-        server.execute("create extension pgq")
-        server.execute("select pgq.create_queue(%s)", (queue,))
-        server.execute("select pgq.set_queue_config(%s, 'ticker_max_count', '1')", (queue,))
-        if ext:
-            conn = server.connect()
-            try:
-                pgq_ext.install(conn)
-            finally:
-                conn.close()
-        return server
-
-    yield make
-    for name in made:
-        cluster.drop_database(name)
+    return lambda queue, ext=False: make_db(queue, ext=ext, encoding="LATIN1")
 
 
 @pytest.mark.parametrize("writer", [False, True], ids=["copy", "staged"])

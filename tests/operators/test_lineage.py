@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.airflow.runner import read_result
 from tests.helpers import ROOT, Server, produce, queue_events, register, simple_events, tick
 
 DAGS = Path(__file__).parent / "lineage_dags"
@@ -51,9 +52,8 @@ def _run(home: Path, conns: dict[str, str], logical_date: str, events_file: Path
     })
     done = subprocess.run([sys.executable, "-m", "tests.airflow.runner", "pgq_test_lineage", logical_date],
                           env=env, cwd=path, capture_output=True, text=True, timeout=600)
-    out = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out, f"rc {done.returncode}:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"
-    result: dict[str, Any] = json.loads(out[-1][len("RESULT "):])
+    result = read_result(done.stdout)
+    assert result is not None, f"rc {done.returncode}:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"
     result["log"] = done.stdout + done.stderr
     return result
 
