@@ -99,15 +99,19 @@ def read_snapshot(conn: Psycopg2Connection, queue_name: str) -> QueueSnapshot:
     connection: the failed query must not leave an aborted transaction behind.
     """
     try:
-        statuses = queue_statuses(conn, queue_name)
+        try:
+            statuses = queue_statuses(conn, queue_name)
+        except _NO_PGQ:
+            try:
+                pgq.require_pgq(conn, "polled")
+            except PgqNotInstalled as missing:
+                return QueueSnapshot(queue_name, problem=f"queue {queue_name!r}: {missing}")
+            # pgq is there now: a setup committed it between the query and this check (the
+            # event trigger's test caught that race). Read once more; failing again, something
+            # else is wrong, said as it is.
+            statuses = queue_statuses(conn, queue_name)
     except QueueNotFound as exc:
         return QueueSnapshot(queue_name, problem=str(exc))
-    except _NO_PGQ:
-        try:
-            pgq.require_pgq(conn, "polled")
-        except PgqNotInstalled as missing:
-            return QueueSnapshot(queue_name, problem=f"queue {queue_name!r}: {missing}")
-        raise  # pgq is there: something else is wrong, say it as it is
     newest = next(iter(statuses.values())).newest_tick if statuses else pgq.newest_tick(conn, queue_name)
     return QueueSnapshot(queue_name, newest, statuses)
 
