@@ -23,7 +23,8 @@ from psycopg2 import sql
 from airflow_provider_pgq.core import faults, pgq_ext, poison
 from airflow_provider_pgq.core.connect import connect
 from airflow_provider_pgq.core.errors import InvalidEvents, InvalidParameter, PgqExtMissing
-from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoveReport, MoverOptions, QueueMover
+from airflow_provider_pgq.core.mover import CHUNK_PATH, COPY_PATH, MoverOptions
+from tests.core.test_transfer import move
 from tests.helpers import (
     Server,
     create_login,
@@ -107,17 +108,6 @@ def dead_letters(target: Server) -> list[tuple[Any, ...]]:
         " source_encoding, error_sqlstate, error_message, replayed_at from pgq_ext.dead_letter order by ev_id"
     )
     return [tuple(bytes(v) if isinstance(v, memoryview) else v for v in r) for r in rows]
-
-
-def move(source: Server, target_dsn: str, fault: faults.FaultHook | None = None, **kw: Any) -> MoveReport:
-    s = source.connect()
-    t = connect(target_dsn, application_name="pgq-tests")
-    try:
-        options = MoverOptions(source_queue="src_q", target_queue="dst_q", consumer="mover", **kw)
-        return QueueMover(s, t, options, fault=fault).drain()
-    finally:
-        s.close()
-        t.close()
 
 
 @pytest.fixture
